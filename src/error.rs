@@ -1,0 +1,78 @@
+//! The crate's error type: every failure names the file, and where it applies the tensor or key.
+
+use std::path::{Path, PathBuf};
+
+/// Errors raised while reading or writing checkpoints and outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error on a named file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file whose contents are malformed (not a tensor in particular).
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+    /// One tensor of a file is malformed, missing or has the wrong shape or dtype.
+    #[error("{}: tensor `{tensor}`: {msg}", path.display())]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+    /// A configuration key is missing, has the wrong type, or holds a value this tool cannot honour.
+    #[error("{}: key `{key}`: {msg}", path.display())]
+    Config {
+        path: PathBuf,
+        key: String,
+        msg: String,
+    },
+    /// A bad option or combination of options given by the user.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+    pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::File {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+    pub fn tensor(path: impl AsRef<Path>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Tensor {
+            path: path.as_ref().to_path_buf(),
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn config(path: impl AsRef<Path>, key: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.as_ref().to_path_buf(),
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Attach a path to `std::io::Result`s.
+pub trait IoContext<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

@@ -1,0 +1,314 @@
+//! `inspect`: what a checkpoint holds, what it would weigh in each output format, and whether its
+//! values are finite.
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::checkpoint::{decode_f32, Checkpoint, Correction};
+use crate::gguf::mix::{tensor_type, FileType};
+use crate::stfile::DType;
+
+/// Everything `inspect` reports, as printed with `--json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub path: String,
+    pub architecture: String,
+    pub layers: usize,
+    pub loops: usize,
+    pub kv_slots: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub tokenizer_vocab: Option<usize>,
+    pub parameters: u64,
+    pub dtype: String,
+    pub weight_files: usize,
+    pub bytes_on_disk: u64,
+    pub early_exit_threshold: Option<f64>,
+    pub corrections: Vec<Correction>,
+    pub warnings: Vec<String>,
+    /// Estimated size of each output format.
+    pub output_sizes: Vec<FormatSize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<Vec<TensorRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scan: Option<Scan>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FormatSize {
+    pub format: String,
+    pub bytes: u64,
+    pub bits_per_weight: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TensorRow {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+    pub file: String,
+}
+
+/// Result of the NaN/Inf scan.
+#[derive(Debug, Serialize)]
+pub struct Scan {
+    pub tensors_scanned: usize,
+    pub values_scanned: u64,
+    /// Tensors with at least one non-finite value.
+    pub bad: Vec<BadTensor>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BadTensor {
+    pub name: String,
+    pub nan: u64,
+    pub inf: u64,
+    /// Flat index of the first non-finite value.
+    pub first_index: u64,
+}
+
+/// Builds the report; `tensors` adds the tensor table, `scan` reads every value.
+pub fn inspect(ck: &Checkpoint, tensors: bool, scan: bool) -> Report {
+    let c = &ck.config;
+    let params = c.parameter_count();
+    let mut sizes = vec![];
+    for ft in [FileType::F16, FileType::Q8_0, FileType::Q4_K_M] {
+        let bytes: u64 = crate::checkpoint::expected_tensors(c)
+            .iter()
+            .map(|t| {
+                let ty = tensor_type(ft, c, &t.name, &t.shape);
+                let cols = *t.shape.last().unwrap_or(&1);
+                let rows: usize = t.shape.iter().product::<usize>() / cols.max(1);
+                (rows * ty.row_bytes(cols)) as u64
+            })
+            .sum();
+        sizes.push(FormatSize {
+            format: format!("GGUF {}", ft.name()),
+            bytes,
+            bits_per_weight: bytes as f64 * 8.0 / params as f64,
+        });
+    }
+    for (bits, gs) in [(8, 64), (4, 64)] {
+        let bytes = crate::mlx::output_bytes(c, bits, gs, 2);
+        sizes.push(FormatSize {
+            format: format!("MLX {bits}-bit gs{gs}"),
+            bytes,
+            bits_per_weight: bytes as f64 * 8.0 / params as f64,
+        });
+    }
+    let tokenizer_vocab = ck.tokenizer.load().ok().map(|t| t.get_vocab_size(true));
+    Report {
+        path: ck.dir.display().to_string(),
+        architecture: c
+            .raw
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+            .unwrap_or("ouro")
+            .to_string(),
+        layers: c.num_hidden_layers,
+        loops: c.total_ut_steps,
+        kv_slots: c.kv_slots(),
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        vocab_size: c.vocab_size,
+        tokenizer_vocab,
+        parameters: params,
+        dtype: ck.dtype().to_string(),
+        weight_files: ck.weights.files().len(),
+        bytes_on_disk: ck.weights.bytes_on_disk(),
+        early_exit_threshold: c.early_exit_threshold,
+        corrections: c.corrections.clone(),
+        warnings: ck.warnings.clone(),
+        output_sizes: sizes,
+        tensors: tensors.then(|| {
+            ck.weights
+                .iter()
+                .map(|t| TensorRow {
+                    name: t.name().to_string(),
+                    dtype: t.dtype().to_string(),
+                    shape: t.shape().to_vec(),
+                    bytes: t.bytes.len(),
+                    file: t
+                        .file
+                        .file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                })
+                .collect()
+        }),
+        scan: scan.then(|| scan_values(ck)),
+    }
+}
+
+/// Counts NaN and Inf in every float tensor, in parallel, a block of values at a time.
+fn scan_values(ck: &Checkpoint) -> Scan {
+    let views: Vec<_> = ck.weights.iter().filter(|t| t.dtype().is_weight_float()).collect();
+    let results: Vec<(u64, Option<BadTensor>)> = views
+        .par_iter()
+        .map(|t| {
+            let es = t.dtype().size();
+            let n = t.bytes.len() / es;
+            let mut buf = vec![0f32; 1 << 16];
+            let (mut nan, mut inf, mut first) = (0u64, 0u64, None);
+            for (ci, chunk) in t.bytes.chunks(buf.len() * es).enumerate() {
+                let m = chunk.len() / es;
+                decode_f32(t.dtype(), chunk, &mut buf[..m]);
+                for (j, v) in buf[..m].iter().enumerate() {
+                    if !v.is_finite() {
+                        if v.is_nan() {
+                            nan += 1
+                        } else {
+                            inf += 1
+                        }
+                        first.get_or_insert((ci * buf.len() + j) as u64);
+                    }
+                }
+            }
+            let bad = first.map(|first_index| BadTensor {
+                name: t.name().to_string(),
+                nan,
+                inf,
+                first_index,
+            });
+            (n as u64, bad)
+        })
+        .collect();
+    Scan {
+        tensors_scanned: views.len(),
+        values_scanned: results.iter().map(|r| r.0).sum(),
+        bad: results.into_iter().filter_map(|r| r.1).collect(),
+    }
+}
+
+/// Bytes in a human unit.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u < UNITS.len() - 1 {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.2} {}", UNITS[u])
+    }
+}
+
+/// Integer with thousands separators.
+pub fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// The report as text for a terminal.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}", r.path);
+    let _ = writeln!(s, "  architecture   {} (ouro)", r.architecture);
+    let _ = writeln!(
+        s,
+        "  layers         {} physical x {} loops = {} KV slots",
+        r.layers, r.loops, r.kv_slots
+    );
+    let _ = writeln!(
+        s,
+        "  hidden         {} (intermediate {}), heads {} / kv heads {} x head_dim {}",
+        r.hidden_size, r.intermediate_size, r.heads, r.kv_heads, r.head_dim
+    );
+    let _ = writeln!(
+        s,
+        "  vocab          {}{}",
+        r.vocab_size,
+        r.tokenizer_vocab
+            .map(|v| format!(" (tokenizer: {v})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(s, "  parameters     {}", group_digits(r.parameters));
+    let _ = writeln!(
+        s,
+        "  dtype          {} in {} file(s), {} ({} bytes) on disk",
+        r.dtype,
+        r.weight_files,
+        human_bytes(r.bytes_on_disk),
+        group_digits(r.bytes_on_disk)
+    );
+    if let Some(q) = r.early_exit_threshold {
+        let _ = writeln!(s, "  exit threshold {q}");
+    }
+    let _ = writeln!(s, "  output sizes:");
+    for f in &r.output_sizes {
+        let _ = writeln!(
+            s,
+            "    {:<16} {:>12}  {:.2} bits/weight",
+            f.format,
+            human_bytes(f.bytes),
+            f.bits_per_weight
+        );
+    }
+    for w in &r.warnings {
+        let _ = writeln!(s, "  warning: {w}");
+    }
+    if let Some(ts) = &r.tensors {
+        let _ = writeln!(s, "  tensors ({}):", ts.len());
+        for t in ts {
+            let _ = writeln!(
+                s,
+                "    {:<52} {:<5} {:<14} {:>12}  {}",
+                t.name,
+                t.dtype,
+                format!("{:?}", t.shape),
+                human_bytes(t.bytes as u64),
+                t.file
+            );
+        }
+    }
+    if let Some(sc) = &r.scan {
+        if sc.bad.is_empty() {
+            let _ = writeln!(
+                s,
+                "  scan: {} values in {} tensors, all finite",
+                group_digits(sc.values_scanned),
+                sc.tensors_scanned
+            );
+        } else {
+            let _ = writeln!(s, "  scan: {} tensor(s) hold non-finite values:", sc.bad.len());
+            for b in &sc.bad {
+                let _ = writeln!(
+                    s,
+                    "    {}: {} NaN, {} Inf (first at flat index {})",
+                    b.name, b.nan, b.inf, b.first_index
+                );
+            }
+        }
+    }
+    s
+}
+
+/// Whether a dtype name given on the command line is a weight dtype.
+pub fn parse_weight_dtype(s: &str) -> Option<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "bf16" | "bfloat16" => Some(DType::BF16),
+        "f16" | "fp16" | "float16" => Some(DType::F16),
+        "f32" | "fp32" | "float32" => Some(DType::F32),
+        _ => None,
+    }
+}

@@ -1,0 +1,17 @@
+//! ouro-quant: convert, validate and run the ByteDance Ouro looped language models.
+//!
+//! Data flows one way: [`checkpoint`] reads an HF directory, [`quant`] turns rows of f32 into block
+//! formats, the format writers put them in files, and every output is verified before it appears
+//! ([`output`]).
+
+pub mod checkpoint;
+pub mod error;
+pub mod gguf;
+pub mod inspect;
+pub mod mlx;
+pub mod output;
+pub mod quant;
+pub mod stfile;
+pub mod synth;
+
+pub use error::{Error, Result};
