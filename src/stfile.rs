@@ -145,6 +145,18 @@ impl Header {
 
 /// Parses and validates the header of a whole safetensors file held in `buf`. Returns a message
 /// (without the file name) on any fault; never panics.
+///
+/// ```
+/// use ouro_quant::stfile::{parse_header, DType};
+/// let json = br#"{"w":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#;
+/// let mut file = (json.len() as u64).to_le_bytes().to_vec();
+/// file.extend_from_slice(json);
+/// file.extend_from_slice(&[0, 0, 0, 0]);
+/// let h = parse_header(&file).unwrap();
+/// assert_eq!((h.tensors[0].dtype, h.tensors[0].nbytes()), (DType::BF16, 4));
+/// // one byte short: the tensor is named
+/// assert!(parse_header(&file[..file.len() - 1]).unwrap_err().contains("tensor `w`"));
+/// ```
 pub fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
     if buf.len() < 8 {
         return Err(format!(

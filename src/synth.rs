@@ -19,7 +19,7 @@ use crate::stfile::{DType, TensorSpec, Writer};
 /// Model shapes `synth` can produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
-    /// 2 layers, hidden 256, GQA (4 heads, 2 kv heads), vocab 512: about 1.4 M parameters.
+    /// 2 layers, hidden 256, intermediate 256, GQA (4 heads, 2 kv heads), vocab 384: about 1 M parameters.
     Tiny,
     /// The shapes of ByteDance/Ouro-1.4B (24 layers).
     #[value(name = "ouro-1.4b")]
@@ -42,7 +42,7 @@ pub struct SynthOptions {
 /// The config.json of a preset, with the keys the released checkpoints carry.
 pub fn preset_config(preset: Preset, layers: Option<usize>) -> Value {
     let (vocab, hidden, inter, n_layers, heads, kv, max_pos) = match preset {
-        Preset::Tiny => (512, 256, 512, 2, 4, 2, 2048),
+        Preset::Tiny => (384, 256, 256, 2, 4, 2, 2048),
         Preset::Ouro1_4b => (49152, 2048, 5632, 24, 16, 16, 65536),
         Preset::Ouro2_6b => (49152, 2048, 5632, 48, 16, 16, 65536),
     };

@@ -1,0 +1,86 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ouro_quant::stfile::{SafetensorsFile, TensorSpec, Writer};
+
+/// The repository's fixtures directory.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The `ouro-quant` binary under test.
+pub fn bin() -> assert_cmd::Command {
+    assert_cmd::Command::cargo_bin("ouro-quant").expect("binary built")
+}
+
+/// Copies the files of a checkpoint directory (not recursive) into a new temp dir.
+pub fn copy_checkpoint(src: &Path) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
+        }
+    }
+    d
+}
+
+/// A tensor to write: spec plus bytes.
+pub struct RawTensor {
+    pub spec: TensorSpec,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn read_tensors(path: &Path) -> Vec<RawTensor> {
+    let f = SafetensorsFile::open(path).unwrap();
+    f.tensors()
+        .iter()
+        .map(|t| RawTensor {
+            spec: TensorSpec {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            },
+            bytes: f.bytes(&t.name).unwrap().to_vec(),
+        })
+        .collect()
+}
+
+/// Writes tensors as a safetensors file.
+pub fn write_tensors(path: &Path, tensors: &[RawTensor]) {
+    let specs = tensors.iter().map(|t| t.spec.clone()).collect();
+    let mut w = Writer::new(path, specs, &BTreeMap::new()).unwrap();
+    for t in tensors {
+        w.write(&t.bytes).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// Rewrites `dir/model.safetensors` through `edit`.
+pub fn edit_weights(dir: &Path, edit: impl FnOnce(&mut Vec<RawTensor>)) {
+    let p = dir.join("model.safetensors");
+    let mut ts = read_tensors(&p);
+    edit(&mut ts);
+    write_tensors(&p, &ts);
+}
+
+/// Edits `dir/config.json` as JSON.
+pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(v.as_object_mut().unwrap());
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Runs `inspect` on `dir` and returns (exit code, stderr).
+pub fn inspect_err(dir: &Path) -> (i32, String) {
+    let out = bin().arg("inspect").arg(dir).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
