@@ -9,6 +9,7 @@ pub mod error;
 pub mod gguf;
 pub mod inspect;
 pub mod mlx;
+pub mod model;
 pub mod output;
 pub mod quant;
 pub mod stfile;

@@ -1,0 +1,510 @@
+//! The Ouro forward pass (spec section 3) on candle-core, one code path for every weight source.
+//!
+//! ```text
+//! h = embed[tokens]
+//! for t in 0..T:                       # loops
+//!     for i in 0..L:                   # physical layers, shared by every loop
+//!         h = h + N_in2_i( Attn_i( N_in_i(h), kv_slot = t*L + i ) )
+//!         h = h + N_post2_i( MLP_i( N_post_i(h) ) )
+//!     h = N_final(h); state[t] = h; gate[t] = early_exit_gate(h)
+//! ```
+//!
+//! Activations are f32. Weights come from a [`source::WeightSource`]: dense f32 tensors (HF
+//! checkpoints) or candle quantized tensors (GGUF), both behind candle's `QMatMul`.
+
+pub mod exit;
+pub mod source;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::checkpoint::OuroConfig;
+use source::WeightSource;
+
+/// Errors of the model are candle's, with context added by callers.
+pub type CResult<T> = candle_core::Result<T>;
+
+/// How the KV cache keeps keys and values across loops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+pub enum KvPolicy {
+    /// One cache per (loop, layer), as upstream: `T * L` slots.
+    Full,
+    /// One cache per layer holding each token's last computed loop: `L` slots (4x smaller).
+    SharedLast,
+}
+
+/// One decoder layer's weights.
+struct Layer {
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    n_in: Tensor,
+    n_in2: Tensor,
+    n_post: Tensor,
+    n_post2: Tensor,
+}
+
+/// The shapes the forward pass needs.
+#[derive(Debug, Clone)]
+pub struct Dims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    pub loops: usize,
+    pub vocab: usize,
+    pub eps: f64,
+}
+
+/// An Ouro model ready to run.
+pub struct OuroModel {
+    pub dims: Dims,
+    pub config: OuroConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    gate_w: Tensor,
+    gate_b: Tensor,
+    lm_head: QMatMul,
+    inv_freq: Vec<f32>,
+    device: Device,
+    /// Bytes of the weights as held in memory.
+    pub weight_bytes: u64,
+}
+
+/// Keys and values of earlier tokens.
+pub struct KvCache {
+    policy: KvPolicy,
+    /// Full: slot `t*L + i`; SharedLast: slot `i`. Each `(k, v)` is `[kv_heads, seq, head_dim]`.
+    slots: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens held.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(dims: &Dims, policy: KvPolicy) -> Self {
+        let n = match policy {
+            KvPolicy::Full => dims.loops * dims.layers,
+            KvPolicy::SharedLast => dims.layers,
+        };
+        KvCache {
+            policy,
+            slots: vec![None; n],
+            len: 0,
+        }
+    }
+
+    pub fn policy(&self) -> KvPolicy {
+        self.policy
+    }
+
+    /// Bytes held by keys and values.
+    pub fn bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|(k, v)| ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+
+    fn get(&self, slot: usize) -> Option<&(Tensor, Tensor)> {
+        self.slots[slot].as_ref()
+    }
+
+    fn append(&mut self, slot: usize, k: &Tensor, v: &Tensor) -> CResult<()> {
+        self.slots[slot] = Some(match self.slots[slot].take() {
+            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 1)?, Tensor::cat(&[&pv, v], 1)?),
+        });
+        Ok(())
+    }
+}
+
+/// What a forward pass over new tokens returns.
+pub struct ForwardOut {
+    /// State after each computed loop and `model.norm`: `[n, hidden]` per loop.
+    pub hidden: Vec<Tensor>,
+    /// Exit-gate logit per computed loop: `[n]` per loop.
+    pub gate_logits: Vec<Tensor>,
+}
+
+impl ForwardOut {
+    pub fn loops_run(&self) -> usize {
+        self.hidden.len()
+    }
+}
+
+/// How many loops to run for the new tokens.
+#[derive(Debug, Clone, Copy)]
+pub enum LoopControl {
+    /// Every loop (`T`).
+    All,
+    /// Stop after the first loop whose exit CDF reaches `q` (only for a single new token; longer
+    /// inputs run all loops). Skipped (loop, layer) KV slots get the last computed loop's K/V.
+    AdaptiveExit(f32),
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(w)
+}
+
+fn softmax_last(x: &Tensor) -> CResult<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+impl OuroModel {
+    /// Builds the model from any weight source.
+    pub fn load(src: &dyn WeightSource, device: &Device) -> anyhow::Result<Self> {
+        let cfg = src.config().clone();
+        let dims = Dims {
+            hidden: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            layers: cfg.num_hidden_layers,
+            loops: cfg.total_ut_steps,
+            vocab: cfg.vocab_size,
+            eps: cfg.rms_norm_eps,
+        };
+        let mut bytes = 0u64;
+        let mut lin = |name: &str| -> anyhow::Result<QMatMul> {
+            let (m, b) = src.linear(name, device)?;
+            bytes += b;
+            Ok(m)
+        };
+        let mut layers = Vec::with_capacity(dims.layers);
+        for i in 0..dims.layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                q: lin(&format!("{p}.self_attn.q_proj.weight"))?,
+                k: lin(&format!("{p}.self_attn.k_proj.weight"))?,
+                v: lin(&format!("{p}.self_attn.v_proj.weight"))?,
+                o: lin(&format!("{p}.self_attn.o_proj.weight"))?,
+                gate: lin(&format!("{p}.mlp.gate_proj.weight"))?,
+                up: lin(&format!("{p}.mlp.up_proj.weight"))?,
+                down: lin(&format!("{p}.mlp.down_proj.weight"))?,
+                n_in: src.vector(&format!("{p}.input_layernorm.weight"), device)?,
+                n_in2: src.vector(&format!("{p}.input_layernorm_2.weight"), device)?,
+                n_post: src.vector(&format!("{p}.post_attention_layernorm.weight"), device)?,
+                n_post2: src.vector(&format!("{p}.post_attention_layernorm_2.weight"), device)?,
+            });
+        }
+        let lm_name = if cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let lm_head = lin(lm_name)?;
+        let embed = src.embedding(device)?;
+        let norm = src.vector("model.norm.weight", device)?;
+        let gate_w = src.vector("model.early_exit_gate.weight", device)?.reshape((dims.hidden, 1))?;
+        let gate_b = src.vector("model.early_exit_gate.bias", device)?;
+        let small = (embed.elem_count() + (4 * dims.layers + 2) * dims.hidden + 1) as u64 * 4;
+        let inv_freq = (0..dims.head_dim / 2)
+            .map(|j| (1.0 / cfg.rope_theta.powf(2.0 * j as f64 / dims.head_dim as f64)) as f32)
+            .collect();
+        Ok(OuroModel {
+            dims,
+            config: cfg,
+            embed,
+            layers,
+            norm,
+            gate_w,
+            gate_b,
+            lm_head,
+            inv_freq,
+            device: device.clone(),
+            weight_bytes: bytes + small,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// cos and sin tables `[n, head_dim]` for positions `start..start+n` (rotate-half layout).
+    fn rope_tables(&self, start: usize, n: usize) -> CResult<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(n * 2 * half);
+        let mut sin = Vec::with_capacity(n * 2 * half);
+        for p in start..start + n {
+            for _ in 0..2 {
+                for &f in &self.inv_freq {
+                    // torch computes freqs = position * inv_freq in f32
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let shape = (n, 2 * half);
+        Ok((
+            Tensor::from_vec(cos, shape, &self.device)?,
+            Tensor::from_vec(sin, shape, &self.device)?,
+        ))
+    }
+
+    /// Rotates `x` `[heads, n, d]` by the rope tables.
+    fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    }
+
+    /// Embeds token ids: `[n, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> CResult<Tensor> {
+        let ids = Tensor::new(tokens, &self.device)?;
+        self.embed.index_select(&ids, 0)
+    }
+
+    /// Logits `[n, vocab]` of a loop state `[n, hidden]`.
+    pub fn logits(&self, state: &Tensor) -> CResult<Tensor> {
+        self.lm_head.forward(state)
+    }
+
+    /// Runs the new `tokens` (positions `cache.len ..`) through the loops, reading and extending
+    /// `cache`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, control: LoopControl) -> CResult<ForwardOut> {
+        let n = tokens.len();
+        let start = cache.len;
+        let (cos, sin) = self.rope_tables(start, n)?;
+        let mask = if n > 1 { Some(self.causal_mask(start, n)?) } else { None };
+        let dims = &self.dims;
+        let mut h = self.embed(tokens)?;
+        let mut out = ForwardOut {
+            hidden: vec![],
+            gate_logits: vec![],
+        };
+        // K/V of this call's tokens for the shared-last policy, per layer, from the latest loop.
+        let mut last_kv: Vec<Option<(Tensor, Tensor)>> = vec![None; dims.layers];
+        let mut gates_seen: Vec<f32> = vec![];
+        for t in 0..dims.loops {
+            for (i, layer) in self.layers.iter().enumerate() {
+                let x = rms_norm(&h, &layer.n_in, dims.eps)?;
+                let (attn, k, v) = self.attention(layer, &x, &cos, &sin, mask.as_ref(), cache, t, i)?;
+                match cache.policy {
+                    KvPolicy::Full => cache.append(t * dims.layers + i, &k, &v)?,
+                    KvPolicy::SharedLast => last_kv[i] = Some((k, v)),
+                }
+                h = (h + rms_norm(&attn, &layer.n_in2, dims.eps)?)?;
+                let x = rms_norm(&h, &layer.n_post, dims.eps)?;
+                let m = layer
+                    .down
+                    .forward(&(layer.gate.forward(&x)?.silu()? * layer.up.forward(&x)?)?)?;
+                h = (h + rms_norm(&m, &layer.n_post2, dims.eps)?)?;
+            }
+            h = rms_norm(&h, &self.norm, dims.eps)?;
+            let g = h.matmul(&self.gate_w)?.broadcast_add(&self.gate_b)?.squeeze(1)?;
+            out.hidden.push(h.clone());
+            out.gate_logits.push(g.clone());
+            if let LoopControl::AdaptiveExit(q) = control {
+                if n == 1 && t + 1 < dims.loops {
+                    gates_seen.push(g.to_vec1::<f32>()?[0]);
+                    if exit::may_stop(&gates_seen, dims.loops, q) {
+                        self.fill_skipped(cache, t)?;
+                        break;
+                    }
+                }
+            }
+        }
+        if cache.policy == KvPolicy::SharedLast {
+            for (i, kv) in last_kv.iter().enumerate() {
+                let (k, v) = kv.as_ref().expect("every layer ran");
+                cache.append(i, k, v)?;
+            }
+        }
+        cache.len += n;
+        Ok(out)
+    }
+
+    /// After an early exit at loop `t`, gives the deeper (loop, layer) slots of the full cache the
+    /// K/V of loop `t`, so that later tokens find an entry for this token in every slot.
+    fn fill_skipped(&self, cache: &mut KvCache, t: usize) -> CResult<()> {
+        if cache.policy != KvPolicy::Full {
+            return Ok(());
+        }
+        let l = self.dims.layers;
+        for i in 0..l {
+            let (k, v) = cache.get(t * l + i).expect("computed slot");
+            let len = k.dim(1)?;
+            let k_new = k.narrow(1, len - 1, 1)?;
+            let v_new = v.narrow(1, len - 1, 1)?;
+            for t2 in t + 1..self.dims.loops {
+                cache.append(t2 * l + i, &k_new, &v_new)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Additive causal mask `[n, start + n]` for new queries at positions `start..start+n`.
+    fn causal_mask(&self, start: usize, n: usize) -> CResult<Tensor> {
+        let s = start + n;
+        let m: Vec<f32> = (0..n)
+            .flat_map(|j| (0..s).map(move |k| if k <= start + j { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        Tensor::from_vec(m, (n, s), &self.device)
+    }
+
+    /// Self-attention of layer `i` in loop `t`; returns the output `[n, hidden]` and this call's
+    /// keys and values `[kv_heads, n, d]` (after rope).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &KvCache,
+        t: usize,
+        i: usize,
+    ) -> CResult<(Tensor, Tensor, Tensor)> {
+        let d = &self.dims;
+        let n = x.dim(0)?;
+        let heads = |y: Tensor, h: usize| -> CResult<Tensor> { y.reshape((n, h, d.head_dim))?.transpose(0, 1)?.contiguous() };
+        let q = Self::apply_rope(&heads(layer.q.forward(x)?, d.heads)?, cos, sin)?;
+        let k = Self::apply_rope(&heads(layer.k.forward(x)?, d.kv_heads)?, cos, sin)?;
+        let v = heads(layer.v.forward(x)?, d.kv_heads)?;
+        let slot = match cache.policy {
+            KvPolicy::Full => t * d.layers + i,
+            KvPolicy::SharedLast => i,
+        };
+        let (k_all, v_all) = match cache.get(slot) {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
+            None => (k.clone(), v.clone()),
+        };
+        let rep = d.heads / d.kv_heads;
+        let expand = |y: &Tensor| -> CResult<Tensor> {
+            if rep == 1 {
+                return Ok(y.clone());
+            }
+            let (kvh, s, hd) = y.dims3()?;
+            y.unsqueeze(1)?.expand((kvh, rep, s, hd))?.reshape((kvh * rep, s, hd))
+        };
+        let (k_all, v_all) = (expand(&k_all)?, expand(&v_all)?);
+        let scale = 1.0 / (d.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = softmax_last(&scores)?;
+        let o = probs.matmul(&v_all.contiguous()?)?; // [heads, n, d]
+        let o = o.transpose(0, 1)?.reshape((n, d.heads * d.head_dim))?;
+        Ok((layer.o.forward(&o)?, k, v))
+    }
+
+    /// Full-sequence forward without cache (all loops).
+    pub fn forward_full(&self, tokens: &[u32], policy: KvPolicy) -> CResult<ForwardOut> {
+        let mut cache = KvCache::new(&self.dims, policy);
+        self.forward(tokens, &mut cache, LoopControl::All)
+    }
+
+    /// Stacks per-loop tensors into one `[T, ...]` tensor.
+    pub fn stack(parts: &[Tensor]) -> CResult<Tensor> {
+        Tensor::stack(parts, 0)
+    }
+
+    /// Converts a tensor to f32 (no-op for f32).
+    pub fn f32(t: &Tensor) -> CResult<Tensor> {
+        t.to_dtype(DType::F32)
+    }
+}
+
+/// Per-loop results of a forward pass as plain arrays, and the upstream logits selection.
+pub struct LoopOutputs {
+    /// `[T][n * vocab]` logits per loop.
+    pub step_logits: Vec<Vec<f32>>,
+    /// `[T][n]` gate logits.
+    pub gate_logits: Vec<Vec<f32>>,
+    /// `[n][T]` exit pdf per token.
+    pub pdf: Vec<Vec<f32>>,
+    pub n: usize,
+    pub vocab: usize,
+}
+
+impl LoopOutputs {
+    /// Computes logits for every loop of `out` (which must have run all loops).
+    pub fn new(model: &OuroModel, out: &ForwardOut) -> CResult<Self> {
+        let step_logits = out
+            .hidden
+            .iter()
+            .map(|h| model.logits(h)?.flatten_all()?.to_vec1::<f32>())
+            .collect::<CResult<Vec<_>>>()?;
+        let gate_logits = out
+            .gate_logits
+            .iter()
+            .map(|g| g.to_vec1::<f32>())
+            .collect::<CResult<Vec<_>>>()?;
+        let n = gate_logits.first().map_or(0, |g| g.len());
+        let pdf = (0..n)
+            .map(|j| exit::exit_pdf(&gate_logits.iter().map(|g| g[j]).collect::<Vec<_>>()))
+            .collect();
+        Ok(LoopOutputs {
+            step_logits,
+            gate_logits,
+            pdf,
+            n,
+            vocab: model.dims.vocab,
+        })
+    }
+
+    /// The loop token `j` reads out under `mode` (`None` for the weighted mix).
+    pub fn exit_loop(&self, j: usize, mode: ExitMode) -> Option<usize> {
+        let last = self.step_logits.len() - 1;
+        match mode {
+            ExitMode::Step(k) => Some(k.min(last)),
+            ExitMode::Threshold(q) => Some(exit::threshold_exit(&self.pdf[j], q)),
+            ExitMode::Last => Some(last),
+            ExitMode::Weighted => None,
+        }
+    }
+
+    /// Logits `[n * vocab]` that upstream returns in `mode`.
+    pub fn logits(&self, mode: ExitMode) -> Vec<f32> {
+        let v = self.vocab;
+        let mut out = vec![0f32; self.n * v];
+        for j in 0..self.n {
+            let row = &mut out[j * v..(j + 1) * v];
+            match self.exit_loop(j, mode) {
+                Some(t) => row.copy_from_slice(&self.step_logits[t][j * v..(j + 1) * v]),
+                None => {
+                    for (t, steps) in self.step_logits.iter().enumerate() {
+                        let p = self.pdf[j][t];
+                        for (o, x) in row.iter_mut().zip(&steps[j * v..(j + 1) * v]) {
+                            *o += p * x;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+pub use exit::ExitMode;
+
+impl OuroModel {
+    /// The config's default selection: `early_exit_step` if set, else the CDF rule with
+    /// `early_exit_threshold` (1.0 in the released configs), else the last loop.
+    pub fn default_mode(&self) -> ExitMode {
+        if let Some(k) = self.config.early_exit_step {
+            ExitMode::Step(k)
+        } else if let Some(q) = self.config.early_exit_threshold {
+            ExitMode::Threshold(q as f32)
+        } else {
+            ExitMode::Last
+        }
+    }
+}
