@@ -7,7 +7,10 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use candle_core::Device;
 use ouro_quant::checkpoint::Checkpoint;
+use ouro_quant::model::generate::{self, GenerateOptions, Sampling};
+use ouro_quant::model::{dump, source, KvPolicy};
 use ouro_quant::inspect::{self, parse_weight_dtype};
 use ouro_quant::synth::{self, Preset, SynthOptions};
 
@@ -61,6 +64,79 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text with a model, streaming it, and report speed, loops per token and memory.
+    Run {
+        /// Model: an HF checkpoint directory.
+        model: PathBuf,
+        /// Raw prompt text (no template).
+        #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+        prompt: Option<String>,
+        /// A user message, wrapped in the model's chat template.
+        #[arg(long)]
+        chat: Option<String>,
+        /// Append `<think>\n` after the assistant header (Thinking models only think then).
+        #[arg(long, requires = "chat")]
+        thinking: bool,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// 0 keeps every token.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop each token's loops once its exit CDF reaches q (saves compute; 1.0 runs all loops).
+        #[arg(long)]
+        exit_threshold: Option<f32>,
+        /// KV cache: one per (loop, layer) as upstream, or one per layer with the last loop's K/V.
+        #[arg(long, value_enum, default_value = "full")]
+        kv: KvPolicy,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+        /// Refuse to start if weights + KV for prompt + max-tokens would exceed this many bytes.
+        #[arg(long)]
+        max_memory: Option<u64>,
+        /// Print the figures as JSON at the end (text still streams to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write every loop's hidden state, logits, gate logits and exit pdf for a token sequence
+    /// (the tensors of the golden expected.safetensors).
+    Logits {
+        /// Model: an HF checkpoint directory.
+        model: PathBuf,
+        /// Token ids, comma separated.
+        #[arg(long, conflicts_with = "tokens_file", required_unless_present = "tokens_file")]
+        tokens: Option<String>,
+        /// File of token ids separated by commas or whitespace.
+        #[arg(long)]
+        tokens_file: Option<PathBuf>,
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+fn device(d: DeviceArg) -> anyhow::Result<Device> {
+    Ok(match d {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::new_cuda(0)
+            .map_err(|e| anyhow::anyhow!("--device cuda: {e} (build with `--features cuda`)"))?,
+        DeviceArg::Metal => Device::new_metal(0)
+            .map_err(|e| anyhow::anyhow!("--device metal: {e} (build with `--features metal`)"))?,
+    })
 }
 
 fn main() -> ExitCode {
@@ -144,5 +220,149 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Logits {
+            model,
+            tokens,
+            tokens_file,
+            output,
+            force,
+        } => {
+            let text = match (tokens, tokens_file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let ids = dump::parse_token_list(&text)?;
+            let loaded = source::load(&model, &Device::Cpu)?;
+            let path = dump::write_logits(&loaded.model, &ids, &output, force)?;
+            println!("wrote {} ({} tokens, {} loops)", path.display(), ids.len(), loaded.model.dims.loops);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            model,
+            prompt,
+            chat,
+            thinking,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            exit_threshold,
+            kv,
+            device: dev,
+            max_memory,
+            json,
+        } => run_model(RunArgs {
+            model,
+            prompt,
+            chat,
+            thinking,
+            max_tokens,
+            sampling: Sampling {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            },
+            exit_threshold,
+            kv,
+            dev,
+            max_memory,
+            json,
+        }),
     }
+}
+
+struct RunArgs {
+    model: PathBuf,
+    prompt: Option<String>,
+    chat: Option<String>,
+    thinking: bool,
+    max_tokens: usize,
+    sampling: Sampling,
+    exit_threshold: Option<f32>,
+    kv: KvPolicy,
+    dev: DeviceArg,
+    max_memory: Option<u64>,
+    json: bool,
+}
+
+fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    if let Some(q) = a.exit_threshold {
+        anyhow::ensure!((0.0..=1.0).contains(&q), "--exit-threshold {q}: must lie in [0, 1]");
+    }
+    anyhow::ensure!((0.0..=1.0).contains(&a.sampling.top_p) && a.sampling.top_p > 0.0, "--top-p must lie in (0, 1]");
+    let device = device(a.dev)?;
+    if let Some(limit) = a.max_memory {
+        // Plan before loading: weights are held as f32 for HF sources.
+        let ck = Checkpoint::open(&a.model)?;
+        let dims = ouro_quant::model::Dims::from_config(&ck.config);
+        let weights = ck.config.parameter_count() * 4;
+        let ctx = a.max_tokens + a.prompt.as_deref().or(a.chat.as_deref()).map_or(0, |p| p.len() + 16);
+        let kv = generate::planned_kv_bytes(&dims, a.kv, ctx);
+        if weights + kv > limit {
+            anyhow::bail!(
+                "--max-memory {limit}: this run needs about {} bytes ({} of weights + {} of KV cache for up to {ctx} tokens)",
+                weights + kv,
+                weights,
+                kv
+            );
+        }
+    }
+    let loaded = source::load(&a.model, &device)?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("{}: no tokenizer.json, cannot encode a prompt", a.model.display()))?;
+    let text = match (&a.prompt, &a.chat) {
+        (Some(p), _) => p.clone(),
+        (None, Some(c)) => generate::render_chat(loaded.chat_template.as_deref(), c, a.thinking)?,
+        _ => unreachable!("clap requires one"),
+    };
+    let enc = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("encoding the prompt: {e}"))?;
+    let prompt: Vec<u32> = enc.get_ids().to_vec();
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampling: a.sampling.clone(),
+        exit_threshold: a.exit_threshold,
+        kv: a.kv,
+        stop_ids: loaded.model.config.stop_token_ids(),
+    };
+    let mut ids: Vec<u32> = vec![];
+    let mut printed = 0usize;
+    let mut sink: Box<dyn Write> = if a.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
+    let g = generate::generate(&loaded.model, &prompt, &opts, &mut |id| {
+        ids.push(id);
+        if let Ok(s) = tok.decode(&ids, true) {
+            // Print only whole characters: a byte-level token may end mid-character.
+            if s.len() > printed && !s.ends_with('\u{fffd}') {
+                let _ = sink.write_all(s[printed..].as_bytes());
+                let _ = sink.flush();
+                printed = s.len();
+            }
+        }
+    })?;
+    let _ = writeln!(sink);
+    let s = &g.stats;
+    if a.json {
+        let text = tok.decode(&g.tokens, true).unwrap_or_default();
+        println!("{}", serde_json::json!({"model": loaded.description, "text": text, "tokens": g.tokens, "stats": s}));
+    } else {
+        eprintln!(
+            "prefill {} tokens at {:.1} tok/s; decode {} tokens at {:.1} tok/s; {:.2} loops/token; weights {}; KV {} ({:?}); stopped by {}",
+            s.prompt_tokens,
+            s.prefill_tokens_per_s,
+            s.generated_tokens,
+            s.decode_tokens_per_s,
+            s.mean_loops_per_token,
+            inspect::human_bytes(s.weight_bytes),
+            inspect::human_bytes(s.kv_bytes),
+            a.kv,
+            s.stopped_by
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

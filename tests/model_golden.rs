@@ -36,7 +36,7 @@ fn load(name: &str) -> (Checkpoint, Expected) {
 
 fn check_model(name: &str) {
     let (ck, exp) = load(name);
-    let model = OuroModel::load(&HfSource { checkpoint: &ck }, &Device::Cpu).unwrap();
+    let model = OuroModel::load(&HfSource { checkpoint: ck }, &Device::Cpu).unwrap();
     let tokens = exp.ids("tokens");
     assert_eq!(tokens.len(), 24);
     let out = model.forward_full(&tokens, KvPolicy::Full).unwrap();

@@ -13,6 +13,8 @@
 //! checkpoints) or candle quantized tensors (GGUF), both behind candle's `QMatMul`.
 
 pub mod exit;
+pub mod dump;
+pub mod generate;
 pub mod source;
 
 use candle_core::quantized::QMatMul;
@@ -59,6 +61,22 @@ pub struct Dims {
     pub loops: usize,
     pub vocab: usize,
     pub eps: f64,
+}
+
+impl Dims {
+    /// The shapes a config implies.
+    pub fn from_config(cfg: &OuroConfig) -> Self {
+        Dims {
+            hidden: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            layers: cfg.num_hidden_layers,
+            loops: cfg.total_ut_steps,
+            vocab: cfg.vocab_size,
+            eps: cfg.rms_norm_eps,
+        }
+    }
 }
 
 /// An Ouro model ready to run.
@@ -166,16 +184,7 @@ impl OuroModel {
     /// Builds the model from any weight source.
     pub fn load(src: &dyn WeightSource, device: &Device) -> anyhow::Result<Self> {
         let cfg = src.config().clone();
-        let dims = Dims {
-            hidden: cfg.hidden_size,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-            layers: cfg.num_hidden_layers,
-            loops: cfg.total_ut_steps,
-            vocab: cfg.vocab_size,
-            eps: cfg.rms_norm_eps,
-        };
+        let dims = Dims::from_config(&cfg);
         let mut bytes = 0u64;
         let mut lin = |name: &str| -> anyhow::Result<QMatMul> {
             let (m, b) = src.linear(name, device)?;

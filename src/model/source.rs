@@ -18,18 +18,18 @@ pub trait WeightSource {
 }
 
 /// Weights of an HF checkpoint, widened to f32 (exact for BF16 and F16).
-pub struct HfSource<'a> {
-    pub checkpoint: &'a Checkpoint,
+pub struct HfSource {
+    pub checkpoint: Checkpoint,
 }
 
-impl HfSource<'_> {
+impl HfSource {
     fn f32_tensor(&self, name: &str, device: &Device) -> anyhow::Result<Tensor> {
         let t = self.checkpoint.tensor(name)?;
         Ok(Tensor::from_vec(t.to_f32(), t.shape(), device)?)
     }
 }
 
-impl WeightSource for HfSource<'_> {
+impl WeightSource for HfSource {
     fn config(&self) -> &OuroConfig {
         &self.checkpoint.config
     }
@@ -44,4 +44,38 @@ impl WeightSource for HfSource<'_> {
     fn embedding(&self, device: &Device) -> anyhow::Result<Tensor> {
         self.f32_tensor("model.embed_tokens.weight", device)
     }
+}
+
+/// A model ready to run with what generation needs besides the weights.
+pub struct LoadedModel {
+    pub model: super::OuroModel,
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    pub chat_template: Option<String>,
+    /// What was loaded, for messages.
+    pub description: String,
+}
+
+/// Loads a model from an HF checkpoint directory.
+pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedModel> {
+    if path.is_dir() && path.join("config.json").is_file() {
+        let checkpoint = Checkpoint::open(path)?;
+        let tokenizer = match &checkpoint.tokenizer.tokenizer_json {
+            Some(_) => Some(checkpoint.tokenizer.load()?),
+            None => None,
+        };
+        let chat_template = checkpoint.tokenizer.chat_template().map(str::to_string);
+        let description = format!("HF checkpoint {} ({})", path.display(), checkpoint.dtype());
+        let src = HfSource { checkpoint };
+        let model = super::OuroModel::load(&src, device)?;
+        return Ok(LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+            description,
+        });
+    }
+    anyhow::bail!(
+        "{}: not an HF Ouro checkpoint directory (config.json missing); GGUF and MLX model sources are not readable by this build yet",
+        path.display()
+    )
 }

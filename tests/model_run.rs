@@ -1,0 +1,180 @@
+//! `run`, `logits`, the KV policies and adaptive exit: each tested for what it promises.
+
+mod common;
+
+use candle_core::Device;
+use common::{bin, fixtures};
+use ouro_quant::checkpoint::Checkpoint;
+use ouro_quant::model::generate::{generate, GenerateOptions, Sampling};
+use ouro_quant::model::source::HfSource;
+use ouro_quant::model::{exit, KvCache, KvPolicy, LoopControl, LoopOutputs, OuroModel};
+use ouro_quant::stfile::SafetensorsFile;
+
+fn model(name: &str) -> OuroModel {
+    let ck = Checkpoint::open(fixtures().join("golden").join(name)).unwrap();
+    OuroModel::load(&HfSource { checkpoint: ck }, &Device::Cpu).unwrap()
+}
+
+fn f32s(f: &SafetensorsFile, name: &str) -> Vec<f32> {
+    f.bytes(name).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+fn golden_tokens() -> Vec<u32> {
+    let f = SafetensorsFile::open(fixtures().join("golden/gqa_bf16/expected.safetensors")).unwrap();
+    f.bytes("tokens").unwrap().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn logits_command_writes_the_golden_tensors() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("ours.safetensors");
+    let toks: Vec<String> = golden_tokens().iter().map(|t| t.to_string()).collect();
+    bin().arg("logits").arg(fixtures().join("golden/gqa_bf16"))
+        .args(["--tokens", &toks.join(","), "-o"]).arg(&out)
+        .assert().success();
+    let ours = SafetensorsFile::open(&out).unwrap();
+    let exp = SafetensorsFile::open(fixtures().join("golden/gqa_bf16/expected.safetensors")).unwrap();
+    assert_eq!(ours.bytes("tokens").unwrap(), exp.bytes("tokens").unwrap());
+    for name in ["step_hidden", "step_logits", "gate_logits", "exit_pdf", "logits_default"] {
+        assert_eq!(ours.info(name).unwrap().shape, exp.info(name).unwrap().shape, "{name}");
+        let d = max_diff(&f32s(&ours, name), &f32s(&exp, name));
+        assert!(d < 1e-4, "{name}: {d}");
+    }
+    // a second write to the same path is refused without --force, and the file is untouched
+    let before = std::fs::read(&out).unwrap();
+    bin().arg("logits").arg(fixtures().join("golden/gqa_bf16")).args(["--tokens", "1,2", "-o"]).arg(&out)
+        .assert().code(2);
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn generate_with_cache_reproduces_upstream_greedy_tokens() {
+    let m = model("mha_f32");
+    let f = SafetensorsFile::open(fixtures().join("golden/mha_f32/expected.safetensors")).unwrap();
+    let greedy: Vec<u32> =
+        f.bytes("greedy_12").unwrap().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+    let opts = GenerateOptions {
+        max_tokens: 12,
+        sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
+        exit_threshold: None,
+        kv: KvPolicy::Full,
+        stop_ids: vec![],
+    };
+    let g = generate(&m, &greedy[..5], &opts, &mut |_| {}).unwrap();
+    assert_eq!(g.tokens, greedy[5..]);
+    assert_eq!(g.stats.mean_loops_per_token, 4.0);
+    // 12 tokens in the cache of 17 positions? 5 prompt + 11 decoded, 2 tensors, 12 slots, 4 kv heads x 16
+    assert_eq!(g.stats.kv_bytes, (16 * 2 * 12 * 4 * 16 * 4) as u64);
+}
+
+/// Decodes `tokens[5..]` one at a time after a 5-token prefill; returns per-token (loops run,
+/// logits of the last computed loop) and the cache.
+fn decode(m: &OuroModel, tokens: &[u32], policy: KvPolicy, control: LoopControl) -> (Vec<(usize, Vec<f32>)>, KvCache) {
+    let mut cache = KvCache::new(&m.dims, policy);
+    m.forward(&tokens[..5], &mut cache, LoopControl::All).unwrap();
+    let mut out = vec![];
+    for &t in &tokens[5..] {
+        let o = m.forward(&[t], &mut cache, control).unwrap();
+        let last = o.hidden.last().unwrap();
+        out.push((o.loops_run(), m.logits(last).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+    }
+    (out, cache)
+}
+
+#[test]
+fn adaptive_exit_at_q_1_equals_full_and_lower_q_skips_loops() {
+    let m = model("gqa_bf16");
+    let toks = golden_tokens();
+    let (full, full_cache) = decode(&m, &toks, KvPolicy::Full, LoopControl::All);
+    let (same, _) = decode(&m, &toks, KvPolicy::Full, LoopControl::AdaptiveExit(1.0));
+    for ((la, a), (lb, b)) in full.iter().zip(&same) {
+        assert_eq!((la, lb), (&4, &4));
+        assert_eq!(a, b);
+    }
+    // q = 0.5: the first decoded token exits where the full forward's CDF says it should.
+    let (early, early_cache) = decode(&m, &toks, KvPolicy::Full, LoopControl::AdaptiveExit(0.5));
+    let fwd = m.forward_full(&toks[..6], KvPolicy::Full).unwrap();
+    let lo = LoopOutputs::new(&m, &fwd).unwrap();
+    let want = exit::threshold_exit(&lo.pdf[5], 0.5);
+    assert_eq!(early[0].0, want + 1);
+    let loops: usize = early.iter().map(|e| e.0).sum();
+    assert!(loops < 4 * early.len(), "no loop was skipped at q = 0.5");
+    // Skipped slots are filled: every (loop, layer) slot holds every token, so the cache is as
+    // large as the full one.
+    assert_eq!(early_cache.len, full_cache.len);
+    assert_eq!(early_cache.bytes(), full_cache.bytes());
+}
+
+#[test]
+fn shared_last_cache_is_a_quarter_and_exact_within_one_pass() {
+    let m = model("gqa_bf16");
+    let toks = golden_tokens();
+    let mut full = KvCache::new(&m.dims, KvPolicy::Full);
+    let mut shared = KvCache::new(&m.dims, KvPolicy::SharedLast);
+    let a = m.forward(&toks, &mut full, LoopControl::All).unwrap();
+    let b = m.forward(&toks, &mut shared, LoopControl::All).unwrap();
+    // one pass over the whole prompt: attention sees the current loop's K/V in both policies
+    for (x, y) in a.hidden.iter().zip(&b.hidden) {
+        assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    assert_eq!(shared.bytes() * 4, full.bytes());
+    // decoding with the shared cache runs and stays close to full mode on the first token
+    let (f, _) = decode(&m, &toks, KvPolicy::Full, LoopControl::All);
+    let (s, _) = decode(&m, &toks, KvPolicy::SharedLast, LoopControl::All);
+    assert_eq!(s.len(), f.len());
+    assert!(max_diff(&s[0].1, &f[0].1) > 0.0, "shared-last must differ from full after prefill");
+}
+
+#[test]
+fn bf16_and_f32_checkpoints_agree_to_bf16_precision() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("f32"), d.path().join("bf16"));
+    for (p, dt) in [(&a, "f32"), (&b, "bf16")] {
+        bin().args(["synth", "--preset", "tiny", "--seed", "5", "--dtype", dt, "-o"]).arg(p).assert().success();
+    }
+    let load = |p: &std::path::Path| OuroModel::load(&HfSource { checkpoint: Checkpoint::open(p).unwrap() }, &Device::Cpu).unwrap();
+    let (ma, mb) = (load(&a), load(&b));
+    let toks: Vec<u32> = (0..16).map(|i| (i * 37 % 300) as u32).collect();
+    let la = LoopOutputs::new(&ma, &ma.forward_full(&toks, KvPolicy::Full).unwrap()).unwrap();
+    let lb = LoopOutputs::new(&mb, &mb.forward_full(&toks, KvPolicy::Full).unwrap()).unwrap();
+    let (x, y) = (la.step_logits[3].clone(), lb.step_logits[3].clone());
+    let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_diff(&x, &y);
+    assert!(d > 0.0, "bf16 rounding must change something");
+    assert!(d < 0.05 * scale, "diff {d} vs scale {scale}");
+}
+
+#[test]
+fn run_streams_text_and_reports_figures() {
+    let out = bin()
+        .arg("run").arg(fixtures().join("tiny-random"))
+        .args(["--chat", "What is two plus three?", "--max-tokens", "7", "--json", "--exit-threshold", "0.9", "--kv", "shared-last"])
+        .output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v["stats"];
+    let n = s["generated_tokens"].as_u64().unwrap();
+    assert!(n >= 1 && n <= 7);
+    assert_eq!(v["tokens"].as_array().unwrap().len() as u64, n);
+    let loops = s["mean_loops_per_token"].as_f64().unwrap();
+    assert!((1.0..=4.0).contains(&loops));
+    assert!(s["weight_bytes"].as_u64().unwrap() > 3_000_000);
+    // prompt "<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n" starts with the special id 1
+    assert!(s["prompt_tokens"].as_u64().unwrap() > 5);
+}
+
+#[test]
+fn run_refuses_when_the_memory_plan_does_not_fit() {
+    let out = bin()
+        .arg("run").arg(fixtures().join("tiny-random"))
+        .args(["--prompt", "hello", "--max-tokens", "100", "--max-memory", "1000000"])
+        .output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--max-memory 1000000") && e.contains("of weights") && e.contains("KV cache"), "{e}");
+}
