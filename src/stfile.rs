@@ -396,7 +396,7 @@ pub fn header_bytes(tensors: &[TensorSpec], metadata: &BTreeMap<String, String>)
         pos += n;
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(obj)).expect("json");
-    while (json.len() + 8) % 8 != 0 {
+    while !(json.len() + 8).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();

@@ -159,7 +159,7 @@ fn run_streams_text_and_reports_figures() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = &v["stats"];
     let n = s["generated_tokens"].as_u64().unwrap();
-    assert!(n >= 1 && n <= 7);
+    assert!((1..=7).contains(&n));
     assert_eq!(v["tokens"].as_array().unwrap().len() as u64, n);
     let loops = s["mean_loops_per_token"].as_f64().unwrap();
     assert!((1.0..=4.0).contains(&loops));

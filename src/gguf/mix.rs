@@ -71,7 +71,7 @@ pub fn tensor_type(ft: FileType, cfg: &OuroConfig, hf_name: &str, shape: &[usize
 
 /// llama-quantize's replacement when a row is not a whole number of blocks.
 pub fn fallback(t: GgmlType, cols: usize) -> GgmlType {
-    if cols % t.block_size() == 0 {
+    if cols.is_multiple_of(t.block_size()) {
         return t;
     }
     let alt = match t {
@@ -82,7 +82,7 @@ pub fn fallback(t: GgmlType, cols: usize) -> GgmlType {
         GgmlType::IQ4_NL => GgmlType::IQ4_NL,
         _ => GgmlType::F16,
     };
-    if cols % alt.block_size() == 0 {
+    if cols.is_multiple_of(alt.block_size()) {
         alt
     } else {
         GgmlType::F16
