@@ -1,5 +1,33 @@
 //! Quantizers: pure functions from f32 rows to the bytes of a block format, and back. No I/O.
 //!
-//! `ggml` holds the table of ggml block types (the layout every GGUF reader agrees on).
+//! `ggml` holds the table of ggml block types (the layout every GGUF reader agrees on); `legacy`
+//! the bit-exact reference quantizers of the 32-value types and the float types.
 
 pub mod ggml;
+pub mod legacy;
+
+use ggml::GgmlType;
+
+/// Whether [`quantize_row`] implements `ty` (the k-quants and IQ4_NL are not written yet).
+pub fn has_quantizer(ty: GgmlType) -> bool {
+    use GgmlType::*;
+    matches!(ty, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+}
+
+/// Appends the ggml encoding of one row `x` (a whole number of blocks) to `out`, exactly as
+/// ggml's reference quantizer (no importance matrix). Returns false for a type without a quantizer.
+pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> bool {
+    debug_assert_eq!(x.len() % ty.block_size(), 0);
+    match ty {
+        GgmlType::F32 => out.extend(x.iter().flat_map(|v| v.to_le_bytes())),
+        GgmlType::F16 => legacy::quantize_f16(x, out),
+        GgmlType::BF16 => legacy::quantize_bf16(x, out),
+        GgmlType::Q4_0 => legacy::quantize_q4_0(x, out),
+        GgmlType::Q4_1 => legacy::quantize_q4_1(x, out),
+        GgmlType::Q5_0 => legacy::quantize_q5_0(x, out),
+        GgmlType::Q5_1 => legacy::quantize_q5_1(x, out),
+        GgmlType::Q8_0 => legacy::quantize_q8_0(x, out),
+        _ => return false,
+    }
+    true
+}

@@ -1,0 +1,195 @@
+//! ggml's legacy 32-value block formats and the plain float formats, bit-exact with
+//! `quantize_row_*_ref` of ggml (`ggml-quants.c`), which llama-quantize runs without an importance
+//! matrix. Every expression keeps ggml's order of operations and its casts: the 4/5-bit types
+//! truncate `(int8_t)(v + 8.5f)`-style sums, Q8_0 rounds half away from zero (`roundf`), and the
+//! block scale is computed in f32 and stored as IEEE f16 (round to nearest even).
+//!
+//! Block layouts (little-endian):
+//! - Q4_0 (18 B): f16 d, 16 B nibbles (value j low nibble of byte j, value j+16 high nibble)
+//! - Q4_1 (20 B): f16 d, f16 m, 16 B nibbles
+//! - Q5_0 (22 B): f16 d, u32 fifth bits (bit j of value j), 16 B nibbles
+//! - Q5_1 (24 B): f16 d, f16 m, u32 fifth bits, 16 B nibbles
+//! - Q8_0 (34 B): f16 d, 32 i8
+
+use half::f16;
+
+const QK: usize = 32;
+
+fn push_f16(out: &mut Vec<u8>, x: f32) {
+    out.extend_from_slice(&f16::from_f32(x).to_le_bytes());
+}
+
+/// ggml's fp32 -> bf16: round to nearest even, NaN kept quiet.
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if (u & 0x7fff_ffff) > 0x7f80_0000 {
+        return ((u >> 16) | 64) as u16;
+    }
+    ((u + (0x7fff + ((u >> 16) & 1))) >> 16) as u16
+}
+
+/// The value of largest magnitude (the first such one), as ggml's Q4_0/Q5_0 find it.
+fn signed_absmax(b: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in b {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
+fn min_max(b: &[f32]) -> (f32, f32) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in b {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    (min, max)
+}
+
+fn inv(d: f32) -> f32 {
+    if d != 0.0 {
+        1.0 / d
+    } else {
+        0.0
+    }
+}
+
+pub fn quantize_q4_0(x: &[f32], out: &mut Vec<u8>) {
+    for b in x.chunks_exact(QK) {
+        let d = signed_absmax(b) / -8.0;
+        let id = inv(d);
+        push_f16(out, d);
+        for j in 0..QK / 2 {
+            let x0 = b[j] * id;
+            let x1 = b[QK / 2 + j] * id;
+            let q0 = ((x0 + 8.5) as i8 as u8).min(15);
+            let q1 = ((x1 + 8.5) as i8 as u8).min(15);
+            out.push(q0 | (q1 << 4));
+        }
+    }
+}
+
+pub fn quantize_q4_1(x: &[f32], out: &mut Vec<u8>) {
+    for b in x.chunks_exact(QK) {
+        let (min, max) = min_max(b);
+        let d = (max - min) / 15.0;
+        let id = inv(d);
+        push_f16(out, d);
+        push_f16(out, min);
+        for j in 0..QK / 2 {
+            let x0 = (b[j] - min) * id;
+            let x1 = (b[QK / 2 + j] - min) * id;
+            let q0 = ((x0 + 0.5) as i8 as u8).min(15);
+            let q1 = ((x1 + 0.5) as i8 as u8).min(15);
+            out.push(q0 | (q1 << 4));
+        }
+    }
+}
+
+fn push_q5(out: &mut Vec<u8>, q: &[u8; QK]) {
+    let mut qh = 0u32;
+    for (j, &v) in q.iter().enumerate() {
+        qh |= ((v as u32 & 0x10) >> 4) << j;
+    }
+    out.extend_from_slice(&qh.to_le_bytes());
+    for j in 0..QK / 2 {
+        out.push((q[j] & 0x0f) | ((q[QK / 2 + j] & 0x0f) << 4));
+    }
+}
+
+pub fn quantize_q5_0(x: &[f32], out: &mut Vec<u8>) {
+    for b in x.chunks_exact(QK) {
+        let d = signed_absmax(b) / -16.0;
+        let id = inv(d);
+        push_f16(out, d);
+        let mut q = [0u8; QK];
+        for (o, &v) in q.iter_mut().zip(b) {
+            *o = ((v * id + 16.5) as i8 as u8).min(31);
+        }
+        push_q5(out, &q);
+    }
+}
+
+pub fn quantize_q5_1(x: &[f32], out: &mut Vec<u8>) {
+    for b in x.chunks_exact(QK) {
+        let (min, max) = min_max(b);
+        let d = (max - min) / 31.0;
+        let id = inv(d);
+        push_f16(out, d);
+        push_f16(out, min);
+        let mut q = [0u8; QK];
+        for (o, &v) in q.iter_mut().zip(b) {
+            *o = ((v - min) * id + 0.5) as u8;
+        }
+        push_q5(out, &q);
+    }
+}
+
+pub fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
+    for b in x.chunks_exact(QK) {
+        let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = inv(d);
+        push_f16(out, d);
+        for &v in b {
+            out.push((v * id).round() as i8 as u8);
+        }
+    }
+}
+
+pub fn quantize_f16(x: &[f32], out: &mut Vec<u8>) {
+    for &v in x {
+        push_f16(out, v);
+    }
+}
+
+pub fn quantize_bf16(x: &[f32], out: &mut Vec<u8>) {
+    for &v in x {
+        out.extend_from_slice(&f32_to_bf16_bits(v).to_le_bytes());
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantizes blocks of the legacy types (as ggml's `dequantize_row_*`).
+pub fn dequantize_legacy(ty: super::ggml::GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
+    use super::ggml::GgmlType as T;
+    let bs = ty.block_bytes();
+    for blk in bytes.chunks_exact(bs) {
+        let d = f16_at(blk, 0);
+        match ty {
+            T::Q8_0 => out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d)),
+            T::Q4_0 | T::Q4_1 => {
+                let (m, qs) = if ty == T::Q4_1 { (f16_at(blk, 2), &blk[4..]) } else { (0.0, &blk[2..]) };
+                let lo = qs.iter().map(|&q| (q & 0x0f) as i32);
+                let hi = qs.iter().map(|&q| (q >> 4) as i32);
+                if ty == T::Q4_0 {
+                    out.extend(lo.chain(hi).map(|q| (q - 8) as f32 * d));
+                } else {
+                    out.extend(lo.chain(hi).map(|q| q as f32 * d + m));
+                }
+            }
+            T::Q5_0 | T::Q5_1 => {
+                let (m, rest) = if ty == T::Q5_1 { (f16_at(blk, 2), &blk[4..]) } else { (0.0, &blk[2..]) };
+                let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                let qs = &rest[4..];
+                for j in 0..QK {
+                    let nib = if j < QK / 2 { qs[j] & 0x0f } else { qs[j - QK / 2] >> 4 };
+                    let q = (nib as u32 | (((qh >> j) & 1) << 4)) as i32;
+                    out.push(if ty == T::Q5_0 { (q - 16) as f32 * d } else { q as f32 * d + m });
+                }
+            }
+            T::F16 => unreachable!("F16 has no blocks of 32"),
+            other => panic!("{other} is not a legacy block type"),
+        }
+    }
+}

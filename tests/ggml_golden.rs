@@ -1,0 +1,66 @@
+//! Our quantizers against ggml's own bytes (fixtures/golden/ggml: `ggml_quantize_chunk` on 8 x 512
+//! matrices from five distributions, without importance matrix), byte for byte.
+
+mod common;
+
+use ouro_quant::quant::ggml::GgmlType;
+use ouro_quant::quant::{has_quantizer, legacy, quantize_row};
+use ouro_quant::stfile::SafetensorsFile;
+
+const DISTS: [&str; 5] = ["normal", "outliers", "special_rows", "uniform", "alternating"];
+
+fn vectors() -> SafetensorsFile {
+    SafetensorsFile::open(common::fixtures().join("golden/ggml/vectors.safetensors")).unwrap()
+}
+
+fn input(f: &SafetensorsFile, dist: &str) -> Vec<f32> {
+    f.bytes(&format!("{dist}.input")).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+#[test]
+fn implemented_types_match_ggml_byte_for_byte() {
+    let f = vectors();
+    let mut checked = 0;
+    for ty in GgmlType::ALL {
+        if !has_quantizer(ty) || ty == GgmlType::F32 {
+            continue;
+        }
+        for dist in DISTS {
+            let x = input(&f, dist);
+            let want = f.bytes(&format!("{dist}.{}", ty.name())).unwrap_or_else(|| panic!("{dist}.{ty}"));
+            let mut got = Vec::new();
+            for row in x.chunks_exact(512) {
+                assert!(quantize_row(ty, row, &mut got));
+            }
+            assert_eq!(got.len(), want.len(), "{ty} {dist}");
+            if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+                let blk = i / ty.block_bytes();
+                panic!("{ty} {dist}: first differing byte {i} (block {blk}): ours {} ggml {}", got[i], want[i]);
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 7 * 5);
+}
+
+#[test]
+fn dequantize_inverts_within_the_type_error() {
+    let f = vectors();
+    let x = input(&f, "normal");
+    let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt();
+    // relative RMSE bounds from the golden README's table (normal column), with a little slack
+    for (ty, bound) in [
+        (GgmlType::Q4_0, 0.0862),
+        (GgmlType::Q4_1, 0.0783),
+        (GgmlType::Q5_0, 0.0429),
+        (GgmlType::Q5_1, 0.0384),
+        (GgmlType::Q8_0, 0.0054),
+    ] {
+        let mut q = Vec::new();
+        quantize_row(ty, &x, &mut q);
+        let mut y = Vec::new();
+        legacy::dequantize_legacy(ty, &q, &mut y);
+        let err = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt() / rms;
+        assert!((err - bound).abs() < 0.0015, "{ty}: relative RMSE {err}, ggml's {bound}");
+    }
+}
