@@ -40,7 +40,7 @@ fn implemented_types_match_ggml_byte_for_byte() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 7 * 5);
+    assert_eq!(checked, 12 * 5);
 }
 
 #[test]

@@ -1,17 +1,18 @@
 //! Quantizers: pure functions from f32 rows to the bytes of a block format, and back. No I/O.
 //!
 //! `ggml` holds the table of ggml block types (the layout every GGUF reader agrees on); `legacy`
-//! the bit-exact reference quantizers of the 32-value types and the float types.
+//! the bit-exact reference quantizers of the 32-value types and the float types; `kquants` those
+//! of the 256-value k-quants.
 
 pub mod ggml;
+pub mod kquants;
 pub mod legacy;
 
 use ggml::GgmlType;
 
-/// Whether [`quantize_row`] implements `ty` (the k-quants and IQ4_NL are not written yet).
+/// Whether [`quantize_row`] implements `ty` (IQ4_NL is not written yet).
 pub fn has_quantizer(ty: GgmlType) -> bool {
-    use GgmlType::*;
-    matches!(ty, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+    ty != GgmlType::IQ4_NL
 }
 
 /// Appends the ggml encoding of one row `x` (a whole number of blocks) to `out`, exactly as
@@ -27,6 +28,11 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> bool {
         GgmlType::Q5_0 => legacy::quantize_q5_0(x, out),
         GgmlType::Q5_1 => legacy::quantize_q5_1(x, out),
         GgmlType::Q8_0 => legacy::quantize_q8_0(x, out),
+        GgmlType::Q2_K => kquants::quantize_q2_k(x, out),
+        GgmlType::Q3_K => kquants::quantize_q3_k(x, out),
+        GgmlType::Q4_K => kquants::quantize_q4_k(x, out),
+        GgmlType::Q5_K => kquants::quantize_q5_k(x, out),
+        GgmlType::Q6_K => kquants::quantize_q6_k(x, out),
         _ => return false,
     }
     true

@@ -1,0 +1,527 @@
+//! ggml's k-quants (256-value super-blocks), bit-exact with `quantize_row_q{2,3,4,5,6}_K_ref`
+//! (the path llama-quantize takes without an importance matrix). The searches for block scales
+//! (`make_qx_quants`, `make_q3_quants`, `make_qkx2_quants`) keep ggml's order of f32 operations;
+//! rounding is ggml's `nearest_int` (add 1.5 * 2^23: round half to even).
+//!
+//! Super-block layouts (little-endian):
+//! - Q2_K (84 B):  scales[16] (4-bit scale | 4-bit min), qs[64], f16 d, f16 dmin
+//! - Q3_K (110 B): hmask[32], qs[64], scales[12] (6-bit, packed), f16 d
+//! - Q4_K (144 B): f16 d, f16 dmin, scales[12] (6-bit scales and mins), qs[128]
+//! - Q5_K (176 B): f16 d, f16 dmin, scales[12], qh[32], qs[128]
+//! - Q6_K (210 B): ql[128], qh[64], scales[16] (i8), f16 d
+
+use half::f16;
+
+const QK_K: usize = 256;
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// ggml's `nearest_int`: round half to even through the f32 mantissa.
+#[inline]
+fn nearest_int(fval: f32) -> i32 {
+    let v = fval + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+fn fp16(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+fn from_fp16(b: u16) -> f32 {
+    f16::from_bits(b).to_f32()
+}
+
+/// `make_qx_quants` with `rmse_type` 1 and no weights (the Q6_K reference path).
+fn make_qx_quants_rmse1(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l_out.iter_mut().for_each(|l| *l = 0);
+        return 0.0;
+    }
+    let mut iscale = (-nmax) as f32 / max;
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for (i, &v) in x.iter().enumerate() {
+        let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        l_out[i] = (l + nmax) as i8;
+        let w = v * v;
+        sumlx += w * v * l as f32;
+        suml2 += w * l as f32 * l as f32;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9i32..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        sumlx = 0.0;
+        suml2 = 0.0;
+        for &v in x {
+            let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+            let w = v * v;
+            sumlx += w * v * l as f32;
+            suml2 += w * l as f32 * l as f32;
+        }
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for (i, &v) in x.iter().enumerate() {
+                let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+                l_out[i] = (nmax + l) as i8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// `make_q3_quants` with `do_rmse` (the Q3_K reference path). Levels in `l_out` are offset by nmax.
+fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l_out.iter_mut().for_each(|l| *l = 0);
+        return 0.0;
+    }
+    let iscale = (-nmax) as f32 / max;
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    let mut lv = [0i32; 16];
+    for (i, &v) in x.iter().enumerate() {
+        let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        lv[i] = l;
+        let w = v * v;
+        sumlx += w * v * l as f32;
+        suml2 += w * l as f32 * l as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = 0;
+        for (i, &v) in x.iter().enumerate() {
+            let w = v * v;
+            let mut slx = sumlx - w * v * lv[i] as f32;
+            if slx > 0.0 {
+                let mut sl2 = suml2 - w * lv[i] as f32 * lv[i] as f32;
+                let new_l = nearest_int(v * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new_l != lv[i] {
+                    slx += w * v * new_l as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        lv[i] = new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        if changed == 0 {
+            break;
+        }
+    }
+    for (o, &l) in l_out.iter_mut().zip(&lv[..x.len()]) {
+        *o = (l + nmax) as i8;
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
+}
+
+/// `make_qkx2_quants`: scale and (negated) min of an asymmetric block by a weighted search.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    x: &[f32],
+    nmax: i32,
+    weights: &[f32],
+    l_out: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+) -> (f32, f32) {
+    let n = x.len();
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l_out.iter_mut().for_each(|l| *l = 0);
+        return (0.0, -min);
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = nmaxf / (max - min);
+    let mut scale = 1.0 / iscale;
+    let err = |d: f32| if use_mad { d.abs() } else { d * d };
+    let mut best_error = 0f32;
+    for i in 0..n {
+        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l_out[i] = l as u8;
+        let diff = scale * l_out[i] as f32 + min - x[i];
+        best_error += weights[i] * err(diff);
+    }
+    if nstep < 1 {
+        return (scale, -min);
+    }
+    let mut laux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = l as u8;
+            let w = weights[i];
+            let lf = l as f32;
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * err(diff);
+            }
+            if cur_error < best_error {
+                l_out[..n].copy_from_slice(&laux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+fn pack_scales_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+    let mut s = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            s[j] = ls[j];
+            s[j + 4] = lm[j];
+        } else {
+            s[j + 4] = (ls[j] & 0xf) | ((lm[j] & 0xf) << 4);
+            s[j - 4] |= (ls[j] >> 4) << 6;
+            s[j] |= (lm[j] >> 4) << 6;
+        }
+    }
+    s
+}
+
+/// Shared by Q4_K and Q5_K: per-32 scales and mins quantized to 6 bits, then levels recomputed
+/// from the f16-rounded super-block scales. Returns (d, dmin, packed scales, levels).
+fn k4_scales_and_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> (u16, u16, [u8; 12], [u8; QK_K]) {
+    let mut l = [0u8; QK_K];
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    let mut weights = [0f32; 32];
+    for j in 0..8 {
+        let xb = &x[32 * j..32 * j + 32];
+        let mut sum_x2 = 0f32;
+        for &v in xb {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, &v) in weights.iter_mut().zip(xb) {
+            *w = av_x + v.abs();
+        }
+        let (s, m) = make_qkx2_quants(xb, nmax, &weights, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep, false);
+        scales[j] = s;
+        mins[j] = m;
+        if s > max_scale {
+            max_scale = s;
+        }
+        if m > max_min {
+            max_min = m;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut ls = [0u8; 8];
+    let mut lm = [0u8; 8];
+    for j in 0..8 {
+        ls[j] = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        lm[j] = (nearest_int(inv_min * mins[j]) as u8).min(63);
+    }
+    let packed = pack_scales_k4(&ls, &lm);
+    let d = fp16(max_scale / 63.0);
+    let dmin = fp16(max_min / 63.0);
+    for j in 0..8 {
+        let (sc, m) = get_scale_min_k4(j, &packed);
+        let dd = from_fp16(d) * sc as f32;
+        if dd == 0.0 {
+            continue;
+        }
+        let dm = from_fp16(dmin) * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, nmax) as u8;
+        }
+    }
+    (d, dmin, packed, l)
+}
+
+pub fn quantize_q4_k(x: &[f32], out: &mut Vec<u8>) {
+    for xb in x.chunks_exact(QK_K) {
+        let (d, dmin, scales, l) = k4_scales_and_levels(xb, 15, -1.0, 20);
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&dmin.to_le_bytes());
+        out.extend_from_slice(&scales);
+        for j in (0..QK_K).step_by(64) {
+            for i in 0..32 {
+                out.push(l[j + i] | (l[j + i + 32] << 4));
+            }
+        }
+    }
+}
+
+pub fn quantize_q5_k(x: &[f32], out: &mut Vec<u8>) {
+    for xb in x.chunks_exact(QK_K) {
+        let (d, dmin, scales, l) = k4_scales_and_levels(xb, 31, -0.5, 15);
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&dmin.to_le_bytes());
+        out.extend_from_slice(&scales);
+        let mut qh = [0u8; 32];
+        let mut ql = [0u8; 128];
+        let (mut m1, mut m2) = (1u8, 2u8);
+        for (k, n) in (0..QK_K).step_by(64).enumerate() {
+            for j in 0..32 {
+                let mut l1 = l[n + j];
+                if l1 > 15 {
+                    l1 -= 16;
+                    qh[j] |= m1;
+                }
+                let mut l2 = l[n + j + 32];
+                if l2 > 15 {
+                    l2 -= 16;
+                    qh[j] |= m2;
+                }
+                ql[32 * k + j] = l1 | (l2 << 4);
+            }
+            m1 <<= 2;
+            m2 <<= 2;
+        }
+        out.extend_from_slice(&qh);
+        out.extend_from_slice(&ql);
+    }
+}
+
+pub fn quantize_q6_k(x: &[f32], out: &mut Vec<u8>) {
+    for xb in x.chunks_exact(QK_K) {
+        let mut l = [0i8; QK_K];
+        let mut scales = [0f32; 16];
+        let (mut max_scale, mut max_abs) = (0f32, 0f32);
+        for ib in 0..16 {
+            let s = make_qx_quants_rmse1(&xb[16 * ib..16 * ib + 16], 32, &mut l[16 * ib..16 * ib + 16]);
+            scales[ib] = s;
+            if s.abs() > max_abs {
+                max_abs = s.abs();
+                max_scale = s;
+            }
+        }
+        if max_abs < GROUP_MAX_EPS {
+            out.extend(std::iter::repeat_n(0u8, 208));
+            out.extend_from_slice(&fp16(0.0).to_le_bytes());
+            continue;
+        }
+        let iscale = -128.0 / max_scale;
+        let d = fp16(1.0 / iscale);
+        let mut sc = [0i8; 16];
+        for ib in 0..16 {
+            sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+        }
+        for j in 0..16 {
+            let dd = from_fp16(d) * sc[j] as f32;
+            if dd == 0.0 {
+                continue;
+            }
+            for ii in 0..16 {
+                let q = nearest_int(xb[16 * j + ii] / dd).clamp(-32, 31);
+                l[16 * j + ii] = (q + 32) as i8;
+            }
+        }
+        let mut ql = [0u8; 128];
+        let mut qh = [0u8; 64];
+        for (k, j) in (0..QK_K).step_by(128).enumerate() {
+            for i in 0..32 {
+                let g = |o: usize| l[j + i + o] as u8;
+                ql[64 * k + i] = (g(0) & 0xf) | ((g(64) & 0xf) << 4);
+                ql[64 * k + i + 32] = (g(32) & 0xf) | ((g(96) & 0xf) << 4);
+                qh[32 * k + i] = (g(0) >> 4) | ((g(32) >> 4) << 2) | ((g(64) >> 4) << 4) | ((g(96) >> 4) << 6);
+            }
+        }
+        out.extend_from_slice(&ql);
+        out.extend_from_slice(&qh);
+        out.extend(sc.iter().map(|&s| s as u8));
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+}
+
+pub fn quantize_q2_k(x: &[f32], out: &mut Vec<u8>) {
+    for xb in x.chunks_exact(QK_K) {
+        let mut l = [0u8; QK_K];
+        let mut scales = [0f32; 16];
+        let mut mins = [0f32; 16];
+        let (mut max_scale, mut max_min) = (0f32, 0f32);
+        let mut weights = [0f32; 16];
+        for j in 0..16 {
+            let b = &xb[16 * j..16 * j + 16];
+            for (w, &v) in weights.iter_mut().zip(b) {
+                *w = v.abs();
+            }
+            let (s, m) = make_qkx2_quants(b, 3, &weights, &mut l[16 * j..16 * j + 16], -0.5, 0.1, 15, true);
+            scales[j] = s;
+            mins[j] = m;
+            if s > max_scale {
+                max_scale = s;
+            }
+            if m > max_min {
+                max_min = m;
+            }
+        }
+        let mut sc = [0u8; 16];
+        let d;
+        if max_scale > 0.0 {
+            let iscale = 15.0 / max_scale;
+            for j in 0..16 {
+                sc[j] = nearest_int(iscale * scales[j]) as u8;
+            }
+            d = fp16(max_scale / 15.0);
+        } else {
+            d = fp16(0.0);
+        }
+        let dmin;
+        if max_min > 0.0 {
+            let iscale = 15.0 / max_min;
+            for j in 0..16 {
+                sc[j] |= (nearest_int(iscale * mins[j]) << 4) as u8;
+            }
+            dmin = fp16(max_min / 15.0);
+        } else {
+            dmin = fp16(0.0);
+        }
+        for j in 0..16 {
+            let dd = from_fp16(d) * (sc[j] & 0xf) as f32;
+            if dd == 0.0 {
+                continue;
+            }
+            let dm = from_fp16(dmin) * (sc[j] >> 4) as f32;
+            for ii in 0..16 {
+                l[16 * j + ii] = nearest_int((xb[16 * j + ii] + dm) / dd).clamp(0, 3) as u8;
+            }
+        }
+        out.extend_from_slice(&sc);
+        for j in (0..QK_K).step_by(128) {
+            for i in 0..32 {
+                out.push(l[j + i] | (l[j + i + 32] << 2) | (l[j + i + 64] << 4) | (l[j + i + 96] << 6));
+            }
+        }
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&dmin.to_le_bytes());
+    }
+}
+
+pub fn quantize_q3_k(x: &[f32], out: &mut Vec<u8>) {
+    for xb in x.chunks_exact(QK_K) {
+        let mut l = [0i8; QK_K];
+        let mut scales = [0f32; 16];
+        let (mut max_scale, mut amax) = (0f32, 0f32);
+        for j in 0..16 {
+            scales[j] = make_q3_quants(&xb[16 * j..16 * j + 16], 4, &mut l[16 * j..16 * j + 16]);
+            let s = scales[j].abs();
+            if s > amax {
+                amax = s;
+                max_scale = scales[j];
+            }
+        }
+        let mut sc = [0u8; 12];
+        let d;
+        if max_scale != 0.0 {
+            let iscale = -32.0 / max_scale;
+            for j in 0..16 {
+                let mut lv = (nearest_int(iscale * scales[j]) as i8).clamp(-32, 31) + 32;
+                if j < 8 {
+                    sc[j] = (lv & 0xf) as u8;
+                } else {
+                    sc[j - 8] |= ((lv & 0xf) << 4) as u8;
+                }
+                lv >>= 4;
+                sc[j % 4 + 8] |= (lv << (2 * (j / 4))) as u8;
+            }
+            d = fp16(1.0 / iscale);
+        } else {
+            d = fp16(0.0);
+        }
+        for j in 0..16 {
+            let s = if j < 8 { sc[j] & 0xf } else { sc[j - 8] >> 4 } as i8;
+            let s = (s | ((((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) as i8)) - 32;
+            let dd = from_fp16(d) * s as f32;
+            if dd == 0.0 {
+                continue;
+            }
+            for ii in 0..16 {
+                let q = nearest_int(xb[16 * j + ii] / dd).clamp(-4, 3);
+                l[16 * j + ii] = (q + 4) as i8;
+            }
+        }
+        let mut hmask = [0u8; 32];
+        let (mut m, mut hm) = (0usize, 1u8);
+        for v in l.iter_mut() {
+            if *v > 3 {
+                hmask[m] |= hm;
+                *v -= 4;
+            }
+            m += 1;
+            if m == QK_K / 8 {
+                m = 0;
+                hm = hm.wrapping_shl(1);
+            }
+        }
+        out.extend_from_slice(&hmask);
+        for j in (0..QK_K).step_by(128) {
+            for i in 0..32 {
+                let g = |o: usize| l[j + i + o] as u8;
+                out.push(g(0) | (g(32) << 2) | (g(64) << 4) | (g(96) << 6));
+            }
+        }
+        out.extend_from_slice(&sc);
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+}
