@@ -78,15 +78,19 @@ pub fn inspect(ck: &Checkpoint, tensors: bool, scan: bool) -> Report {
     let params = c.parameter_count();
     let mut sizes = vec![];
     for ft in [FileType::F16, FileType::Q8_0, FileType::Q4_K_M] {
-        let bytes: u64 = crate::checkpoint::expected_tensors(c)
+        let map = crate::gguf::arch::tensor_map(c);
+        let tensor_bytes: u64 = map
             .iter()
-            .map(|t| {
-                let ty = tensor_type(ft, c, &t.name, &t.shape);
-                let cols = *t.shape.last().unwrap_or(&1);
-                let rows: usize = t.shape.iter().product::<usize>() / cols.max(1);
+            .map(|m| {
+                let shape = &ck.weights.get(&m.hf_name).expect("checked at open").info.shape;
+                let ty = tensor_type(ft, c, &m.gguf_name, shape, &[]);
+                let cols = *shape.last().unwrap_or(&1);
+                let rows: usize = shape.iter().product::<usize>() / cols.max(1);
                 (rows * ty.row_bytes(cols)) as u64
             })
             .sum();
+        // the exit gate travels as f32 metadata
+        let bytes = tensor_bytes + 4 * (c.hidden_size as u64 + 1);
         sizes.push(FormatSize {
             format: format!("GGUF {}", ft.name()),
             bytes,

@@ -5,6 +5,7 @@
 //! ([`output`]).
 
 pub mod checkpoint;
+pub mod convert;
 pub mod error;
 pub mod gguf;
 pub mod inspect;

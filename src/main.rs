@@ -37,6 +37,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert an HF Ouro checkpoint to a quantized GGUF file (llama.cpp's `ouro` layout).
+    Convert {
+        /// HF checkpoint directory.
+        model: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "gguf")]
+        format: Format,
+        /// GGUF file type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_M, Q4_0.
+        #[arg(long = "type", default_value = "Q8_0")]
+        file_type: String,
+        /// Give tensors whose GGUF name matches REGEX this ggml type (repeatable), e.g. `attn_v=Q8_0`.
+        #[arg(long = "type-override", value_name = "REGEX=TYPE")]
+        type_override: Vec<String>,
+        /// Output file (default: <model dir name>-<TYPE>.gguf in the current directory).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// Print the type chosen for each tensor and the expected size, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replace an existing output.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a random-weight checkpoint in the exact HF layout of the Ouro models.
     Synth {
         /// Model shapes.
@@ -120,6 +146,11 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Gguf,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -220,6 +251,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Convert {
+            model,
+            format: Format::Gguf,
+            file_type,
+            type_override,
+            output,
+            dry_run,
+            force,
+            json,
+        } => convert_gguf(model, &file_type, &type_override, output, dry_run, force, json),
         Command::Logits {
             model,
             tokens,
@@ -273,6 +314,93 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         }),
     }
+}
+
+fn convert_gguf(
+    model: PathBuf,
+    file_type: &str,
+    overrides: &[String],
+    output: Option<PathBuf>,
+    dry_run: bool,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use ouro_quant::convert::{self, GgufOptions};
+    use ouro_quant::gguf::mix::{FileType, TypeOverride};
+    use ouro_quant::quant::ggml::GgmlType;
+    let ft = FileType::from_name(file_type).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--type {file_type}: unknown GGUF type (one of {})",
+            FileType::ALL.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let overrides = overrides
+        .iter()
+        .map(|o| {
+            let (re, ty) = o
+                .rsplit_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--type-override {o}: expected REGEX=TYPE"))?;
+            let ty = GgmlType::from_name(ty).ok_or_else(|| anyhow::anyhow!("--type-override {o}: unknown ggml type `{ty}`"))?;
+            let pattern = regex::Regex::new(re).map_err(|e| anyhow::anyhow!("--type-override {o}: {e}"))?;
+            Ok(TypeOverride { pattern, ty })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ck = Checkpoint::open(&model)?;
+    let opts = GgufOptions { file_type: ft, overrides, force };
+    if dry_run {
+        let plan = convert::plan_gguf(&ck, &opts)?;
+        let mut total = 0u64;
+        for p in &plan {
+            let cols = *p.shape.last().unwrap_or(&1);
+            let bytes = (p.shape.iter().product::<usize>() / cols * p.ggml_type.row_bytes(cols)) as u64;
+            total += bytes;
+            if !json {
+                println!("{:<28} {:<7} {:<16} {:>12}", p.gguf_name, p.ggml_type.name(), format!("{:?}", p.shape), inspect::human_bytes(bytes));
+            }
+        }
+        if json {
+            println!("{}", serde_json::json!({"file_type": ft.name(), "tensor_bytes": total, "tensors": plan}));
+        } else {
+            println!("{} tensors, {} of tensor data", plan.len(), inspect::human_bytes(total));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let out = output.unwrap_or_else(|| {
+        let name = model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "ouro".into());
+        PathBuf::from(format!("{name}-{}.gguf", ft.name()))
+    });
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}")
+            .expect("template"),
+    );
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let summary = convert::convert_gguf(&ck, &opts, &out, &|done, total, name| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(name.to_string());
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "wrote {} ({}, {:.2} bits/weight, {} tensors: {}) in {:.1} s ({:.2} GB/s of input)",
+            summary.output.display(),
+            inspect::human_bytes(summary.bytes),
+            summary.bits_per_weight,
+            summary.tensors,
+            summary.types.iter().map(|(t, n)| format!("{n} {t}")).collect::<Vec<_>>().join(", "),
+            summary.seconds,
+            summary.input_gb_per_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 struct RunArgs {

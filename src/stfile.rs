@@ -352,6 +352,22 @@ impl SafetensorsFile {
         self.map.as_ref().map_or(0, |m| m.len())
     }
 
+    /// Drops the pages of tensor `name` from this process's resident memory once it has been
+    /// consumed (they stay in the page cache), so streaming a whole model keeps RSS small.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let (Some(m), Some(t)) = (self.map.as_ref(), self.info(name)) {
+            let start = self.header.data_start() + t.begin;
+            // SAFETY: the map is a read-only view of a file; MADV_DONTNEED only drops the page
+            // table entries, and a later read faults the same bytes back in from the file.
+            unsafe {
+                let _ = m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, t.nbytes());
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// The raw little-endian bytes of tensor `name` (zero-copy).
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
         let t = self.info(name)?;

@@ -236,6 +236,13 @@ impl Weights {
         })
     }
 
+    /// Releases a consumed tensor's pages from resident memory (see `SafetensorsFile::release`).
+    pub fn release(&self, name: &str) {
+        if let Some(&fi) = self.map.get(name) {
+            self.files[fi].release(name);
+        }
+    }
+
     /// All tensors, file by file, in data order.
     pub fn iter(&self) -> impl Iterator<Item = TensorView<'_>> {
         self.files.iter().flat_map(|f| {

@@ -1,12 +1,18 @@
 //! Per-tensor type choice for a GGUF file type, following llama.cpp's `src/llama-quant.cpp`
-//! (`llama_tensor_get_type`) for the mixes implemented here.
+//! (`llama_tensor_get_type`, no importance matrix) for the mixes users ask for. Tensor names are
+//! GGUF names (`blk.{i}.attn_v.weight`, ...), as llama-quantize sees them.
+//!
+//! Looped models: llama-quantize counts `ffn_down` layers over the unrolled depth
+//! (`n_layer_all` = layers x loops), so the "more bits" layers of ffn_down are those of a 96-layer
+//! model for Ouro-1.4B (16 of its 24 ffn_down tensors get Q6_K in Q4_K_M). `attn_v` counts the
+//! physical layers.
 
 use serde::Serialize;
 
-use crate::checkpoint::{tensor_role, OuroConfig, TensorRole};
+use crate::checkpoint::OuroConfig;
 use crate::quant::ggml::GgmlType;
 
-/// A GGUF file type (llama-quantize's names).
+/// A GGUF file type (llama-quantize's names) and its `general.file_type` id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[allow(non_camel_case_types)]
 pub enum FileType {
@@ -14,18 +20,89 @@ pub enum FileType {
     F16,
     BF16,
     Q8_0,
+    Q6_K,
+    Q5_K_M,
+    Q5_K_S,
     Q4_K_M,
+    Q4_K_S,
+    Q3_K_M,
+    Q4_0,
+    IQ4_NL,
 }
 
 impl FileType {
+    pub const ALL: [FileType; 12] = [
+        FileType::F32,
+        FileType::F16,
+        FileType::BF16,
+        FileType::Q8_0,
+        FileType::Q6_K,
+        FileType::Q5_K_M,
+        FileType::Q5_K_S,
+        FileType::Q4_K_M,
+        FileType::Q4_K_S,
+        FileType::Q3_K_M,
+        FileType::Q4_0,
+        FileType::IQ4_NL,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             FileType::F32 => "F32",
             FileType::F16 => "F16",
             FileType::BF16 => "BF16",
             FileType::Q8_0 => "Q8_0",
+            FileType::Q6_K => "Q6_K",
+            FileType::Q5_K_M => "Q5_K_M",
+            FileType::Q5_K_S => "Q5_K_S",
             FileType::Q4_K_M => "Q4_K_M",
+            FileType::Q4_K_S => "Q4_K_S",
+            FileType::Q3_K_M => "Q3_K_M",
+            FileType::Q4_0 => "Q4_0",
+            FileType::IQ4_NL => "IQ4_NL",
         }
+    }
+
+    pub fn from_name(s: &str) -> Option<FileType> {
+        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(s))
+    }
+
+    /// llama.cpp's `LLAMA_FTYPE_*` value, stored as `general.file_type`.
+    pub fn id(self) -> u32 {
+        match self {
+            FileType::F32 => 0,
+            FileType::F16 => 1,
+            FileType::Q4_0 => 2,
+            FileType::Q8_0 => 7,
+            FileType::Q3_K_M => 12,
+            FileType::Q4_K_S => 14,
+            FileType::Q4_K_M => 15,
+            FileType::Q5_K_S => 16,
+            FileType::Q5_K_M => 17,
+            FileType::Q6_K => 18,
+            FileType::IQ4_NL => 25,
+            FileType::BF16 => 32,
+        }
+    }
+
+    /// The type most 2-D tensors get.
+    pub fn default_type(self) -> GgmlType {
+        match self {
+            FileType::F32 => GgmlType::F32,
+            FileType::F16 => GgmlType::F16,
+            FileType::BF16 => GgmlType::BF16,
+            FileType::Q8_0 => GgmlType::Q8_0,
+            FileType::Q6_K => GgmlType::Q6_K,
+            FileType::Q5_K_M | FileType::Q5_K_S => GgmlType::Q5_K,
+            FileType::Q4_K_M | FileType::Q4_K_S => GgmlType::Q4_K,
+            FileType::Q3_K_M => GgmlType::Q3_K,
+            FileType::Q4_0 => GgmlType::Q4_0,
+            FileType::IQ4_NL => GgmlType::IQ4_NL,
+        }
+    }
+
+    fn is_quantized(self) -> bool {
+        !matches!(self, FileType::F32 | FileType::F16 | FileType::BF16)
     }
 }
 
@@ -34,44 +111,94 @@ pub fn use_more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
 }
 
-/// The type llama-quantize would give the 2-D tensor `hf_name` of shape `[rows, cols]`; 1-D
-/// tensors (norms, the gate bias) stay F32.
-pub fn tensor_type(ft: FileType, cfg: &OuroConfig, hf_name: &str, shape: &[usize]) -> GgmlType {
-    if shape.len() < 2 || shape.iter().filter(|&&d| d > 1).count() < 2 {
+/// The layer index in a `blk.{i}.` name.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// A user override: tensors whose GGUF name matches get this type (llama-quantize's
+/// `--tensor-type`), before the shape fallback.
+#[derive(Debug, Clone)]
+pub struct TypeOverride {
+    pub pattern: regex::Regex,
+    pub ty: GgmlType,
+}
+
+/// The type llama-quantize gives GGUF tensor `name` of `shape` (outermost first).
+pub fn tensor_type(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usize], overrides: &[TypeOverride]) -> GgmlType {
+    // 1-D tensors (norms) and anything not a weight matrix are never quantized.
+    if shape.len() < 2 || !name.ends_with("weight") || name.contains("_norm.weight") {
         return GgmlType::F32;
     }
     let cols = *shape.last().expect("2-D");
-    let want = match ft {
-        FileType::F32 => return GgmlType::F32,
-        FileType::F16 => return GgmlType::F16,
-        FileType::BF16 => return GgmlType::BF16,
-        FileType::Q8_0 => GgmlType::Q8_0,
-        FileType::Q4_K_M => match tensor_role(hf_name) {
-            Some(TensorRole::LmHead) => GgmlType::Q6_K,
-            Some(TensorRole::Linear { layer }) if hf_name.ends_with("v_proj.weight") => {
-                if use_more_bits(layer, cfg.num_hidden_layers) {
-                    GgmlType::Q6_K
+    let def = ft.default_type();
+    if !ft.is_quantized() {
+        return match overrides.iter().find(|o| o.pattern.is_match(name)) {
+            Some(o) => fallback(o.ty, cols),
+            None => def,
+        };
+    }
+    if let Some(o) = overrides.iter().find(|o| o.pattern.is_match(name)) {
+        return fallback(o.ty, cols);
+    }
+    let l = cfg.num_hidden_layers;
+    let unrolled = l * cfg.total_ut_steps;
+    let n_gqa = cfg.num_attention_heads / cfg.num_key_value_heads;
+    let tied = cfg.tie_word_embeddings;
+    let ty = if name == "output.weight" || (tied && name == "token_embd.weight") {
+        if cols % def.block_size() != 0 {
+            GgmlType::Q8_0
+        } else if def != GgmlType::Q8_0 {
+            GgmlType::Q6_K
+        } else {
+            def
+        }
+    } else if name == "token_embd.weight" {
+        def
+    } else if name.contains("attn_v.weight") {
+        let i = layer_of(name).unwrap_or(0);
+        match ft {
+            FileType::Q3_K_M => {
+                if i < 2 {
+                    GgmlType::Q5_K
                 } else {
                     GgmlType::Q4_K
                 }
             }
-            // llama-quantize counts ffn_down over the unrolled (looped) layers.
-            Some(TensorRole::Linear { layer }) if hf_name.ends_with("down_proj.weight") => {
-                if use_more_bits(layer, cfg.num_hidden_layers * cfg.total_ut_steps) {
-                    GgmlType::Q6_K
+            FileType::IQ4_NL if n_gqa >= 4 => GgmlType::Q5_K,
+            FileType::Q4_K_M | FileType::Q5_K_M if use_more_bits(i, l) => GgmlType::Q6_K,
+            FileType::Q4_K_S if i < 4 => GgmlType::Q5_K,
+            _ => def,
+        }
+    } else if name.contains("ffn_down") {
+        let i = layer_of(name).unwrap_or(0);
+        let n = unrolled;
+        match ft {
+            FileType::Q3_K_M => {
+                if i < n / 16 {
+                    GgmlType::Q5_K
                 } else {
                     GgmlType::Q4_K
                 }
             }
-            _ => GgmlType::Q4_K,
-        },
+            FileType::Q4_K_M if use_more_bits(i, n) => GgmlType::Q6_K,
+            FileType::IQ4_NL if i < n / 8 => GgmlType::Q5_K,
+            FileType::Q5_K_M if use_more_bits(i, n) => GgmlType::Q6_K,
+            FileType::Q4_K_S if i < n / 8 => GgmlType::Q5_K,
+            _ => def,
+        }
+    } else if name.contains("attn_output.weight") && ft == FileType::Q3_K_M {
+        GgmlType::Q4_K
+    } else {
+        def
     };
-    fallback(want, cols)
+    fallback(ty, cols)
 }
 
-/// llama-quantize's replacement when a row is not a whole number of blocks.
+/// llama-quantize's replacement when a row is not a whole number of blocks (and F16 when even the
+/// replacement does not fit; llama-quantize refuses legacy types there, we fall back to F16).
 pub fn fallback(t: GgmlType, cols: usize) -> GgmlType {
-    if cols.is_multiple_of(t.block_size()) {
+    if cols % t.block_size() == 0 {
         return t;
     }
     let alt = match t {
@@ -79,10 +206,9 @@ pub fn fallback(t: GgmlType, cols: usize) -> GgmlType {
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,
         GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
-        GgmlType::IQ4_NL => GgmlType::IQ4_NL,
         _ => GgmlType::F16,
     };
-    if cols.is_multiple_of(alt.block_size()) {
+    if cols % alt.block_size() == 0 {
         alt
     } else {
         GgmlType::F16
@@ -93,31 +219,43 @@ pub fn fallback(t: GgmlType, cols: usize) -> GgmlType {
 mod tests {
     use super::*;
 
-    #[test]
-    fn q4_k_m_on_ouro_1_4b_gives_16_q6k_ffn_down() {
-        let cfg = OuroConfig::from_map(
+    fn cfg_1_4b() -> OuroConfig {
+        OuroConfig::from_map(
             crate::synth::preset_config(crate::synth::Preset::Ouro1_4b, None)
                 .as_object()
                 .unwrap()
                 .clone(),
             std::path::Path::new("config.json"),
         )
-        .unwrap();
-        let count = |suffix: &str| {
-            (0..24)
-                .filter(|l| {
-                    let n = format!("model.layers.{l}.{suffix}");
-                    tensor_type(FileType::Q4_K_M, &cfg, &n, &[2048, 2048]) == GgmlType::Q6_K
-                })
-                .count()
-        };
-        assert_eq!(count("mlp.down_proj.weight"), 16);
-        assert_eq!(count("self_attn.v_proj.weight"), 12);
-        assert_eq!(count("self_attn.q_proj.weight"), 0);
-        assert_eq!(tensor_type(FileType::Q4_K_M, &cfg, "lm_head.weight", &[49152, 2048]), GgmlType::Q6_K);
-        assert_eq!(tensor_type(FileType::Q4_K_M, &cfg, "model.norm.weight", &[2048]), GgmlType::F32);
-        assert_eq!(tensor_type(FileType::Q4_K_M, &cfg, "model.early_exit_gate.weight", &[1, 2048]), GgmlType::F32);
+        .unwrap()
+    }
+
+    fn count(ft: FileType, suffix: &str, ty: GgmlType) -> usize {
+        let cfg = cfg_1_4b();
+        (0..24)
+            .filter(|l| tensor_type(ft, &cfg, &format!("blk.{l}.{suffix}"), &[2048, 5632], &[]) == ty)
+            .count()
+    }
+
+    #[test]
+    fn q4_k_m_on_ouro_1_4b_gives_16_q6k_ffn_down() {
+        let cfg = cfg_1_4b();
+        assert_eq!(count(FileType::Q4_K_M, "ffn_down.weight", GgmlType::Q6_K), 16);
+        assert_eq!(count(FileType::Q4_K_M, "attn_v.weight", GgmlType::Q6_K), 12);
+        assert_eq!(count(FileType::Q4_K_M, "attn_q.weight", GgmlType::Q4_K), 24);
+        assert_eq!(tensor_type(FileType::Q4_K_M, &cfg, "output.weight", &[49152, 2048], &[]), GgmlType::Q6_K);
+        assert_eq!(tensor_type(FileType::Q4_K_M, &cfg, "token_embd.weight", &[49152, 2048], &[]), GgmlType::Q4_K);
+        assert_eq!(tensor_type(FileType::Q4_K_M, &cfg, "output_norm.weight", &[2048], &[]), GgmlType::F32);
+        assert_eq!(tensor_type(FileType::Q8_0, &cfg, "output.weight", &[49152, 2048], &[]), GgmlType::Q8_0);
+        assert_eq!(tensor_type(FileType::Q4_0, &cfg, "output.weight", &[49152, 2048], &[]), GgmlType::Q6_K);
+        assert_eq!(tensor_type(FileType::F16, &cfg, "output.weight", &[49152, 2048], &[]), GgmlType::F16);
+        assert_eq!(count(FileType::Q4_K_S, "ffn_down.weight", GgmlType::Q5_K), 12);
+        assert_eq!(count(FileType::Q4_K_S, "attn_v.weight", GgmlType::Q5_K), 4);
+        assert_eq!(count(FileType::Q3_K_M, "ffn_down.weight", GgmlType::Q5_K), 6);
+        assert_eq!(count(FileType::Q3_K_M, "attn_output.weight", GgmlType::Q4_K), 24);
         assert_eq!(fallback(GgmlType::Q4_K, 64), GgmlType::Q5_0);
         assert_eq!(fallback(GgmlType::Q8_0, 48), GgmlType::F16);
+        let o = TypeOverride { pattern: regex::Regex::new("attn_q").unwrap(), ty: GgmlType::Q8_0 };
+        assert_eq!(tensor_type(FileType::Q4_K_M, &cfg, "blk.3.attn_q.weight", &[2048, 2048], &[o]), GgmlType::Q8_0);
     }
 }

@@ -1,3 +1,7 @@
-//! GGUF output: which ggml type each tensor gets (the llama-quantize mixes).
+//! GGUF output: the container format, the `ouro` architecture mapping, the tokenizer metadata
+//! and the llama-quantize mixes.
 
+pub mod arch;
+pub mod file;
 pub mod mix;
+pub mod tokenizer;
