@@ -79,11 +79,50 @@ impl Dims {
     }
 }
 
+/// The token embedding: dense, or quantized rows dequantized as tokens are looked up (so a
+/// quantized file's embedding stays at its quantized size in memory).
+pub enum Embedding {
+    Dense(Tensor),
+    Quantized {
+        dtype: candle_core::quantized::GgmlDType,
+        bytes: Vec<u8>,
+        row_bytes: usize,
+        hidden: usize,
+    },
+}
+
+impl Embedding {
+    fn lookup(&self, tokens: &[u32], device: &Device) -> CResult<Tensor> {
+        match self {
+            Embedding::Dense(t) => t.index_select(&Tensor::new(tokens, device)?, 0),
+            Embedding::Quantized { dtype, bytes, row_bytes, hidden } => {
+                let rows = tokens
+                    .iter()
+                    .map(|&t| {
+                        let r = t as usize;
+                        let raw = &bytes[r * row_bytes..(r + 1) * row_bytes];
+                        candle_core::quantized::ggml_file::qtensor_from_ggml(*dtype, raw, vec![1, *hidden], device)?
+                            .dequantize(device)
+                    })
+                    .collect::<CResult<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)
+            }
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Embedding::Dense(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            Embedding::Quantized { bytes, .. } => bytes.len() as u64,
+        }
+    }
+}
+
 /// An Ouro model ready to run.
 pub struct OuroModel {
     pub dims: Dims,
     pub config: OuroConfig,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     gate_w: Tensor,
@@ -218,7 +257,7 @@ impl OuroModel {
         let norm = src.vector("model.norm.weight", device)?;
         let gate_w = src.vector("model.early_exit_gate.weight", device)?.reshape((dims.hidden, 1))?;
         let gate_b = src.vector("model.early_exit_gate.bias", device)?;
-        let small = (embed.elem_count() + (4 * dims.layers + 2) * dims.hidden + 1) as u64 * 4;
+        let small = embed.bytes() + ((4 * dims.layers + 2) * dims.hidden + 1) as u64 * 4;
         let inv_freq = (0..dims.head_dim / 2)
             .map(|j| (1.0 / cfg.rope_theta.powf(2.0 * j as f64 / dims.head_dim as f64)) as f32)
             .collect();
@@ -274,8 +313,7 @@ impl OuroModel {
 
     /// Embeds token ids: `[n, hidden]`.
     pub fn embed(&self, tokens: &[u32]) -> CResult<Tensor> {
-        let ids = Tensor::new(tokens, &self.device)?;
-        self.embed.index_select(&ids, 0)
+        self.embed.lookup(tokens, &self.device)
     }
 
     /// Logits `[n, vocab]` of a loop state `[n, hidden]`.

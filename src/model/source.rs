@@ -1,10 +1,14 @@
 //! Where the model's weights come from. Each source hands the model dense or quantized matrices
 //! by HF tensor name; the model code does not know which.
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, OuroConfig};
+use crate::gguf::arch::RowOrder;
+use crate::gguf::file::{GgufFile, TensorInfo, Value};
+use crate::quant::ggml::GgmlType;
 
 /// A provider of Ouro weights by HF name.
 pub trait WeightSource {
@@ -13,8 +17,8 @@ pub trait WeightSource {
     fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QMatMul, u64)>;
     /// A vector (norm gain, gate weight or bias) as f32.
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor>;
-    /// The token embedding `[vocab, hidden]` as f32.
-    fn embedding(&self, device: &Device) -> anyhow::Result<Tensor>;
+    /// The token embedding `[vocab, hidden]`.
+    fn embedding(&self, device: &Device) -> anyhow::Result<super::Embedding>;
 }
 
 /// Weights of an HF checkpoint, widened to f32 (exact for BF16 and F16).
@@ -41,8 +45,8 @@ impl WeightSource for HfSource {
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
         Ok(self.f32_tensor(hf_name, device)?.flatten_all()?)
     }
-    fn embedding(&self, device: &Device) -> anyhow::Result<Tensor> {
-        self.f32_tensor("model.embed_tokens.weight", device)
+    fn embedding(&self, device: &Device) -> anyhow::Result<super::Embedding> {
+        Ok(super::Embedding::Dense(self.f32_tensor("model.embed_tokens.weight", device)?))
     }
 }
 
@@ -55,8 +59,173 @@ pub struct LoadedModel {
     pub description: String,
 }
 
-/// Loads a model from an HF checkpoint directory.
+/// Weights of one of our GGUF files: quantized matrices stay quantized (candle's quantized matmul);
+/// Q/K rows are put back in HF order, because the model applies rope in the HF layout.
+pub struct GgufSource {
+    pub file: GgufFile,
+    pub config: OuroConfig,
+}
+
+fn candle_dtype(t: GgmlType) -> anyhow::Result<GgmlDType> {
+    Ok(match t {
+        GgmlType::F32 => GgmlDType::F32,
+        GgmlType::F16 => GgmlDType::F16,
+        GgmlType::BF16 => GgmlDType::BF16,
+        GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q4_1 => GgmlDType::Q4_1,
+        GgmlType::Q5_0 => GgmlDType::Q5_0,
+        GgmlType::Q5_1 => GgmlDType::Q5_1,
+        GgmlType::Q8_0 => GgmlDType::Q8_0,
+        GgmlType::Q2_K => GgmlDType::Q2K,
+        GgmlType::Q3_K => GgmlDType::Q3K,
+        GgmlType::Q4_K => GgmlDType::Q4K,
+        GgmlType::Q5_K => GgmlDType::Q5K,
+        GgmlType::Q6_K => GgmlDType::Q6K,
+        GgmlType::IQ4_NL => anyhow::bail!("the runner cannot execute IQ4_NL tensors (candle has no IQ4_NL kernels)"),
+    })
+}
+
+impl GgufSource {
+    /// Opens a GGUF file written in the `ouro` layout and rebuilds the config from its metadata.
+    pub fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+        let file = GgufFile::open(path)?;
+        let h = &file.header;
+        let arch = h.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("");
+        if arch != crate::gguf::arch::ARCH {
+            anyhow::bail!("{}: general.architecture is `{arch}`, not `ouro`", path.display());
+        }
+        let u = |k: &str| -> anyhow::Result<u32> {
+            h.get(&format!("ouro.{k}"))
+                .and_then(|v| v.as_u32())
+                .ok_or_else(|| anyhow::anyhow!("{}: key ouro.{k} missing or not UINT32", path.display()))
+        };
+        let f = |k: &str| -> anyhow::Result<f32> {
+            h.get(&format!("ouro.{k}"))
+                .and_then(|v| v.as_f32())
+                .ok_or_else(|| anyhow::anyhow!("{}: key ouro.{k} missing or not FLOAT32", path.display()))
+        };
+        let emb = h
+            .tensor("token_embd.weight")
+            .ok_or_else(|| anyhow::anyhow!("{}: no token_embd.weight", path.display()))?;
+        let mut cfg = serde_json::json!({
+            "model_type": "ouro",
+            "vocab_size": emb.shape[0],
+            "hidden_size": u("embedding_length")?,
+            "intermediate_size": u("feed_forward_length")?,
+            "num_hidden_layers": u("block_count")?,
+            "num_attention_heads": u("attention.head_count")?,
+            "num_key_value_heads": u("attention.head_count_kv")?,
+            "head_dim": u("attention.key_length")?,
+            "max_position_embeddings": u("context_length")?,
+            // f32 in the file; widened back to the decimal the config held
+            "rms_norm_eps": f("attention.layer_norm_rms_epsilon")? as f64,
+            "rope_theta": f("rope.freq_base")? as f64,
+            "total_ut_steps": u("num_loops")?,
+            "tie_word_embeddings": h.tensor("output.weight").is_none(),
+            "eos_token_id": [crate::checkpoint::config::IM_END_ID, crate::checkpoint::config::ENDOFTEXT_ID],
+            "hidden_act": "silu",
+        });
+        if let Some(q) = h.get(crate::gguf::arch::KEY_EXIT_THRESHOLD).and_then(|v| v.as_f32()) {
+            cfg["early_exit_threshold"] = serde_json::json!(q as f64);
+        }
+        let config = OuroConfig::from_map(cfg.as_object().expect("object").clone(), path)?;
+        Ok(GgufSource { file, config })
+    }
+
+    fn info(&self, hf_name: &str) -> anyhow::Result<(&TensorInfo, RowOrder)> {
+        let m = crate::gguf::arch::tensor_map(&self.config)
+            .into_iter()
+            .find(|m| m.hf_name == hf_name)
+            .ok_or_else(|| anyhow::anyhow!("no GGUF tensor for {hf_name}"))?;
+        let info = self
+            .file
+            .header
+            .tensor(&m.gguf_name)
+            .ok_or_else(|| anyhow::anyhow!("{}: tensor {} missing", self.file.path.display(), m.gguf_name))?;
+        Ok((info, m.row_order))
+    }
+
+    /// The tensor's bytes with rows in HF order.
+    fn hf_rows(&self, info: &TensorInfo, order: RowOrder) -> Vec<u8> {
+        let bytes = self.file.tensor_bytes(info);
+        if order == RowOrder::AsIs {
+            return bytes.to_vec();
+        }
+        let cols = *info.shape.last().expect("2-D");
+        let rows = info.numel() / cols;
+        let rb = info.ggml_type.row_bytes(cols);
+        let mut out = vec![0u8; bytes.len()];
+        for s in 0..rows {
+            let t = order.target_row(s, rows);
+            out[s * rb..(s + 1) * rb].copy_from_slice(&bytes[t * rb..(t + 1) * rb]);
+        }
+        out
+    }
+
+    fn qtensor(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QTensor, u64)> {
+        let (info, order) = self.info(hf_name)?;
+        let raw = self.hf_rows(info, order);
+        let q = qtensor_from_ggml(candle_dtype(info.ggml_type)?, &raw, info.shape.clone(), device)?;
+        Ok((q, raw.len() as u64))
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn config(&self) -> &OuroConfig {
+        &self.config
+    }
+    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QMatMul, u64)> {
+        let (q, bytes) = self.qtensor(hf_name, device)?;
+        Ok((QMatMul::from_qtensor(q)?, bytes))
+    }
+    fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
+        let h = &self.file.header;
+        match hf_name {
+            "model.early_exit_gate.weight" | "model.early_exit_gate.bias" => {
+                let key = if hf_name.ends_with("weight") {
+                    crate::gguf::arch::KEY_GATE_WEIGHT
+                } else {
+                    crate::gguf::arch::KEY_GATE_BIAS
+                };
+                let v: Vec<f32> = match h.get(key) {
+                    Some(Value::Array(_, a)) => a.iter().filter_map(|x| x.as_f32()).collect(),
+                    Some(Value::F32(x)) => vec![*x],
+                    _ => anyhow::bail!("{}: exit gate key {key} missing: not written by ouro-quant?", self.file.path.display()),
+                };
+                Ok(Tensor::from_vec(v.clone(), v.len(), device)?)
+            }
+            _ => Ok(self.qtensor(hf_name, device)?.0.dequantize(device)?.flatten_all()?),
+        }
+    }
+    fn embedding(&self, _device: &Device) -> anyhow::Result<super::Embedding> {
+        let (info, _) = self.info("model.embed_tokens.weight")?;
+        let cols = info.shape[1];
+        Ok(super::Embedding::Quantized {
+            dtype: candle_dtype(info.ggml_type)?,
+            bytes: self.file.tensor_bytes(info).to_vec(),
+            row_bytes: info.ggml_type.row_bytes(cols),
+            hidden: cols,
+        })
+    }
+}
+
+/// Loads a model from an HF checkpoint directory or one of our GGUF files.
 pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedModel> {
+    if path.is_file() {
+        let src = GgufSource::open(path)?;
+        let h = &src.file.header;
+        let tokenizer = Some(crate::gguf::tokenizer::tokenizer_from_metadata(&|k| h.get(k).cloned())?);
+        let chat_template = h.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
+        let ft = h.get("general.file_type").and_then(|v| v.as_u32()).unwrap_or(0);
+        let description = format!("GGUF {} (file type {ft})", path.display());
+        let model = super::OuroModel::load(&src, device)?;
+        return Ok(LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+            description,
+        });
+    }
     if path.is_dir() && path.join("config.json").is_file() {
         let checkpoint = Checkpoint::open(path)?;
         let tokenizer = match &checkpoint.tokenizer.tokenizer_json {
@@ -75,7 +244,7 @@ pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedMod
         });
     }
     anyhow::bail!(
-        "{}: not an HF Ouro checkpoint directory (config.json missing); GGUF and MLX model sources are not readable by this build yet",
+        "{}: neither a GGUF file nor an HF Ouro checkpoint directory (config.json missing); MLX directories are not readable by this build yet",
         path.display()
     )
 }
