@@ -299,6 +299,7 @@ fn verify(path: &Path, plan: &[TensorPlan], sums: &[[u8; 32]], hash: &str) -> Re
                 && t.shape == p.shape
                 && t.ggml_type == p.ggml_type
                 && Sha256::digest(f.tensor_bytes(t)).as_slice() == s;
+            f.release(t);
             (!ok).then(|| t.name.clone())
         })
         .collect();

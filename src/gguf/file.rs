@@ -508,6 +508,21 @@ impl GgufFile {
     pub fn file_len(&self) -> usize {
         self.map.len()
     }
+
+    /// Drops a tensor's pages from this process's resident memory after it has been read (they
+    /// stay in the page cache).
+    pub fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            let s = self.header.data_start + info.offset as usize;
+            // SAFETY: read-only file map; see SafetensorsFile::release.
+            unsafe {
+                let _ = self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, info.nbytes());
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = info;
+    }
 }
 
 #[cfg(test)]

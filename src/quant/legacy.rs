@@ -144,9 +144,14 @@ pub fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// IEEE f16, round to nearest even (the slice conversion uses F16C where the CPU has it, which
+/// rounds the same way).
 pub fn quantize_f16(x: &[f32], out: &mut Vec<u8>) {
-    for &v in x {
-        push_f16(out, v);
+    use half::slice::HalfFloatSliceExt;
+    let mut h = vec![f16::ZERO; x.len()];
+    h.convert_from_f32_slice(x);
+    for v in h {
+        out.extend_from_slice(&v.to_le_bytes());
     }
 }
 
