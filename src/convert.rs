@@ -217,7 +217,7 @@ pub fn convert_gguf(
                             ));
                         }
                         let mut q = Vec::with_capacity(row_out);
-                        quantize_row(p.ggml_type, &row, &mut q);
+                        quantize_row(p.ggml_type, &row, None, &mut q);
                         dst.copy_from_slice(&q);
                         Ok(())
                     })?;

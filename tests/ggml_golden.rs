@@ -28,19 +28,26 @@ fn implemented_types_match_ggml_byte_for_byte() {
         for dist in DISTS {
             let x = input(&f, dist);
             let want = f.bytes(&format!("{dist}.{}", ty.name())).unwrap_or_else(|| panic!("{dist}.{ty}"));
-            let mut got = Vec::new();
-            for row in x.chunks_exact(512) {
-                assert!(quantize_row(ty, row, &mut got));
+            let imatrix: Vec<f32> = f.bytes(&format!("{dist}.imatrix")).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            for with_imatrix in [false, true] {
+                let key = if with_imatrix { format!("{dist}.{}.imatrix", ty.name()) } else { format!("{dist}.{}", ty.name()) };
+                // F16, BF16 and Q8_0 ignore the importance vector; ggml stored no separate bytes
+                let Some(want) = f.bytes(&key).or(if with_imatrix { None } else { Some(want) }) else { continue };
+                let mut got = Vec::new();
+                for row in x.chunks_exact(512) {
+                    assert!(quantize_row(ty, row, with_imatrix.then_some(imatrix.as_slice()), &mut got));
+                }
+                assert_eq!(got.len(), want.len(), "{key}");
+                if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+                    let blk = i / ty.block_bytes();
+                    panic!("{key}: first differing byte {i} (row {}, block {blk}): ours {} ggml {}", i / ty.row_bytes(512), got[i], want[i]);
+                }
+                checked += 1;
             }
-            assert_eq!(got.len(), want.len(), "{ty} {dist}");
-            if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-                let blk = i / ty.block_bytes();
-                panic!("{ty} {dist}: first differing byte {i} (block {blk}): ours {} ggml {}", got[i], want[i]);
-            }
-            checked += 1;
         }
     }
-    assert_eq!(checked, 12 * 5);
+    // 13 types without, 10 with an importance vector (F16, BF16, Q8_0 ignore it)
+    assert_eq!(checked, 13 * 5 + 10 * 5);
 }
 
 #[test]
@@ -57,7 +64,7 @@ fn dequantize_inverts_within_the_type_error() {
         (GgmlType::Q8_0, 0.0054),
     ] {
         let mut q = Vec::new();
-        quantize_row(ty, &x, &mut q);
+        quantize_row(ty, &x, None, &mut q);
         let mut y = Vec::new();
         legacy::dequantize_legacy(ty, &q, &mut y);
         let err = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt() / rms;

@@ -17,7 +17,7 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// ggml's `nearest_int`: round half to even through the f32 mantissa.
 #[inline]
-fn nearest_int(fval: f32) -> i32 {
+pub(crate) fn nearest_int(fval: f32) -> i32 {
     let v = fval + 12_582_912.0;
     (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
@@ -30,8 +30,9 @@ fn from_fp16(b: u16) -> f32 {
     f16::from_bits(b).to_f32()
 }
 
-/// `make_qx_quants` with `rmse_type` 1 and no weights (the Q6_K reference path).
-fn make_qx_quants_rmse1(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
+/// `make_qx_quants` with `rmse_type` 1: weights `qw`, or `x * x` when there are none. Levels are
+/// stored offset by `nmax`.
+pub(crate) fn make_qx_quants(x: &[f32], nmax: i32, l_out: &mut [i8], qw: Option<&[f32]>) -> f32 {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -43,12 +44,13 @@ fn make_qx_quants_rmse1(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
         l_out.iter_mut().for_each(|l| *l = 0);
         return 0.0;
     }
+    let weight = |i: usize, v: f32| qw.map_or(v * v, |q| q[i]);
     let mut iscale = (-nmax) as f32 / max;
     let (mut sumlx, mut suml2) = (0f32, 0f32);
     for (i, &v) in x.iter().enumerate() {
         let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
         l_out[i] = (l + nmax) as i8;
-        let w = v * v;
+        let w = weight(i, v);
         sumlx += w * v * l as f32;
         suml2 += w * l as f32 * l as f32;
     }
@@ -61,9 +63,9 @@ fn make_qx_quants_rmse1(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
         iscale = -(nmax as f32 + 0.1 * is as f32) / max;
         sumlx = 0.0;
         suml2 = 0.0;
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-            let w = v * v;
+            let w = weight(i, v);
             sumlx += w * v * l as f32;
             suml2 += w * l as f32 * l as f32;
         }
@@ -298,23 +300,35 @@ fn k4_scales_and_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> (u16, u1
     (d, dmin, packed, l)
 }
 
-pub fn quantize_q4_k(x: &[f32], out: &mut Vec<u8>) {
-    for xb in x.chunks_exact(QK_K) {
-        let (d, dmin, scales, l) = k4_scales_and_levels(xb, 15, -1.0, 20);
-        out.extend_from_slice(&d.to_le_bytes());
-        out.extend_from_slice(&dmin.to_le_bytes());
-        out.extend_from_slice(&scales);
-        for j in (0..QK_K).step_by(64) {
-            for i in 0..32 {
-                out.push(l[j + i] | (l[j + i + 32] << 4));
-            }
+fn pack_q4_k(d: u16, dmin: u16, scales: &[u8; 12], l: &[u8; QK_K], out: &mut Vec<u8>) {
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
+    out.extend_from_slice(scales);
+    for j in (0..QK_K).step_by(64) {
+        for i in 0..32 {
+            out.push(l[j + i] | (l[j + i + 32] << 4));
         }
     }
 }
 
-pub fn quantize_q5_k(x: &[f32], out: &mut Vec<u8>) {
-    for xb in x.chunks_exact(QK_K) {
-        let (d, dmin, scales, l) = k4_scales_and_levels(xb, 31, -0.5, 15);
+/// Q4_K; with an importance vector as `quantize_row_q4_K_impl`.
+pub fn quantize_q4_k(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
+    for (bi, xb) in x.chunks_exact(QK_K).enumerate() {
+        let (d, dmin, scales, l) = match imatrix {
+            None => k4_scales_and_levels(xb, 15, -1.0, 20),
+            Some(q) => k4_weighted(xb, &q[QK_K * bi..QK_K * (bi + 1)], 15),
+        };
+        pack_q4_k(d, dmin, &scales, &l, out);
+    }
+}
+
+/// Q5_K; with an importance vector as `quantize_row_q5_K_impl`.
+pub fn quantize_q5_k(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
+    for (bi, xb) in x.chunks_exact(QK_K).enumerate() {
+        let (d, dmin, scales, l) = match imatrix {
+            None => k4_scales_and_levels(xb, 31, -0.5, 15),
+            Some(q) => k4_weighted(xb, &q[QK_K * bi..QK_K * (bi + 1)], 31),
+        };
         out.extend_from_slice(&d.to_le_bytes());
         out.extend_from_slice(&dmin.to_le_bytes());
         out.extend_from_slice(&scales);
@@ -343,13 +357,15 @@ pub fn quantize_q5_k(x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-pub fn quantize_q6_k(x: &[f32], out: &mut Vec<u8>) {
-    for xb in x.chunks_exact(QK_K) {
+/// Q6_K; with an importance vector (per column of the row) as `quantize_row_q6_K_impl`.
+pub fn quantize_q6_k(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
+    for (bi, xb) in x.chunks_exact(QK_K).enumerate() {
         let mut l = [0i8; QK_K];
         let mut scales = [0f32; 16];
         let (mut max_scale, mut max_abs) = (0f32, 0f32);
         for ib in 0..16 {
-            let s = make_qx_quants_rmse1(&xb[16 * ib..16 * ib + 16], 32, &mut l[16 * ib..16 * ib + 16]);
+            let qw = imatrix.map(|q| &q[QK_K * bi + 16 * ib..QK_K * bi + 16 * ib + 16]);
+            let s = make_qx_quants(&xb[16 * ib..16 * ib + 16], 32, &mut l[16 * ib..16 * ib + 16], qw);
             scales[ib] = s;
             if s.abs() > max_abs {
                 max_abs = s.abs();
@@ -394,8 +410,13 @@ pub fn quantize_q6_k(x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-pub fn quantize_q2_k(x: &[f32], out: &mut Vec<u8>) {
-    for xb in x.chunks_exact(QK_K) {
+/// Q2_K; with an importance vector as `quantize_row_q2_K_impl`.
+pub fn quantize_q2_k(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
+    for (bi, xb) in x.chunks_exact(QK_K).enumerate() {
+        if let Some(q) = imatrix {
+            q2_k_weighted(xb, &q[QK_K * bi..QK_K * (bi + 1)], out);
+            continue;
+        }
         let mut l = [0u8; QK_K];
         let mut scales = [0f32; 16];
         let mut mins = [0f32; 16];
@@ -447,19 +468,28 @@ pub fn quantize_q2_k(x: &[f32], out: &mut Vec<u8>) {
                 l[16 * j + ii] = nearest_int((xb[16 * j + ii] + dm) / dd).clamp(0, 3) as u8;
             }
         }
-        out.extend_from_slice(&sc);
-        for j in (0..QK_K).step_by(128) {
-            for i in 0..32 {
-                out.push(l[j + i] | (l[j + i + 32] << 2) | (l[j + i + 64] << 4) | (l[j + i + 96] << 6));
-            }
-        }
-        out.extend_from_slice(&d.to_le_bytes());
-        out.extend_from_slice(&dmin.to_le_bytes());
+        pack_q2_k(&sc, &l, d, dmin, out);
     }
 }
 
-pub fn quantize_q3_k(x: &[f32], out: &mut Vec<u8>) {
-    for xb in x.chunks_exact(QK_K) {
+fn pack_q2_k(sc: &[u8; 16], l: &[u8; QK_K], d: u16, dmin: u16, out: &mut Vec<u8>) {
+    out.extend_from_slice(sc);
+    for j in (0..QK_K).step_by(128) {
+        for i in 0..32 {
+            out.push(l[j + i] | (l[j + i + 32] << 2) | (l[j + i + 64] << 4) | (l[j + i + 96] << 6));
+        }
+    }
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
+}
+
+/// Q3_K; with an importance vector as `quantize_row_q3_K_impl`.
+pub fn quantize_q3_k(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
+    for (bi, xb) in x.chunks_exact(QK_K).enumerate() {
+        if let Some(q) = imatrix {
+            q3_k_weighted(xb, &q[QK_K * bi..QK_K * (bi + 1)], out);
+            continue;
+        }
         let mut l = [0i8; QK_K];
         let mut scales = [0f32; 16];
         let (mut max_scale, mut amax) = (0f32, 0f32);
@@ -489,6 +519,12 @@ pub fn quantize_q3_k(x: &[f32], out: &mut Vec<u8>) {
         } else {
             d = fp16(0.0);
         }
+        q3_k_finish(xb, &mut l, &sc, d, out);
+    }
+}
+
+/// Q3_K's last pass (levels from the f16 scales) and packing, shared by both paths.
+fn q3_k_finish(xb: &[f32], l: &mut [i8; QK_K], sc: &[u8; 12], d: u16, out: &mut Vec<u8>) {
         for j in 0..16 {
             let s = if j < 8 { sc[j] & 0xf } else { sc[j - 8] >> 4 } as i8;
             let s = (s | ((((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) as i8)) - 32;
@@ -521,7 +557,300 @@ pub fn quantize_q3_k(x: &[f32], out: &mut Vec<u8>) {
                 out.push(g(0) | (g(32) << 2) | (g(64) << 4) | (g(96) << 6));
             }
         }
-        out.extend_from_slice(&sc);
+        out.extend_from_slice(sc);
         out.extend_from_slice(&d.to_le_bytes());
+}
+
+/// `make_qkx3_quants` with weights: like `make_qkx2_quants`, with ggml's guards for a best-fit min
+/// at or near the max.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn make_qkx3_quants(x: &[f32], nmax: i32, weights: &[f32], l_out: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
+    let n = x.len();
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
     }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max <= min {
+        l_out.iter_mut().for_each(|l| *l = 0);
+        return (0.0, -min);
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = nmaxf / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_mad = 0f32;
+    for i in 0..n {
+        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l_out[i] = l as u8;
+        let diff = scale * l_out[i] as f32 + min - x[i];
+        best_mad += weights[i] * (diff * diff);
+    }
+    let mut laux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let v = iscale * (x[i] - min);
+            let l = if v > 0.0 { nearest_int(v.min(nmaxf)) } else { 0 };
+            laux[i] = l as u8;
+            let w = weights[i];
+            let lf = l as f32;
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut mad = 0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                mad += weights[i] * (diff * diff);
+            }
+            if mad < best_mad {
+                l_out[..n].copy_from_slice(&laux[..n]);
+                best_mad = mad;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// `make_qp_quants`: positive values (block scales or mins) to levels 0..=nmax under weights.
+fn make_qp_quants(x: &[f32], nmax: i32, l_out: &mut [u8], qw: &[f32]) -> f32 {
+    let n = x.len();
+    let mut max = 0f32;
+    for &v in x {
+        max = max.max(v);
+    }
+    if max < GROUP_MAX_EPS {
+        l_out.iter_mut().for_each(|l| *l = 0);
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = nmaxf / max;
+    for i in 0..n {
+        l_out[i] = nearest_int(iscale * x[i]) as u8;
+    }
+    let scale = 1.0 / iscale;
+    let mut best_mse = 0f32;
+    for i in 0..n {
+        let diff = x[i] - scale * l_out[i] as f32;
+        best_mse += qw[i] * diff * diff;
+    }
+    for is in -4i32..=4 {
+        if is == 0 {
+            continue;
+        }
+        let iscale_is = (0.1 * is as f32 + nmaxf) / max;
+        let scale_is = 1.0 / iscale_is;
+        let mut mse = 0f32;
+        for i in 0..n {
+            let l = nearest_int(iscale_is * x[i]).min(nmax);
+            let diff = x[i] - scale_is * l as f32;
+            mse += qw[i] * diff * diff;
+        }
+        if mse < best_mse {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    let mut lv = [0i32; 16];
+    for i in 0..n {
+        let l = nearest_int(iscale * x[i]).min(nmax);
+        lv[i] = l;
+        sumlx += qw[i] * x[i] * l as f32;
+        suml2 += qw[i] * l as f32 * l as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = 0;
+        for i in 0..n {
+            let w = qw[i];
+            let mut slx = sumlx - w * x[i] * lv[i] as f32;
+            let mut sl2 = suml2 - w * lv[i] as f32 * lv[i] as f32;
+            if slx > 0.0 && sl2 > 0.0 {
+                let new_l = nearest_int(x[i] * sl2 / slx).min(nmax);
+                if new_l != lv[i] {
+                    slx += w * x[i] * new_l as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
+                    if slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        lv[i] = new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        if changed == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        l_out[i] = lv[i] as u8;
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
+}
+
+/// Q4_K / Q5_K with an importance vector (`quantize_row_q{4,5}_K_impl`).
+fn k4_weighted(x: &[f32], qw: &[f32], nmax: i32) -> (u16, u16, [u8; 12], [u8; QK_K]) {
+    let mut l = [0u8; QK_K];
+    let mut sum_x2 = 0f32;
+    for &v in x {
+        sum_x2 += v * v;
+    }
+    let sigma2 = 2.0 * sum_x2 / QK_K as f32;
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    let mut sw = [0f32; 8];
+    let mut weights = [0f32; 32];
+    for j in 0..8 {
+        for i in 0..32 {
+            let v = x[32 * j + i];
+            weights[i] = qw[32 * j + i] * (sigma2 + v * v).sqrt();
+        }
+        let mut sumw = 0f32;
+        for &w in &weights {
+            sumw += w;
+        }
+        sw[j] = sumw;
+        let (s, m) = make_qkx3_quants(&x[32 * j..32 * j + 32], nmax, &weights, &mut l[32 * j..32 * j + 32], -0.9, 0.05, 36);
+        scales[j] = s;
+        mins[j] = m;
+    }
+    let mut ls = [0u8; 8];
+    let mut lm = [0u8; 8];
+    let d_block = make_qp_quants(&scales, 63, &mut ls, &sw);
+    let m_block = make_qp_quants(&mins, 63, &mut lm, &sw);
+    for j in 0..8 {
+        ls[j] = ls[j].min(63);
+        lm[j] = lm[j].min(63);
+    }
+    let packed = pack_scales_k4(&ls, &lm);
+    let d = fp16(d_block);
+    let dmin = fp16(m_block);
+    for j in 0..8 {
+        let (sc, m) = get_scale_min_k4(j, &packed);
+        let dd = from_fp16(d) * sc as f32;
+        if dd == 0.0 {
+            continue;
+        }
+        let dm = from_fp16(dmin) * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, nmax) as u8;
+        }
+    }
+    (d, dmin, packed, l)
+}
+
+/// Q2_K with an importance vector (`quantize_row_q2_K_impl`).
+fn q2_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
+    let mut l = [0u8; QK_K];
+    let mut sumx2 = 0f32;
+    for &v in x {
+        sumx2 += v * v;
+    }
+    let sigma2 = sumx2 / QK_K as f32;
+    let mut scales = [0f32; 16];
+    let mut mins = [0f32; 16];
+    let mut sw = [0f32; 16];
+    let mut weight = [0f32; 16];
+    for j in 0..16 {
+        for i in 0..16 {
+            let v = x[16 * j + i];
+            weight[i] = qw[16 * j + i] * (sigma2 + v * v).sqrt();
+        }
+        for &w in &weight {
+            sw[j] += w;
+        }
+        let (s, m) = make_qkx3_quants(&x[16 * j..16 * j + 16], 3, &weight, &mut l[16 * j..16 * j + 16], -0.9, 0.05, 36);
+        scales[j] = s;
+        mins[j] = m;
+    }
+    let mut ls = [0u8; 16];
+    let mut lm = [0u8; 16];
+    let dm = make_qp_quants(&scales, 15, &mut ls, &sw);
+    let mm = make_qp_quants(&mins, 15, &mut lm, &sw);
+    let d = fp16(dm);
+    let dmin = fp16(mm);
+    let (dm, mm) = (from_fp16(d), from_fp16(dmin));
+    let mut sc = [0u8; 16];
+    for j in 0..16 {
+        sc[j] = ls[j] | (lm[j] << 4);
+    }
+    for j in 0..16 {
+        let dd = dm * (sc[j] & 0xf) as f32;
+        if dd == 0.0 {
+            continue;
+        }
+        let m = mm * (sc[j] >> 4) as f32;
+        for ii in 0..16 {
+            l[16 * j + ii] = nearest_int((x[16 * j + ii] + m) / dd).clamp(0, 3) as u8;
+        }
+    }
+    pack_q2_k(&sc, &l, d, dmin, out);
+}
+
+/// Q3_K with an importance vector (`quantize_row_q3_K_impl`).
+fn q3_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
+    let mut l = [0i8; QK_K];
+    let mut sumx2 = 0f32;
+    for &v in x {
+        sumx2 += v * v;
+    }
+    let sigma2 = 2.0 * sumx2 / QK_K as f32;
+    let mut scales = [0f32; 16];
+    let mut sw = [0f32; 16];
+    let mut weight = [0f32; 16];
+    for j in 0..16 {
+        for i in 0..16 {
+            let v = x[16 * j + i];
+            weight[i] = qw[16 * j + i] * (sigma2 + v * v).sqrt();
+        }
+        let mut sumw = 0f32;
+        for &w in &weight {
+            sumw += w;
+        }
+        sw[j] = sumw;
+        scales[j] = make_qx_quants(&x[16 * j..16 * j + 16], 4, &mut l[16 * j..16 * j + 16], Some(&weight));
+    }
+    let mut ls = [0i8; 16];
+    let d_block = make_qx_quants(&scales, 32, &mut ls, Some(&sw));
+    let mut sc = [0u8; 12];
+    for j in 0..16 {
+        let mut lv = ls[j] as i32;
+        if j < 8 {
+            sc[j] = (lv & 0xf) as u8;
+        } else {
+            sc[j - 8] |= ((lv & 0xf) << 4) as u8;
+        }
+        lv >>= 4;
+        sc[j % 4 + 8] |= (lv << (2 * (j / 4))) as u8;
+    }
+    q3_k_finish(x, &mut l, &sc, fp16(d_block), out);
 }

@@ -198,3 +198,62 @@ pub fn dequantize_legacy(ty: super::ggml::GgmlType, bytes: &[u8], out: &mut Vec<
         }
     }
 }
+
+/// `weight[j] = qw[j] * sqrt(sigma2 + x[j]^2)` with sigma2 the mean square of the whole row, as
+/// ggml's legacy `quantize_row_*_impl` weigh an importance vector.
+fn row_weights(row: &[f32], b: usize, qw: &[f32], sigma2: f32) -> [f32; QK] {
+    let mut w = [0f32; QK];
+    for j in 0..QK {
+        let v = row[QK * b + j];
+        w[j] = qw[QK * b + j] * (sigma2 + v * v).sqrt();
+    }
+    w
+}
+
+fn row_sigma2(row: &[f32]) -> f32 {
+    let mut s = 0f32;
+    for &v in row {
+        s += v * v;
+    }
+    s / row.len() as f32
+}
+
+/// Q4_0 / Q5_0 with an importance vector (`quantize_row_q{4,5}_0_impl`); `bits` 4 or 5.
+pub fn quantize_q_0_weighted(row: &[f32], qw: &[f32], bits: u32, out: &mut Vec<u8>) {
+    let sigma2 = row_sigma2(row);
+    let nmax = 1 << (bits - 1);
+    for (b, xb) in row.chunks_exact(QK).enumerate() {
+        let w = row_weights(row, b, qw, sigma2);
+        let mut l = [0i8; QK];
+        let d = super::kquants::make_qx_quants(xb, nmax, &mut l, Some(&w));
+        push_f16(out, d);
+        let q: [u8; QK] = std::array::from_fn(|j| l[j] as u8);
+        if bits == 4 {
+            for j in 0..QK / 2 {
+                out.push(q[j] | (q[j + 16] << 4));
+            }
+        } else {
+            push_q5(out, &q);
+        }
+    }
+}
+
+/// Q4_1 / Q5_1 with an importance vector (`quantize_row_q{4,5}_1_impl`); `bits` 4 or 5.
+pub fn quantize_q_1_weighted(row: &[f32], qw: &[f32], bits: u32, out: &mut Vec<u8>) {
+    let sigma2 = row_sigma2(row);
+    let nmax = (1 << bits) - 1;
+    for (b, xb) in row.chunks_exact(QK).enumerate() {
+        let w = row_weights(row, b, qw, sigma2);
+        let mut q = [0u8; QK];
+        let (d, min) = super::kquants::make_qkx3_quants(xb, nmax, &w, &mut q, -0.9, 0.05, 36);
+        push_f16(out, d);
+        push_f16(out, -min);
+        if bits == 4 {
+            for j in 0..QK / 2 {
+                out.push(q[j] | (q[j + 16] << 4));
+            }
+        } else {
+            push_q5(out, &q);
+        }
+    }
+}
