@@ -119,6 +119,27 @@ fn runner_on_q8_0_gguf_stays_close_to_f32() {
 }
 
 #[test]
+fn runner_executes_every_mix() {
+    let d = tempfile::tempdir().unwrap();
+    let toks = golden_tokens("gqa_bf16");
+    let hf = step_logits(&fixtures().join("golden/gqa_bf16"), &toks);
+    let v = 320;
+    let mut kl = std::collections::BTreeMap::new();
+    for ty in ["BF16", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "IQ4_NL"] {
+        let f = d.path().join(format!("g.{ty}.gguf"));
+        convert(&fixtures().join("golden/gqa_bf16"), ty, &f);
+        let got = step_logits(&f, &toks);
+        let k = mean_kl(&hf[3], &got[3], v);
+        eprintln!("{ty}: mean KL to the HF run {k:.5}");
+        assert!(k.is_finite(), "{ty}: {k}");
+        kl.insert(ty, k);
+    }
+    // BF16 of a bf16 checkpoint is lossless; fewer bits lose more.
+    assert_eq!(kl["BF16"], 0.0);
+    assert!(kl["Q6_K"] > 0.0 && kl["Q6_K"] < kl["Q3_K_M"], "{kl:?}");
+}
+
+#[test]
 fn output_is_byte_identical_for_any_thread_count() {
     let d = tempfile::tempdir().unwrap();
     for ty in ["Q4_K_M", "Q6_K", "Q4_0"] {
@@ -243,7 +264,7 @@ fn oracle(file: &Path) -> Oracle {
 #[test]
 fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
     let d = tempfile::tempdir().unwrap();
-    let cases = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q4_0"];
+    let cases = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q4_0", "IQ4_NL"];
     let mut seen_types = std::collections::BTreeSet::new();
     for ty in cases {
         let out = d.path().join(format!("t.{ty}.gguf"));
@@ -272,22 +293,33 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
             assert_eq!(name, &t.name);
             assert_eq!(oty, t.ggml_type.name(), "{ty} {name}");
             seen_types.insert(t.ggml_type.name());
-            let dt = match t.ggml_type.name() {
-                "F32" => candle_core::quantized::GgmlDType::F32,
-                "F16" => candle_core::quantized::GgmlDType::F16,
-                "BF16" => candle_core::quantized::GgmlDType::BF16,
-                "Q8_0" => candle_core::quantized::GgmlDType::Q8_0,
-                "Q4_0" => candle_core::quantized::GgmlDType::Q4_0,
-                "Q5_0" => candle_core::quantized::GgmlDType::Q5_0,
-                "Q5_1" => candle_core::quantized::GgmlDType::Q5_1,
-                "Q3_K" => candle_core::quantized::GgmlDType::Q3K,
-                "Q4_K" => candle_core::quantized::GgmlDType::Q4K,
-                "Q5_K" => candle_core::quantized::GgmlDType::Q5K,
-                "Q6_K" => candle_core::quantized::GgmlDType::Q6K,
+            use candle_core::quantized::GgmlDType;
+            let dt: Option<GgmlDType> = match t.ggml_type.name() {
+                "IQ4_NL" => None,
+                "F32" => Some(GgmlDType::F32),
+                "F16" => Some(GgmlDType::F16),
+                "BF16" => Some(GgmlDType::BF16),
+                "Q8_0" => Some(GgmlDType::Q8_0),
+                "Q4_0" => Some(GgmlDType::Q4_0),
+                "Q5_0" => Some(GgmlDType::Q5_0),
+                "Q5_1" => Some(GgmlDType::Q5_1),
+                "Q3_K" => Some(GgmlDType::Q3K),
+                "Q4_K" => Some(GgmlDType::Q4K),
+                "Q5_K" => Some(GgmlDType::Q5K),
+                "Q6_K" => Some(GgmlDType::Q6K),
                 other => panic!("unexpected type {other}"),
             };
-            let q = qtensor_from_ggml(dt, ours.tensor_bytes(t), t.shape.clone(), &Device::Cpu).unwrap();
-            let mine: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let mine: Vec<f32> = match dt {
+                None => {
+                    let mut v = vec![];
+                    ouro_quant::quant::iq4nl::dequantize_iq4_nl(ours.tensor_bytes(t), &mut v);
+                    v
+                }
+                Some(dt) => {
+                    let q = qtensor_from_ggml(dt, ours.tensor_bytes(t), t.shape.clone(), &Device::Cpu).unwrap();
+                    q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                }
+            };
             assert_eq!(mine.len(), vals.len(), "{ty} {name}");
             let dd = max_diff(&mine, vals);
             let scale = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -295,7 +327,7 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
         }
     }
     // the cases exercised every type a mix can produce on this model
-    for t in ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q4_0"] {
+    for t in ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q4_0", "IQ4_NL"] {
         assert!(seen_types.contains(t), "{t} never produced: {seen_types:?}");
     }
 }

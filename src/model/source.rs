@@ -81,7 +81,7 @@ fn candle_dtype(t: GgmlType) -> anyhow::Result<GgmlDType> {
         GgmlType::Q4_K => GgmlDType::Q4K,
         GgmlType::Q5_K => GgmlDType::Q5K,
         GgmlType::Q6_K => GgmlDType::Q6K,
-        GgmlType::IQ4_NL => anyhow::bail!("the runner cannot execute IQ4_NL tensors (candle has no IQ4_NL kernels)"),
+        GgmlType::IQ4_NL => anyhow::bail!("IQ4_NL has no candle kernel"),
     })
 }
 
@@ -175,7 +175,24 @@ impl WeightSource for GgufSource {
         &self.config
     }
     fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QMatMul, u64)> {
+        let (info, order) = self.info(hf_name)?;
+        if info.ggml_type == GgmlType::IQ4_NL {
+            // candle has no IQ4_NL kernel: widen with our dequantizer and multiply densely.
+            let raw = self.hf_rows(info, order);
+            let mut v = Vec::with_capacity(info.numel());
+            crate::quant::iq4nl::dequantize_iq4_nl(&raw, &mut v);
+            let bytes = (v.len() * 4) as u64;
+            return Ok((QMatMul::Tensor(Tensor::from_vec(v, info.shape.clone(), device)?), bytes));
+        }
         let (q, bytes) = self.qtensor(hf_name, device)?;
+        // candle's Q4_1/Q5_0/Q5_1 dot products assume an even number of blocks per row (and
+        // panic otherwise): multiply such rows densely.
+        let blocks = info.shape[1] / info.ggml_type.block_size();
+        if matches!(info.ggml_type, GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1) && blocks % 2 == 1 {
+            let dense = q.dequantize(device)?;
+            let b = (dense.elem_count() * 4) as u64;
+            return Ok((QMatMul::Tensor(dense), b));
+        }
         Ok((QMatMul::from_qtensor(q)?, bytes))
     }
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
@@ -197,8 +214,13 @@ impl WeightSource for GgufSource {
             _ => Ok(self.qtensor(hf_name, device)?.0.dequantize(device)?.flatten_all()?),
         }
     }
-    fn embedding(&self, _device: &Device) -> anyhow::Result<super::Embedding> {
+    fn embedding(&self, device: &Device) -> anyhow::Result<super::Embedding> {
         let (info, _) = self.info("model.embed_tokens.weight")?;
+        if info.ggml_type == GgmlType::IQ4_NL {
+            let mut v = Vec::with_capacity(info.numel());
+            crate::quant::iq4nl::dequantize_iq4_nl(self.file.tensor_bytes(info), &mut v);
+            return Ok(super::Embedding::Dense(Tensor::from_vec(v, info.shape.clone(), device)?));
+        }
         let cols = info.shape[1];
         Ok(super::Embedding::Quantized {
             dtype: candle_dtype(info.ggml_type)?,

@@ -95,3 +95,13 @@ pub fn quantize_iq4_nl(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
         }
     }
 }
+
+/// Values of IQ4_NL blocks (as ggml's `dequantize_row_iq4_nl`).
+pub fn dequantize_iq4_nl(bytes: &[u8], out: &mut Vec<f32>) {
+    for blk in bytes.chunks_exact(18) {
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let qs = &blk[2..];
+        out.extend(qs.iter().map(|&q| d * KVALUES[(q & 0xf) as usize] as f32));
+        out.extend(qs.iter().map(|&q| d * KVALUES[(q >> 4) as usize] as f32));
+    }
+}
