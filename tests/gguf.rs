@@ -331,3 +331,24 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
         assert!(seen_types.contains(t), "{t} never produced: {seen_types:?}");
     }
 }
+
+#[test]
+fn format_document_lists_every_mapping_row_and_key() {
+    use ouro_quant::gguf::arch;
+    let doc = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("formats/gguf-ouro.md")).unwrap();
+    for (hf, gg) in arch::LAYER_TENSORS {
+        let row = format!("| `model.layers.{{i}}.{hf}` | `blk.{{i}}.{gg}` |");
+        assert!(doc.contains(&row), "formats/gguf-ouro.md lacks {row}");
+    }
+    for (hf, gg) in arch::GLOBAL_TENSORS {
+        let row = format!("| `{hf}` | `{gg}` |");
+        assert!(doc.contains(&row), "formats/gguf-ouro.md lacks {row}");
+    }
+    // every key a conversion writes is documented
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("t.gguf");
+    convert(&fixtures().join("tiny-random"), "Q8_0", &out);
+    for (k, _) in &GgufFile::open(&out).unwrap().header.kvs {
+        assert!(doc.contains(&format!("`{k}`")), "formats/gguf-ouro.md lacks key {k}");
+    }
+}
