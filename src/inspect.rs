@@ -316,3 +316,106 @@ pub fn parse_weight_dtype(s: &str) -> Option<DType> {
         _ => None,
     }
 }
+
+/// What `inspect` reports for one of our GGUF files.
+#[derive(Debug, Serialize)]
+pub struct GgufReport {
+    pub path: String,
+    pub architecture: String,
+    pub name: Option<String>,
+    pub file_type: Option<u32>,
+    pub layers: Option<u32>,
+    pub loops: Option<u32>,
+    pub hidden_size: Option<u32>,
+    pub tensors: usize,
+    /// Parameters in tensors plus the exit gate kept as metadata.
+    pub parameters: u64,
+    pub bytes_on_disk: u64,
+    pub bits_per_weight: f64,
+    pub types: Vec<(String, usize)>,
+    pub has_exit_gate: bool,
+    pub source_sha256: Option<String>,
+    pub tool_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensor_table: Option<Vec<TensorRow>>,
+}
+
+/// Reads a GGUF file with the strict reader and summarizes it.
+pub fn inspect_gguf(path: &std::path::Path, tensors: bool) -> crate::Result<GgufReport> {
+    use crate::gguf::file::{GgufFile, Value};
+    let f = GgufFile::open(path)?;
+    let h = &f.header;
+    let s = |k: &str| h.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let u = |k: &str| h.get(k).and_then(|v| v.as_u32());
+    let gate = match h.get(crate::gguf::arch::KEY_GATE_WEIGHT) {
+        Some(Value::Array(_, a)) => a.len() as u64 + 1,
+        _ => 0,
+    };
+    let mut types: Vec<(String, usize)> = vec![];
+    for t in &h.tensors {
+        match types.iter_mut().find(|(n, _)| n == t.ggml_type.name()) {
+            Some(e) => e.1 += 1,
+            None => types.push((t.ggml_type.name().to_string(), 1)),
+        }
+    }
+    let params = h.tensors.iter().map(|t| t.numel() as u64).sum::<u64>() + gate;
+    let bytes = f.file_len() as u64;
+    Ok(GgufReport {
+        path: path.display().to_string(),
+        architecture: s("general.architecture").unwrap_or_default(),
+        name: s("general.name"),
+        file_type: u("general.file_type"),
+        layers: u("ouro.block_count"),
+        loops: u("ouro.num_loops"),
+        hidden_size: u("ouro.embedding_length"),
+        tensors: h.tensors.len(),
+        parameters: params,
+        bytes_on_disk: bytes,
+        bits_per_weight: bytes as f64 * 8.0 / params.max(1) as f64,
+        types,
+        has_exit_gate: gate > 0,
+        source_sha256: s("ouro_quant.source.sha256"),
+        tool_version: s("ouro_quant.version"),
+        tensor_table: tensors.then(|| {
+            h.tensors
+                .iter()
+                .map(|t| TensorRow {
+                    name: t.name.clone(),
+                    dtype: t.ggml_type.name().to_string(),
+                    shape: t.shape.clone(),
+                    bytes: t.nbytes(),
+                    file: String::new(),
+                })
+                .collect()
+        }),
+    })
+}
+
+/// The GGUF report as text.
+pub fn render_gguf(r: &GgufReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{} (GGUF)", r.path);
+    let _ = writeln!(s, "  architecture   {}{}", r.architecture, r.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default());
+    if let (Some(l), Some(t)) = (r.layers, r.loops) {
+        let _ = writeln!(s, "  layers         {l} physical x {t} loops, hidden {}", r.hidden_size.unwrap_or(0));
+    }
+    let _ = writeln!(s, "  parameters     {}", group_digits(r.parameters));
+    let _ = writeln!(s, "  size           {} ({:.2} bits/weight)", human_bytes(r.bytes_on_disk), r.bits_per_weight);
+    let _ = writeln!(
+        s,
+        "  tensors        {}: {}",
+        r.tensors,
+        r.types.iter().map(|(t, n)| format!("{n} {t}")).collect::<Vec<_>>().join(", ")
+    );
+    let _ = writeln!(s, "  exit gate      {}", if r.has_exit_gate { "in metadata" } else { "MISSING (not an ouro-quant file?)" });
+    if let Some(h) = &r.source_sha256 {
+        let _ = writeln!(s, "  source sha256  {h}");
+    }
+    if let Some(ts) = &r.tensor_table {
+        for t in ts {
+            let _ = writeln!(s, "    {:<32} {:<7} {:<16} {:>12}", t.name, t.dtype, format!("{:?}", t.shape), human_bytes(t.bytes as u64));
+        }
+    }
+    s
+}

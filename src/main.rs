@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Describe an Ouro checkpoint: shapes, parameters, sizes per output format, optional scans.
     Inspect {
-        /// HF checkpoint directory (config.json + model.safetensors or shards).
+        /// HF checkpoint directory (config.json + model.safetensors or shards), or a GGUF file.
         path: PathBuf,
         /// List every tensor with dtype, shape, bytes and file.
         #[arg(long)]
@@ -92,7 +92,7 @@ enum Command {
     },
     /// Generate text with a model, streaming it, and report speed, loops per token and memory.
     Run {
-        /// Model: an HF checkpoint directory.
+        /// Model: an HF checkpoint directory or a GGUF file.
         model: PathBuf,
         /// Raw prompt text (no template).
         #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
@@ -133,7 +133,7 @@ enum Command {
     /// Write every loop's hidden state, logits, gate logits and exit pdf for a token sequence
     /// (the tensors of the golden expected.safetensors).
     Logits {
-        /// Model: an HF checkpoint directory.
+        /// Model: an HF checkpoint directory or a GGUF file.
         model: PathBuf,
         /// Token ids, comma separated.
         #[arg(long, conflicts_with = "tokens_file", required_unless_present = "tokens_file")]
@@ -189,6 +189,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             scan,
             json,
         } => {
+            if path.is_file() {
+                anyhow::ensure!(!scan, "--scan reads checkpoints; a GGUF file is checked by its reader");
+                let r = inspect::inspect_gguf(&path, tensors)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{}", inspect::render_gguf(&r));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let ck = Checkpoint::open(&path)?;
             let report = inspect::inspect(&ck, tensors, scan);
             if json {
@@ -425,10 +435,15 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!((0.0..=1.0).contains(&a.sampling.top_p) && a.sampling.top_p > 0.0, "--top-p must lie in (0, 1]");
     let device = device(a.dev)?;
     if let Some(limit) = a.max_memory {
-        // Plan before loading: weights are held as f32 for HF sources.
-        let ck = Checkpoint::open(&a.model)?;
-        let dims = ouro_quant::model::Dims::from_config(&ck.config);
-        let weights = ck.config.parameter_count() * 4;
+        // Plan before loading: HF weights are held as f32; GGUF weights at their size in the file.
+        let (config, weights) = if a.model.is_file() {
+            let g = source::GgufSource::open(&a.model)?;
+            (g.config.clone(), g.file.file_len() as u64)
+        } else {
+            let ck = Checkpoint::open(&a.model)?;
+            (ck.config.clone(), ck.config.parameter_count() * 4)
+        };
+        let dims = ouro_quant::model::Dims::from_config(&config);
         let ctx = a.max_tokens + a.prompt.as_deref().or(a.chat.as_deref()).map_or(0, |p| p.len() + 16);
         let kv = generate::planned_kv_bytes(&dims, a.kv, ctx);
         if weights + kv > limit {

@@ -352,3 +352,22 @@ fn format_document_lists_every_mapping_row_and_key() {
         assert!(doc.contains(&format!("`{k}`")), "formats/gguf-ouro.md lacks key {k}");
     }
 }
+
+#[test]
+fn inspect_reads_our_gguf_files() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("t.gguf");
+    convert(&fixtures().join("tiny-random"), "Q4_K_M", &out);
+    let o = bin().args(["inspect", "--json"]).arg(&out).output().unwrap();
+    assert!(o.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ck = ouro_quant::checkpoint::Checkpoint::open(fixtures().join("tiny-random")).unwrap();
+    assert_eq!(r["parameters"], ck.config.parameter_count());
+    assert_eq!(r["loops"], 4);
+    assert_eq!(r["has_exit_gate"], true);
+    assert_eq!(r["file_type"], 15);
+    // and the runner's memory plan reads it too
+    let o = bin().arg("run").arg(&out).args(["--prompt", "hi", "--max-memory", "1000"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("of weights"));
+}

@@ -1,0 +1,64 @@
+//! Single-thread throughput of each ggml quantizer, beside gguf-py's numpy quantizers (the types it
+//! has) run on the same matrix in the same run.
+//!
+//! cargo bench --bench quantize -- [--rows 512] [--cols 5632]   (OURO_QUANT_PYTHON: the oracle venv)
+
+use std::time::Instant;
+
+use ouro_quant::quant::ggml::GgmlType;
+use ouro_quant::quant::quantize_row;
+
+fn arg(name: &str, default: usize) -> usize {
+    let a: Vec<String> = std::env::args().collect();
+    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let (rows, cols) = (arg("--rows", 512), arg("--cols", 5632));
+    // N(0, 0.02)-like values from a fixed generator
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let x: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+            (u - 0.5) * 0.07
+        })
+        .collect();
+    let input_path = std::env::temp_dir().join("ouro-quant-bench-input.f32");
+    std::fs::write(&input_path, x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let mb = (rows * cols * 4) as f64 / 1e6;
+    println!("matrix {rows} x {cols} f32 ({mb:.1} MB), 1 thread");
+    println!("| type | ours MB/s of f32 input | gguf-py (numpy) MB/s | ratio |");
+    println!("|---|---|---|---|");
+    let py = std::env::var("OURO_QUANT_PYTHON").ok();
+    for ty in GgmlType::ALL {
+        if ty == GgmlType::F32 {
+            continue;
+        }
+        let mut out = Vec::with_capacity(rows * ty.row_bytes(cols));
+        let t = Instant::now();
+        for r in x.chunks_exact(cols) {
+            quantize_row(ty, r, None, &mut out);
+        }
+        let ours = mb / t.elapsed().as_secs_f64();
+        std::hint::black_box(&out);
+        let theirs = py.as_ref().and_then(|py| {
+            let script = format!(
+                "import sys,time,numpy as np\nfrom gguf.quants import quantize\nfrom gguf import GGMLQuantizationType as T\n\
+                 x=np.fromfile(r'{}',dtype='<f4').reshape({rows},{cols})\nt=getattr(T,'{}')\n\
+                 try:\n  s=time.perf_counter();quantize(x,t);print(time.perf_counter()-s)\nexcept NotImplementedError:\n  print('none')",
+                input_path.display(),
+                ty.name()
+            );
+            let o = std::process::Command::new(py).arg("-c").arg(script).output().ok()?;
+            String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok().map(|secs| mb / secs)
+        });
+        match theirs {
+            Some(t) => println!("| {} | {ours:.0} | {t:.0} | {:.1}x |", ty.name(), ours / t),
+            None => println!("| {} | {ours:.0} | (no quantizer) | |", ty.name()),
+        }
+    }
+    let _ = std::fs::remove_file(input_path);
+}
