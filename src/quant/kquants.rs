@@ -44,7 +44,12 @@ pub(crate) fn make_qx_quants(x: &[f32], nmax: i32, l_out: &mut [i8], qw: Option<
         l_out.iter_mut().for_each(|l| *l = 0);
         return 0.0;
     }
-    let weight = |i: usize, v: f32| qw.map_or(v * v, |q| q[i]);
+    let mut wbuf = [0f32; 32];
+    let wts = &mut wbuf[..x.len()];
+    for (i, &v) in x.iter().enumerate() {
+        wts[i] = qw.map_or(v * v, |q| q[i]);
+    }
+    let weight = |i: usize, _v: f32| wts[i];
     let mut iscale = (-nmax) as f32 / max;
     let (mut sumlx, mut suml2) = (0f32, 0f32);
     for (i, &v) in x.iter().enumerate() {
@@ -56,23 +61,28 @@ pub(crate) fn make_qx_quants(x: &[f32], nmax: i32, l_out: &mut [i8], qw: Option<
     }
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     let mut best = scale * sumlx;
+    let n = x.len();
+    let mut lt = [0i32; 32];
+    let lt = &mut lt[..n];
     for is in -9i32..=9 {
         if is == 0 {
             continue;
         }
         iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        for i in 0..n {
+            lt[i] = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
+        }
         sumlx = 0.0;
         suml2 = 0.0;
         for (i, &v) in x.iter().enumerate() {
-            let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+            let l = lt[i];
             let w = weight(i, v);
             sumlx += w * v * l as f32;
             suml2 += w * l as f32 * l as f32;
         }
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for (i, &v) in x.iter().enumerate() {
-                let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-                l_out[i] = (nmax + l) as i8;
+            for i in 0..n {
+                l_out[i] = (nmax + lt[i]) as i8;
             }
             scale = sumlx / suml2;
             best = scale * sumlx;
@@ -151,6 +161,9 @@ fn make_qkx2_quants(
     use_mad: bool,
 ) -> (f32, f32) {
     let n = x.len();
+    // equal-length views let the compiler drop the bounds checks in the hot loops
+    let weights = &weights[..n];
+    let l_out = &mut l_out[..n];
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = weights[0];
@@ -187,15 +200,20 @@ fn make_qkx2_quants(
     if nstep < 1 {
         return (scale, -min);
     }
-    let mut laux = [0u8; 32];
+    let mut laux_buf = [0u8; 32];
+    let laux = &mut laux_buf[..n];
+    let mut diffs = [0f32; 32];
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
+        // levels first (independent per element, so the compiler vectorizes this loop), then the
+        // three sums in ggml's sequential order
+        for i in 0..n {
+            laux[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
+        }
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
         for i in 0..n {
-            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            laux[i] = l as u8;
             let w = weights[i];
-            let lf = l as f32;
+            let lf = laux[i] as f32;
             sum_l += w * lf;
             sum_l2 += w * lf * lf;
             sum_xl += w * lf * x[i];
@@ -208,13 +226,16 @@ fn make_qkx2_quants(
                 this_min = 0.0;
                 this_scale = sum_xl / sum_l2;
             }
+            let diffs = &mut diffs[..n];
+            for i in 0..n {
+                diffs[i] = err(this_scale * laux[i] as f32 + this_min - x[i]);
+            }
             let mut cur_error = 0f32;
             for i in 0..n {
-                let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                cur_error += weights[i] * err(diff);
+                cur_error += weights[i] * diffs[i];
             }
             if cur_error < best_error {
-                l_out[..n].copy_from_slice(&laux[..n]);
+                l_out.copy_from_slice(laux);
                 best_error = cur_error;
                 scale = this_scale;
                 min = this_min;
@@ -566,6 +587,8 @@ fn q3_k_finish(xb: &[f32], l: &mut [i8; QK_K], sc: &[u8; 12], d: u16, out: &mut 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn make_qkx3_quants(x: &[f32], nmax: i32, weights: &[f32], l_out: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
     let n = x.len();
+    let weights = &weights[..n];
+    let l_out = &mut l_out[..n];
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = weights[0];
@@ -598,7 +621,8 @@ pub(crate) fn make_qkx3_quants(x: &[f32], nmax: i32, weights: &[f32], l_out: &mu
         let diff = scale * l_out[i] as f32 + min - x[i];
         best_mad += weights[i] * (diff * diff);
     }
-    let mut laux = [0u8; 32];
+    let mut laux_buf = [0u8; 32];
+    let laux = &mut laux_buf[..n];
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
@@ -626,7 +650,7 @@ pub(crate) fn make_qkx3_quants(x: &[f32], nmax: i32, weights: &[f32], l_out: &mu
                 mad += weights[i] * (diff * diff);
             }
             if mad < best_mad {
-                l_out[..n].copy_from_slice(&laux[..n]);
+                l_out.copy_from_slice(laux);
                 best_mad = mad;
                 scale = this_scale;
                 min = this_min;

@@ -65,14 +65,16 @@ pub fn quantize_q4_0(x: &[f32], out: &mut Vec<u8>) {
     for b in x.chunks_exact(QK) {
         let d = signed_absmax(b) / -8.0;
         let id = inv(d);
-        push_f16(out, d);
+        let mut blk = [0u8; 18];
+        blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
         for j in 0..QK / 2 {
             let x0 = b[j] * id;
             let x1 = b[QK / 2 + j] * id;
             let q0 = ((x0 + 8.5) as i8 as u8).min(15);
             let q1 = ((x1 + 8.5) as i8 as u8).min(15);
-            out.push(q0 | (q1 << 4));
+            blk[2 + j] = q0 | (q1 << 4);
         }
+        out.extend_from_slice(&blk);
     }
 }
 
@@ -81,15 +83,17 @@ pub fn quantize_q4_1(x: &[f32], out: &mut Vec<u8>) {
         let (min, max) = min_max(b);
         let d = (max - min) / 15.0;
         let id = inv(d);
-        push_f16(out, d);
-        push_f16(out, min);
+        let mut blk = [0u8; 20];
+        blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        blk[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
         for j in 0..QK / 2 {
             let x0 = (b[j] - min) * id;
             let x1 = (b[QK / 2 + j] - min) * id;
             let q0 = ((x0 + 0.5) as i8 as u8).min(15);
             let q1 = ((x1 + 0.5) as i8 as u8).min(15);
-            out.push(q0 | (q1 << 4));
+            blk[4 + j] = q0 | (q1 << 4);
         }
+        out.extend_from_slice(&blk);
     }
 }
 
@@ -98,10 +102,12 @@ fn push_q5(out: &mut Vec<u8>, q: &[u8; QK]) {
     for (j, &v) in q.iter().enumerate() {
         qh |= ((v as u32 & 0x10) >> 4) << j;
     }
-    out.extend_from_slice(&qh.to_le_bytes());
+    let mut blk = [0u8; 20];
+    blk[..4].copy_from_slice(&qh.to_le_bytes());
     for j in 0..QK / 2 {
-        out.push((q[j] & 0x0f) | ((q[QK / 2 + j] & 0x0f) << 4));
+        blk[4 + j] = (q[j] & 0x0f) | ((q[QK / 2 + j] & 0x0f) << 4);
     }
+    out.extend_from_slice(&blk);
 }
 
 pub fn quantize_q5_0(x: &[f32], out: &mut Vec<u8>) {
@@ -137,10 +143,12 @@ pub fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
         let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = inv(d);
-        push_f16(out, d);
-        for &v in b {
-            out.push((v * id).round() as i8 as u8);
+        let mut blk = [0u8; 34];
+        blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        for (o, &v) in blk[2..].iter_mut().zip(b) {
+            *o = (v * id).round() as i8 as u8;
         }
+        out.extend_from_slice(&blk);
     }
 }
 
@@ -156,8 +164,10 @@ pub fn quantize_f16(x: &[f32], out: &mut Vec<u8>) {
 }
 
 pub fn quantize_bf16(x: &[f32], out: &mut Vec<u8>) {
-    for &v in x {
-        out.extend_from_slice(&f32_to_bf16_bits(v).to_le_bytes());
+    let start = out.len();
+    out.resize(start + 2 * x.len(), 0);
+    for (o, &v) in out[start..].chunks_exact_mut(2).zip(x) {
+        o.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes());
     }
 }
 
