@@ -1,7 +1,7 @@
 //! Prefill and decode speed of the runner beside the memory-bandwidth bound measured in the same
 //! run, on a `synth --preset ouro-1.4b` checkpoint (made under target/bench/ if no model is given).
 //!
-//! cargo bench --bench decode -- [--model DIR] [--prompt N] [--decode N] [--thresholds 0.5,0.9]
+//! cargo bench --bench decode -- [--model DIR] [--gguf A.gguf,B.gguf] [--prompt N] [--decode N] [--thresholds 0.5,0.9]
 //!
 //! The bound: decode must read every projection once per loop (and the lm_head once per token), so
 //! tokens/s <= memcpy bandwidth / those bytes.
@@ -10,10 +10,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use ouro_quant::checkpoint::Checkpoint;
 use ouro_quant::model::generate::{generate, GenerateOptions, Sampling};
-use ouro_quant::model::source::HfSource;
-use ouro_quant::model::{KvPolicy, OuroModel};
+use ouro_quant::model::KvPolicy;
 use ouro_quant::synth::{synth, Preset, SynthOptions};
 
 fn arg(name: &str) -> Option<String> {
@@ -62,45 +60,47 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
 
     let bw = memcpy_bandwidth();
-    let ck = Checkpoint::open(&model_dir)?;
-    let dtype = ck.dtype();
-    let t = Instant::now();
-    let model = OuroModel::load(&HfSource { checkpoint: ck }, &Device::Cpu)?;
-    let load_s = t.elapsed().as_secs_f64();
-    let d = &model.dims;
-    let layer_params = d.layers
-        * (d.hidden * d.heads * d.head_dim * 2 + d.hidden * d.kv_heads * d.head_dim * 2 + 3 * d.hidden * model.config.intermediate_size);
-    let bytes_per_token = (layer_params * d.loops + d.vocab * d.hidden) as f64 * 4.0; // f32 weights in memory
-    let bound = bw / bytes_per_token;
-    println!("model {} ({dtype} on disk, f32 in memory), loaded in {load_s:.1} s", model_dir.display());
-    println!("threads: {} (rayon)", rayon::current_num_threads());
-    println!("memcpy bandwidth (read + write) {:.2} GB/s; weight bytes read per decoded token {:.2} GB; bound {:.3} tok/s", bw / 1e9, bytes_per_token / 1e9, bound);
-
+    println!("threads: {} (rayon); memcpy bandwidth (read + write) {:.2} GB/s", rayon::current_num_threads(), bw / 1e9);
+    let mut sources: Vec<PathBuf> = vec![model_dir];
+    if let Some(g) = arg("--gguf") {
+        sources.extend(g.split(',').map(PathBuf::from));
+    }
     let prompt: Vec<u32> = (0..prompt_len).map(|i| (3 + i * 7919 % 40000) as u32).collect();
-    let run = |q: Option<f32>| -> anyhow::Result<()> {
-        let opts = GenerateOptions {
-            max_tokens: decode_len + 1,
-            sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
-            exit_threshold: q,
-            kv: KvPolicy::Full,
-            stop_ids: vec![],
+    println!("| weights | exit | prefill tok/s | decode tok/s | % of bound | loops/token | GB read per token |");
+    println!("|---|---|---|---|---|---|---|");
+    for src in sources {
+        let t = Instant::now();
+        let loaded = ouro_quant::model::source::load(&src, &Device::Cpu)?;
+        let model = loaded.model;
+        eprintln!("{} loaded in {:.1} s", loaded.description, t.elapsed().as_secs_f64());
+        let bytes_per_token = (model.layer_bytes * model.dims.loops as u64 + model.lm_head_bytes) as f64;
+        let bound = bw / bytes_per_token;
+        let label = if src.is_dir() { "HF bf16 (held as f32)".to_string() } else { src.file_name().unwrap().to_string_lossy().into_owned() };
+        let run = |q: Option<f32>| -> anyhow::Result<()> {
+            let opts = GenerateOptions {
+                max_tokens: decode_len + 1,
+                sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
+                exit_threshold: q,
+                kv: KvPolicy::Full,
+                stop_ids: vec![],
+            };
+            let g = generate(&model, &prompt, &opts, &mut |_| {})?;
+            let s = g.stats;
+            println!(
+                "| {label} | {} | {:.2} | {:.3} | {:.0}% | {:.2} | {:.2} |",
+                q.map_or("all loops".to_string(), |q| format!("q={q}")),
+                s.prefill_tokens_per_s,
+                s.decode_tokens_per_s,
+                100.0 * s.decode_tokens_per_s / bound,
+                s.mean_loops_per_token,
+                bytes_per_token / 1e9
+            );
+            Ok(())
         };
-        let g = generate(&model, &prompt, &opts, &mut |_| {})?;
-        let s = g.stats;
-        println!(
-            "| HF {dtype} (f32 compute) | exit {} | prefill {} tok: {:.2} tok/s | decode {:.3} tok/s ({:.0}% of bound) | {:.2} loops/token |",
-            q.map_or("all loops".to_string(), |q| format!("q={q}")),
-            s.prompt_tokens,
-            s.prefill_tokens_per_s,
-            s.decode_tokens_per_s,
-            100.0 * s.decode_tokens_per_s / bound,
-            s.mean_loops_per_token
-        );
-        Ok(())
-    };
-    run(None)?;
-    for q in thresholds {
-        run(Some(q))?;
+        run(None)?;
+        for &q in &thresholds {
+            run(Some(q))?;
+        }
     }
     Ok(())
 }

@@ -132,6 +132,10 @@ pub struct OuroModel {
     device: Device,
     /// Bytes of the weights as held in memory.
     pub weight_bytes: u64,
+    /// Bytes of the projections of all layers (read once per loop when decoding a token).
+    pub layer_bytes: u64,
+    /// Bytes of the lm_head (read once per decoded token).
+    pub lm_head_bytes: u64,
 }
 
 /// Keys and values of earlier tokens.
@@ -224,10 +228,10 @@ impl OuroModel {
     pub fn load(src: &dyn WeightSource, device: &Device) -> anyhow::Result<Self> {
         let cfg = src.config().clone();
         let dims = Dims::from_config(&cfg);
-        let mut bytes = 0u64;
-        let mut lin = |name: &str| -> anyhow::Result<QMatMul> {
+        let bytes = std::cell::Cell::new(0u64);
+        let lin = |name: &str| -> anyhow::Result<QMatMul> {
             let (m, b) = src.linear(name, device)?;
-            bytes += b;
+            bytes.set(bytes.get() + b);
             Ok(m)
         };
         let mut layers = Vec::with_capacity(dims.layers);
@@ -252,7 +256,10 @@ impl OuroModel {
         } else {
             "lm_head.weight"
         };
+        let layer_bytes = bytes.get();
         let lm_head = lin(lm_name)?;
+        let lm_head_bytes = bytes.get() - layer_bytes;
+        let bytes = bytes.get();
         let embed = src.embedding(device)?;
         let norm = src.vector("model.norm.weight", device)?;
         let gate_w = src.vector("model.early_exit_gate.weight", device)?.reshape((dims.hidden, 1))?;
@@ -273,6 +280,8 @@ impl OuroModel {
             inv_freq,
             device: device.clone(),
             weight_bytes: bytes + small,
+            layer_bytes,
+            lm_head_bytes,
         })
     }
 
