@@ -148,9 +148,19 @@ fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
     }
 }
 
-/// `make_qkx2_quants`: scale and (negated) min of an asymmetric block by a weighted search.
+/// Which of ggml's two asymmetric searches: `make_qkx2_quants` (the reference k-quants) or
+/// `make_qkx3_quants` (the importance-vector paths), which differ only in their guards.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Search {
+    Qkx2,
+    Qkx3,
+}
+
+/// ggml's `make_qkx2_quants` / `make_qkx3_quants`: scale and (negated) min of an asymmetric block
+/// by a weighted search over `nstep + 1` candidate scales.
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+pub(crate) fn make_qkx_quants(
+    search: Search,
     x: &[f32],
     nmax: i32,
     weights: &[f32],
@@ -182,7 +192,8 @@ fn make_qkx2_quants(
     if min > 0.0 {
         min = 0.0;
     }
-    if max == min {
+    // qkx2 gives up only on a constant block; qkx3 also on an all-negative one (max < min = 0)
+    if max == min || (search == Search::Qkx3 && max < min) {
         l_out.iter_mut().for_each(|l| *l = 0);
         return (0.0, -min);
     }
@@ -207,8 +218,18 @@ fn make_qkx2_quants(
         iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
         // levels first (independent per element, so the compiler vectorizes this loop), then the
         // three sums in ggml's sequential order
-        for i in 0..n {
-            laux[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
+        match search {
+            Search::Qkx2 => {
+                for i in 0..n {
+                    laux[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
+                }
+            }
+            Search::Qkx3 => {
+                for i in 0..n {
+                    let v = iscale * (x[i] - min);
+                    laux[i] = if v > 0.0 { nearest_int(v.min(nmaxf)) as u8 } else { 0 };
+                }
+            }
         }
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
         for i in 0..n {
@@ -286,7 +307,7 @@ fn k4_scales_and_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> (u16, u1
         for (w, &v) in weights.iter_mut().zip(xb) {
             *w = av_x + v.abs();
         }
-        let (s, m) = make_qkx2_quants(xb, nmax, &weights, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep, false);
+        let (s, m) = make_qkx_quants(Search::Qkx2, xb, nmax, &weights, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep, false);
         scales[j] = s;
         mins[j] = m;
         if s > max_scale {
@@ -448,7 +469,7 @@ pub fn quantize_q2_k(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
             for (w, &v) in weights.iter_mut().zip(b) {
                 *w = v.abs();
             }
-            let (s, m) = make_qkx2_quants(b, 3, &weights, &mut l[16 * j..16 * j + 16], -0.5, 0.1, 15, true);
+            let (s, m) = make_qkx_quants(Search::Qkx2, b, 3, &weights, &mut l[16 * j..16 * j + 16], -0.5, 0.1, 15, true);
             scales[j] = s;
             mins[j] = m;
             if s > max_scale {
@@ -582,84 +603,6 @@ fn q3_k_finish(xb: &[f32], l: &mut [i8; QK_K], sc: &[u8; 12], d: u16, out: &mut 
         out.extend_from_slice(&d.to_le_bytes());
 }
 
-/// `make_qkx3_quants` with weights: like `make_qkx2_quants`, with ggml's guards for a best-fit min
-/// at or near the max.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn make_qkx3_quants(x: &[f32], nmax: i32, weights: &[f32], l_out: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
-    let n = x.len();
-    let weights = &weights[..n];
-    let l_out = &mut l_out[..n];
-    let mut min = x[0];
-    let mut max = x[0];
-    let mut sum_w = weights[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        if x[i] < min {
-            min = x[i];
-        }
-        if x[i] > max {
-            max = x[i];
-        }
-        let w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
-    }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max <= min {
-        l_out.iter_mut().for_each(|l| *l = 0);
-        return (0.0, -min);
-    }
-    let nmaxf = nmax as f32;
-    let mut iscale = nmaxf / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_mad = 0f32;
-    for i in 0..n {
-        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-        l_out[i] = l as u8;
-        let diff = scale * l_out[i] as f32 + min - x[i];
-        best_mad += weights[i] * (diff * diff);
-    }
-    let mut laux_buf = [0u8; 32];
-    let laux = &mut laux_buf[..n];
-    for is in 0..=nstep {
-        iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
-        for i in 0..n {
-            let v = iscale * (x[i] - min);
-            let l = if v > 0.0 { nearest_int(v.min(nmaxf)) } else { 0 };
-            laux[i] = l as u8;
-            let w = weights[i];
-            let lf = l as f32;
-            sum_l += w * lf;
-            sum_l2 += w * lf * lf;
-            sum_xl += w * lf * x[i];
-        }
-        let d = sum_w * sum_l2 - sum_l * sum_l;
-        if d > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
-            }
-            let mut mad = 0f32;
-            for i in 0..n {
-                let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                mad += weights[i] * (diff * diff);
-            }
-            if mad < best_mad {
-                l_out.copy_from_slice(laux);
-                best_mad = mad;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    (scale, -min)
-}
-
 /// `make_qp_quants`: positive values (block scales or mins) to levels 0..=nmax under weights.
 fn make_qp_quants(x: &[f32], nmax: i32, l_out: &mut [u8], qw: &[f32]) -> f32 {
     let n = x.len();
@@ -763,7 +706,7 @@ fn k4_weighted(x: &[f32], qw: &[f32], nmax: i32) -> (u16, u16, [u8; 12], [u8; QK
             sumw += w;
         }
         sw[j] = sumw;
-        let (s, m) = make_qkx3_quants(&x[32 * j..32 * j + 32], nmax, &weights, &mut l[32 * j..32 * j + 32], -0.9, 0.05, 36);
+        let (s, m) = make_qkx_quants(Search::Qkx3, &x[32 * j..32 * j + 32], nmax, &weights, &mut l[32 * j..32 * j + 32], -0.9, 0.05, 36, false);
         scales[j] = s;
         mins[j] = m;
     }
@@ -812,7 +755,7 @@ fn q2_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
         for &w in &weight {
             sw[j] += w;
         }
-        let (s, m) = make_qkx3_quants(&x[16 * j..16 * j + 16], 3, &weight, &mut l[16 * j..16 * j + 16], -0.9, 0.05, 36);
+        let (s, m) = make_qkx_quants(Search::Qkx3, &x[16 * j..16 * j + 16], 3, &weight, &mut l[16 * j..16 * j + 16], -0.9, 0.05, 36, false);
         scales[j] = s;
         mins[j] = m;
     }

@@ -255,7 +255,7 @@ pub fn quantize_q_1_weighted(row: &[f32], qw: &[f32], bits: u32, out: &mut Vec<u
     for (b, xb) in row.chunks_exact(QK).enumerate() {
         let w = row_weights(row, b, qw, sigma2);
         let mut q = [0u8; QK];
-        let (d, min) = super::kquants::make_qkx3_quants(xb, nmax, &w, &mut q, -0.9, 0.05, 36);
+        let (d, min) = super::kquants::make_qkx_quants(super::kquants::Search::Qkx3, xb, nmax, &w, &mut q, -0.9, 0.05, 36, false);
         push_f16(out, d);
         push_f16(out, -min);
         if bits == 4 {
