@@ -371,3 +371,36 @@ fn inspect_reads_our_gguf_files() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("of weights"));
 }
+
+#[test]
+fn a_convert_killed_mid_write_leaves_no_target_and_the_next_run_cleans_up() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("big");
+    // one layer of the 2.6B shapes: ~500 MB of bf16, enough to catch the writer mid-file
+    bin().args(["synth", "--preset", "ouro-2.6b", "--layers", "1", "-o"]).arg(&src).assert().success();
+    let out_dir = d.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let target = out_dir.join("big.gguf");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("ouro-quant"))
+        .arg("convert").arg(&src).args(["--type", "F16", "--json", "-o"]).arg(&target)
+        .spawn().unwrap();
+    // wait until the temporary file beside the target has data, then SIGKILL the process
+    let start = std::time::Instant::now();
+    loop {
+        let partial = only(&out_dir).iter().any(|n| n.starts_with(ouro_quant::output::TEMP_MARK))
+            && std::fs::read_dir(&out_dir).unwrap().any(|e| e.unwrap().metadata().unwrap().len() > 1 << 20);
+        if partial || start.elapsed().as_secs() > 60 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "convert finished before it could be killed");
+    assert!(!target.exists(), "a killed convert left a file at the target");
+    assert_eq!(only(&out_dir).len(), 1, "the killed run's temporary file is there: {:?}", only(&out_dir));
+    // the next run removes the dead process's temporary file and succeeds
+    bin().arg("convert").arg(&src).args(["--type", "F16", "-o"]).arg(&target).assert().success();
+    assert_eq!(only(&out_dir), vec!["big.gguf".to_string()]);
+    assert!(GgufFile::open(&target).is_ok());
+}
