@@ -28,27 +28,40 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
     ((u + (0x7fff + ((u >> 16) & 1))) >> 16) as u16
 }
 
-/// The value of largest magnitude (the first such one), as ggml's Q4_0/Q5_0 find it.
+/// The value of largest magnitude (the first such one), as ggml's Q4_0/Q5_0 find it. The largest
+/// magnitude does not depend on the order it is searched in, so it is found over 8 independent
+/// lanes; the first value of that magnitude is then the one ggml's sequential scan keeps.
 fn signed_absmax(b: &[f32]) -> f32 {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in b {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
+    let mut lanes = [0f32; 8];
+    for c in b.chunks_exact(8) {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if *l < v.abs() { v.abs() } else { *l };
         }
     }
-    max
+    let amax = lanes.iter().fold(0f32, |a, &l| if a < l { l } else { a });
+    if amax == 0.0 {
+        return 0.0;
+    }
+    *b.iter().find(|v| v.abs() == amax).expect("present")
 }
 
+/// Smallest and largest value, as ggml's sequential `if (v < min) min = v; if (v > max) max = v`
+/// finds them: over 8 lanes (order does not change the values), then, because only the sign of a
+/// zero minimum can depend on the order, the first zero in the block when the minimum is zero.
 fn min_max(b: &[f32]) -> (f32, f32) {
-    let (mut min, mut max) = (f32::MAX, -f32::MAX);
-    for &v in b {
-        if v < min {
-            min = v;
+    let mut lo = [f32::MAX; 8];
+    let mut hi = [-f32::MAX; 8];
+    for c in b.chunks_exact(8) {
+        for i in 0..8 {
+            let v = c[i];
+            lo[i] = if v < lo[i] { v } else { lo[i] };
+            hi[i] = if v > hi[i] { v } else { hi[i] };
         }
-        if v > max {
-            max = v;
-        }
+    }
+    let mut min = lo.iter().fold(f32::MAX, |a, &l| if l < a { l } else { a });
+    let max = hi.iter().fold(-f32::MAX, |a, &h| if h > a { h } else { a });
+    if min == 0.0 {
+        min = *b.iter().find(|&&v| v == 0.0).expect("present");
     }
     (min, max)
 }
