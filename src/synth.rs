@@ -90,10 +90,10 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>'
 /// Elements per independently seeded chunk.
 const CHUNK: usize = 1 << 20;
 
-/// SplitMix64: small, fast, and good enough for random weights.
-struct SplitMix(u64);
+/// SplitMix64: small, fast, and good enough for random weights and for sampling.
+pub(crate) struct SplitMix(pub(crate) u64);
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

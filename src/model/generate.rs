@@ -72,15 +72,14 @@ pub fn render_chat(template: Option<&str>, user: &str, thinking: bool) -> anyhow
     Ok(s)
 }
 
-/// A small seeded generator for sampling (SplitMix64).
-struct Rng(u64);
+/// A seeded generator for sampling: uniform floats from the crate's SplitMix64.
+struct Rng(crate::synth::SplitMix);
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(crate::synth::SplitMix(seed))
+    }
     fn uniform(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+        (self.0.next() >> 40) as f32 / (1u64 << 24) as f32
     }
 }
 
@@ -141,7 +140,7 @@ pub fn generate(
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= model.dims.vocab) {
         anyhow::bail!("token id {bad} is outside the model's vocabulary ({})", model.dims.vocab);
     }
-    let mut rng = Rng(opts.sampling.seed);
+    let mut rng = Rng::new(opts.sampling.seed);
     let mut cache = KvCache::new(&model.dims, opts.kv);
     let default_mode = model.default_mode();
 
@@ -240,7 +239,7 @@ mod tests {
     #[test]
     fn sampling_respects_top_k_and_greedy() {
         let logits = [0.0, 5.0, 4.9, -1.0];
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
         assert_eq!(sample(&logits, &greedy, &mut rng), 1);
         let k2 = Sampling { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 0 };

@@ -299,11 +299,7 @@ fn k4_scales_and_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> (u16, u1
     let mut weights = [0f32; 32];
     for j in 0..8 {
         let xb = &x[32 * j..32 * j + 32];
-        let mut sum_x2 = 0f32;
-        for &v in xb {
-            sum_x2 += v * v;
-        }
-        let av_x = (sum_x2 / 32.0).sqrt();
+        let av_x = (sum_squares(xb) / 32.0).sqrt();
         for (w, &v) in weights.iter_mut().zip(xb) {
             *w = av_x + v.abs();
         }
@@ -684,28 +680,36 @@ fn make_qp_quants(x: &[f32], nmax: i32, l_out: &mut [u8], qw: &[f32]) -> f32 {
     }
 }
 
+/// Sum of squares in ggml's sequential order.
+pub(crate) fn sum_squares(x: &[f32]) -> f32 {
+    let mut s = 0f32;
+    for &v in x {
+        s += v * v;
+    }
+    s
+}
+
+/// The importance weights of one sub-block, `qw * sqrt(sigma2 + x^2)`, as ggml's `*_impl` paths
+/// compute them; returns their sum (sequential, as ggml sums them).
+pub(crate) fn importance_weights(x: &[f32], qw: &[f32], sigma2: f32, w: &mut [f32]) -> f32 {
+    let mut sum = 0f32;
+    for ((o, &v), &q) in w.iter_mut().zip(x).zip(qw) {
+        *o = q * (sigma2 + v * v).sqrt();
+        sum += *o;
+    }
+    sum
+}
+
 /// Q4_K / Q5_K with an importance vector (`quantize_row_q{4,5}_K_impl`).
 fn k4_weighted(x: &[f32], qw: &[f32], nmax: i32) -> (u16, u16, [u8; 12], [u8; QK_K]) {
     let mut l = [0u8; QK_K];
-    let mut sum_x2 = 0f32;
-    for &v in x {
-        sum_x2 += v * v;
-    }
-    let sigma2 = 2.0 * sum_x2 / QK_K as f32;
+    let sigma2 = 2.0 * sum_squares(x) / QK_K as f32;
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
     let mut sw = [0f32; 8];
     let mut weights = [0f32; 32];
     for j in 0..8 {
-        for i in 0..32 {
-            let v = x[32 * j + i];
-            weights[i] = qw[32 * j + i] * (sigma2 + v * v).sqrt();
-        }
-        let mut sumw = 0f32;
-        for &w in &weights {
-            sumw += w;
-        }
-        sw[j] = sumw;
+        sw[j] = importance_weights(&x[32 * j..32 * j + 32], &qw[32 * j..32 * j + 32], sigma2, &mut weights);
         let (s, m) = make_qkx_quants(Search::Qkx3, &x[32 * j..32 * j + 32], nmax, &weights, &mut l[32 * j..32 * j + 32], -0.9, 0.05, 36, false);
         scales[j] = s;
         mins[j] = m;
@@ -738,23 +742,13 @@ fn k4_weighted(x: &[f32], qw: &[f32], nmax: i32) -> (u16, u16, [u8; 12], [u8; QK
 /// Q2_K with an importance vector (`quantize_row_q2_K_impl`).
 fn q2_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
     let mut l = [0u8; QK_K];
-    let mut sumx2 = 0f32;
-    for &v in x {
-        sumx2 += v * v;
-    }
-    let sigma2 = sumx2 / QK_K as f32;
+    let sigma2 = sum_squares(x) / QK_K as f32;
     let mut scales = [0f32; 16];
     let mut mins = [0f32; 16];
     let mut sw = [0f32; 16];
     let mut weight = [0f32; 16];
     for j in 0..16 {
-        for i in 0..16 {
-            let v = x[16 * j + i];
-            weight[i] = qw[16 * j + i] * (sigma2 + v * v).sqrt();
-        }
-        for &w in &weight {
-            sw[j] += w;
-        }
+        sw[j] = importance_weights(&x[16 * j..16 * j + 16], &qw[16 * j..16 * j + 16], sigma2, &mut weight);
         let (s, m) = make_qkx_quants(Search::Qkx3, &x[16 * j..16 * j + 16], 3, &weight, &mut l[16 * j..16 * j + 16], -0.9, 0.05, 36, false);
         scales[j] = s;
         mins[j] = m;
@@ -786,24 +780,12 @@ fn q2_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
 /// Q3_K with an importance vector (`quantize_row_q3_K_impl`).
 fn q3_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
     let mut l = [0i8; QK_K];
-    let mut sumx2 = 0f32;
-    for &v in x {
-        sumx2 += v * v;
-    }
-    let sigma2 = 2.0 * sumx2 / QK_K as f32;
+    let sigma2 = 2.0 * sum_squares(x) / QK_K as f32;
     let mut scales = [0f32; 16];
     let mut sw = [0f32; 16];
     let mut weight = [0f32; 16];
     for j in 0..16 {
-        for i in 0..16 {
-            let v = x[16 * j + i];
-            weight[i] = qw[16 * j + i] * (sigma2 + v * v).sqrt();
-        }
-        let mut sumw = 0f32;
-        for &w in &weight {
-            sumw += w;
-        }
-        sw[j] = sumw;
+        sw[j] = importance_weights(&x[16 * j..16 * j + 16], &qw[16 * j..16 * j + 16], sigma2, &mut weight);
         scales[j] = make_qx_quants(&x[16 * j..16 * j + 16], 4, &mut l[16 * j..16 * j + 16], Some(&weight));
     }
     let mut ls = [0i8; 16];

@@ -222,23 +222,16 @@ pub fn dequantize_legacy(ty: super::ggml::GgmlType, bytes: &[u8], out: &mut Vec<
     }
 }
 
-/// `weight[j] = qw[j] * sqrt(sigma2 + x[j]^2)` with sigma2 the mean square of the whole row, as
-/// ggml's legacy `quantize_row_*_impl` weigh an importance vector.
+/// Importance weights of block `b` of a row: ggml's legacy `quantize_row_*_impl` use the mean
+/// square of the whole row as sigma2.
 fn row_weights(row: &[f32], b: usize, qw: &[f32], sigma2: f32) -> [f32; QK] {
     let mut w = [0f32; QK];
-    for j in 0..QK {
-        let v = row[QK * b + j];
-        w[j] = qw[QK * b + j] * (sigma2 + v * v).sqrt();
-    }
+    super::kquants::importance_weights(&row[QK * b..QK * (b + 1)], &qw[QK * b..QK * (b + 1)], sigma2, &mut w);
     w
 }
 
 fn row_sigma2(row: &[f32]) -> f32 {
-    let mut s = 0f32;
-    for &v in row {
-        s += v * v;
-    }
-    s / row.len() as f32
+    super::kquants::sum_squares(row) / row.len() as f32
 }
 
 /// Q4_0 / Q5_0 with an importance vector (`quantize_row_q{4,5}_0_impl`); `bits` 4 or 5.
