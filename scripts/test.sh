@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs the Python oracles (llama.cpp's gguf-py,
-# later mlx-lm) into a venv under target/, then runs every Rust test against them.
+# mlx-lm) into a venv under target/, then runs every Rust test against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

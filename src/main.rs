@@ -37,16 +37,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Convert an HF Ouro checkpoint to a quantized GGUF file (llama.cpp's `ouro` layout).
+    /// Convert an HF Ouro checkpoint to a quantized GGUF file (llama.cpp's `ouro` layout) or an MLX
+    /// directory (mlx-lm's layout with our `ouro.py`).
     Convert {
         /// HF checkpoint directory.
         model: PathBuf,
         /// Output format.
         #[arg(long, value_enum, default_value = "gguf")]
         format: Format,
-        /// GGUF file type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_M, Q4_0.
+        /// GGUF file type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_M, Q4_0, IQ4_NL.
         #[arg(long = "type", default_value = "Q8_0")]
         file_type: String,
+        /// MLX: bits of the affine quantization (2, 3, 4, 5, 6, 8; 16 keeps the source dtype).
+        #[arg(long, default_value_t = 4)]
+        bits: u32,
+        /// MLX: values per scale/bias group (32, 64, 128).
+        #[arg(long, default_value_t = 64)]
+        group_size: usize,
+        /// MLX: mixed-precision recipe as mlx-lm defines it (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6).
+        #[arg(long)]
+        recipe: Option<String>,
+        /// MLX: largest shard in bytes (mlx-lm: 5 GiB).
+        #[arg(long, hide = true)]
+        shard_bytes: Option<u64>,
         /// Give tensors whose GGUF name matches REGEX this ggml type (repeatable), e.g. `attn_v=Q8_0`.
         #[arg(long = "type-override", value_name = "REGEX=TYPE")]
         type_override: Vec<String>,
@@ -95,8 +108,11 @@ enum Command {
         /// Model: an HF checkpoint directory or a GGUF file.
         model: PathBuf,
         /// Raw prompt text (no template).
-        #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+        #[arg(long, conflicts_with_all = ["chat", "prompt_tokens"], required_unless_present_any = ["chat", "prompt_tokens"])]
         prompt: Option<String>,
+        /// The prompt as token ids, comma separated (no tokenizer involved).
+        #[arg(long, conflicts_with = "chat")]
+        prompt_tokens: Option<String>,
         /// A user message, wrapped in the model's chat template.
         #[arg(long)]
         chat: Option<String>,
@@ -151,6 +167,7 @@ enum Command {
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
     Gguf,
+    Mlx,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -270,7 +287,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             force,
             json,
+            ..
         } => convert_gguf(model, &file_type, &type_override, output, dry_run, force, json),
+        Command::Convert {
+            model,
+            format: Format::Mlx,
+            bits,
+            group_size,
+            recipe,
+            shard_bytes,
+            output,
+            dry_run,
+            force,
+            json,
+            ..
+        } => convert_mlx(model, bits, group_size, recipe, shard_bytes, output, dry_run, force, json),
         Command::Logits {
             model,
             tokens,
@@ -293,6 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             model,
             prompt,
+            prompt_tokens,
             chat,
             thinking,
             max_tokens,
@@ -308,6 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => run_model(RunArgs {
             model,
             prompt,
+            prompt_tokens,
             chat,
             thinking,
             max_tokens,
@@ -413,9 +446,89 @@ fn convert_gguf(
     Ok(ExitCode::SUCCESS)
 }
 
+#[allow(clippy::too_many_arguments)]
+fn convert_mlx(
+    model: PathBuf,
+    bits: u32,
+    group_size: usize,
+    recipe: Option<String>,
+    shard_bytes: Option<u64>,
+    output: Option<PathBuf>,
+    dry_run: bool,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use ouro_quant::mlx::{write, MlxOptions, Recipe};
+    let recipe = recipe
+        .map(|r| {
+            Recipe::from_name(&r).ok_or_else(|| {
+                anyhow::anyhow!("--recipe {r}: unknown (one of {})", Recipe::ALL.iter().map(|r| r.name()).collect::<Vec<_>>().join(", "))
+            })
+        })
+        .transpose()?;
+    let bits = if bits == 16 { None } else { Some(bits) };
+    let mut opts = MlxOptions::new(bits, group_size, recipe, force)?;
+    if let Some(b) = shard_bytes {
+        opts.shard_bytes = b;
+    }
+    let ck = Checkpoint::open(&model)?;
+    if dry_run {
+        let plan = write::plan_mlx(&ck, &opts)?;
+        let mut total = 0u64;
+        for p in &plan {
+            let bytes: u64 = p.outputs().iter().map(|s| s.nbytes() as u64).sum();
+            total += bytes;
+            if !json {
+                let how = match p.quant {
+                    Some((b, g)) => format!("{b}-bit gs{g}"),
+                    None => p.dtype.name().to_string(),
+                };
+                println!("{:<48} {:<11} {:<16} {:>12}", p.hf_name, how, format!("{:?}", p.shape), inspect::human_bytes(bytes));
+            }
+        }
+        if json {
+            println!("{}", serde_json::json!({"tensor_bytes": total, "tensors": plan, "quantization": write::quantization_config(&plan, &opts)}));
+        } else {
+            println!("{} tensors, {} of tensor data", plan.len(), inspect::human_bytes(total));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let out = output.unwrap_or_else(|| PathBuf::from(write::default_output_name(&ck, &opts)));
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}")
+            .expect("template"),
+    );
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let summary = write::convert_mlx(&ck, &opts, &out, &|done, total, name| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(name.to_string());
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "wrote {} ({}, {:.2} bits/weight, {} quantized and {} float tensors, {} shard(s)) in {:.1} s ({:.2} GB/s of input)",
+            summary.output.display(),
+            inspect::human_bytes(summary.bytes),
+            summary.bits_per_weight,
+            summary.quantized_tensors,
+            summary.float_tensors,
+            summary.shards,
+            summary.seconds,
+            summary.input_gb_per_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 struct RunArgs {
     model: PathBuf,
     prompt: Option<String>,
+    prompt_tokens: Option<String>,
     chat: Option<String>,
     thinking: bool,
     max_tokens: usize,
@@ -439,12 +552,16 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         let (config, weights) = if a.model.is_file() {
             let g = source::GgufSource::open(&a.model)?;
             (g.config.clone(), g.file.file_len() as u64)
+        } else if ouro_quant::mlx::read::is_mlx_dir(&a.model) {
+            // MLX weights are dequantized to f32 when loaded.
+            let m = ouro_quant::mlx::read::MlxDir::open(&a.model)?;
+            (m.config.clone(), m.config.parameter_count() * 4)
         } else {
             let ck = Checkpoint::open(&a.model)?;
             (ck.config.clone(), ck.config.parameter_count() * 4)
         };
         let dims = ouro_quant::model::Dims::from_config(&config);
-        let ctx = a.max_tokens + a.prompt.as_deref().or(a.chat.as_deref()).map_or(0, |p| p.len() + 16);
+        let ctx = a.max_tokens + a.prompt.as_deref().or(a.chat.as_deref()).or(a.prompt_tokens.as_deref()).map_or(0, |p| p.len() + 16);
         let kv = generate::planned_kv_bytes(&dims, a.kv, ctx);
         if weights + kv > limit {
             anyhow::bail!(
@@ -460,13 +577,22 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         .tokenizer
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("{}: no tokenizer.json, cannot encode a prompt", a.model.display()))?;
-    let text = match (&a.prompt, &a.chat) {
-        (Some(p), _) => p.clone(),
-        (None, Some(c)) => generate::render_chat(loaded.chat_template.as_deref(), c, a.thinking)?,
-        _ => unreachable!("clap requires one"),
+    let prompt: Vec<u32> = if let Some(t) = &a.prompt_tokens {
+        let ids = dump::parse_token_list(t)?;
+        let vocab = loaded.model.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            anyhow::bail!("--prompt-tokens: id {bad} is outside the vocabulary ({vocab} tokens)");
+        }
+        ids
+    } else {
+        let text = match (&a.prompt, &a.chat) {
+            (Some(p), _) => p.clone(),
+            (None, Some(c)) => generate::render_chat(loaded.chat_template.as_deref(), c, a.thinking)?,
+            _ => unreachable!("clap requires one"),
+        };
+        let enc = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("encoding the prompt: {e}"))?;
+        enc.get_ids().to_vec()
     };
-    let enc = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("encoding the prompt: {e}"))?;
-    let prompt: Vec<u32> = enc.get_ids().to_vec();
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampling: a.sampling.clone(),

@@ -3,7 +3,7 @@
 //!
 //! Layout: `u64` little-endian header length `n`, `n` bytes of JSON, then the data section. The JSON
 //! maps each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative to
-//! the data section) and may hold `"__metadata__"`: a string-to-string map.
+//! the data section) and may hold `"__metadata__"`: a string-to-string map (or `null`).
 //!
 //! The parser is ours rather than the `safetensors` crate's so that every fault is reported with the
 //! tensor it concerns (the crate reports, e.g., a shape/size mismatch without naming the tensor). It
@@ -187,6 +187,10 @@ pub fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
     let mut metadata = BTreeMap::new();
     for (name, entry) in &map {
         if name == "__metadata__" {
+            // `null` is what mx.save_safetensors writes without metadata; the crate accepts it.
+            if entry.is_null() {
+                continue;
+            }
             let obj = entry
                 .as_object()
                 .ok_or_else(|| "`__metadata__` is not an object".to_string())?;

@@ -231,7 +231,38 @@ impl WeightSource for GgufSource {
     }
 }
 
-/// Loads a model from an HF checkpoint directory or one of our GGUF files.
+/// Weights of an MLX directory: affine-quantized matrices are dequantized to f32 as each is loaded
+/// (MLX's formula, `scale * q + bias`), so the model multiplies exactly the weights mlx does.
+pub struct MlxSource {
+    pub dir: crate::mlx::read::MlxDir,
+}
+
+impl MlxSource {
+    fn dense(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Tensor, u64)> {
+        let (v, shape, _) = self.dir.tensor_f32(hf_name)?;
+        let bytes = v.len() as u64 * 4;
+        Ok((Tensor::from_vec(v, shape, device)?, bytes))
+    }
+}
+
+impl WeightSource for MlxSource {
+    fn config(&self) -> &OuroConfig {
+        &self.dir.config
+    }
+    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QMatMul, u64)> {
+        let (t, bytes) = self.dense(hf_name, device)?;
+        self.dir.weights.release(hf_name);
+        Ok((QMatMul::Tensor(t), bytes))
+    }
+    fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
+        Ok(self.dense(hf_name, device)?.0.flatten_all()?)
+    }
+    fn embedding(&self, device: &Device) -> anyhow::Result<super::Embedding> {
+        Ok(super::Embedding::Dense(self.dense("model.embed_tokens.weight", device)?.0))
+    }
+}
+
+/// Loads a model from an HF checkpoint directory, one of our GGUF files or an MLX directory.
 pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedModel> {
     if path.is_file() {
         let src = GgufSource::open(path)?;
@@ -240,6 +271,32 @@ pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedMod
         let chat_template = h.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
         let ft = h.get("general.file_type").and_then(|v| v.as_u32()).unwrap_or(0);
         let description = format!("GGUF {} (file type {ft})", path.display());
+        let model = super::OuroModel::load(&src, device)?;
+        return Ok(LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+            description,
+        });
+    }
+    if path.is_dir() && crate::mlx::read::is_mlx_dir(path) {
+        let dir = crate::mlx::read::MlxDir::open(path)?;
+        let tj = path.join("tokenizer.json");
+        let tokenizer = if tj.is_file() {
+            Some(tokenizers::Tokenizer::from_file(&tj).map_err(|e| anyhow::anyhow!("{}: {e}", tj.display()))?)
+        } else {
+            None
+        };
+        let chat_template = std::fs::read_to_string(path.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("chat_template").and_then(|c| c.as_str()).map(str::to_string));
+        let q = dir.config.raw.get("quantization").cloned();
+        let description = match q {
+            Some(q) => format!("MLX {} ({}-bit, group size {})", path.display(), q["bits"], q["group_size"]),
+            None => format!("MLX {} (unquantized)", path.display()),
+        };
+        let src = MlxSource { dir };
         let model = super::OuroModel::load(&src, device)?;
         return Ok(LoadedModel {
             model,
@@ -266,7 +323,7 @@ pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedMod
         });
     }
     anyhow::bail!(
-        "{}: neither a GGUF file nor an HF Ouro checkpoint directory (config.json missing); MLX directories are not readable by this build yet",
+        "{}: neither a GGUF file nor an HF Ouro checkpoint directory (config.json missing)",
         path.display()
     )
 }

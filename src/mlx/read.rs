@@ -1,0 +1,119 @@
+//! Reads an MLX model directory (ours, or one in the same layout): the config, the shard index and
+//! the affine-quantized `weight`/`scales`/`biases` triples, dequantized with MLX's formula
+//! `scale * q + bias` (scale and bias widened to f32 from their stored dtype).
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::{decode_f32, expected_tensors, OuroConfig, Weights};
+use crate::error::{Error, Result};
+use crate::stfile::DType;
+
+use super::affine;
+
+/// An MLX directory opened for reading.
+pub struct MlxDir {
+    pub dir: PathBuf,
+    pub config: OuroConfig,
+    pub weights: Weights,
+}
+
+/// Whether `dir` holds an MLX conversion: its `config.json` has a `quantization` section or
+/// names a `model_file`.
+pub fn is_mlx_dir(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .map(|v| v.get("quantization").is_some() || v.get("model_file").is_some())
+        .unwrap_or(false)
+}
+
+impl MlxDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config = OuroConfig::from_file(dir.join("config.json"))?;
+        let weights = Weights::open(dir)?;
+        let me = MlxDir {
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+        };
+        // Every tensor the model needs is present, in float or as a consistent quantized triple.
+        for e in expected_tensors(&me.config) {
+            me.matrix_info(&e.name, &e.shape)?;
+        }
+        Ok(me)
+    }
+
+    /// For a tensor the model needs: `None` if stored in float, or `(bits, group_size)`.
+    fn matrix_info(&self, hf_name: &str, shape: &[usize]) -> Result<Option<(u32, usize)>> {
+        let index = self.weights.index_path.clone().unwrap_or_else(|| self.dir.join("model.safetensors"));
+        let module = hf_name.strip_suffix(".weight").unwrap_or(hf_name);
+        let Some(w) = self.weights.get(hf_name) else {
+            return Err(Error::tensor(&index, hf_name, format!("missing (the config implies shape {shape:?})")));
+        };
+        let scales = self.weights.get(&format!("{module}.scales"));
+        let Some(scales) = scales.filter(|_| hf_name.ends_with(".weight")) else {
+            if !w.dtype().is_weight_float() || w.shape() != shape {
+                return Err(Error::tensor(w.file, hf_name, format!("{} {:?}, expected a float tensor of shape {shape:?}", w.dtype(), w.shape())));
+            }
+            return Ok(None);
+        };
+        let biases = self
+            .weights
+            .get(&format!("{module}.biases"))
+            .ok_or_else(|| Error::tensor(&index, format!("{module}.biases"), "missing: a quantized module needs weight, scales and biases"))?;
+        let (rows, cols) = (shape[0], shape[1]);
+        let sc = scales.shape().get(1).copied().unwrap_or(0);
+        let wc = w.shape().get(1).copied().unwrap_or(0);
+        if w.dtype() != DType::U32 || w.shape().len() != 2 || w.shape()[0] != rows || sc == 0 || cols % sc != 0 || (wc * 32) % cols != 0 {
+            return Err(Error::tensor(w.file, hf_name, format!("quantized weight {} {:?} with scales {:?} does not fit shape {shape:?}", w.dtype(), w.shape(), scales.shape())));
+        }
+        let (bits, gs) = ((wc * 32 / cols) as u32, cols / sc);
+        if !affine::BITS.contains(&bits) || !affine::GROUP_SIZES.contains(&gs) {
+            return Err(Error::tensor(w.file, hf_name, format!("{bits} bits with group size {gs} is not an MLX affine setting")));
+        }
+        for (what, t) in [("scales", scales), ("biases", biases)] {
+            if !t.dtype().is_weight_float() || t.shape() != [rows, sc] {
+                return Err(Error::tensor(t.file, format!("{module}.{what}"), format!("{} {:?}, expected a float tensor of shape [{rows}, {sc}]", t.dtype(), t.shape())));
+            }
+        }
+        Ok(Some((bits, gs)))
+    }
+
+    /// The tensor as f32, dequantized if stored quantized, with its quantization if any.
+    pub fn tensor_f32(&self, hf_name: &str) -> Result<(Vec<f32>, Vec<usize>, Option<(u32, usize)>)> {
+        use rayon::prelude::*;
+        let shape = expected_tensors(&self.config)
+            .into_iter()
+            .find(|e| e.name == hf_name)
+            .map(|e| e.shape)
+            .ok_or_else(|| Error::Usage(format!("internal: {hf_name} is not an Ouro tensor")))?;
+        let q = self.matrix_info(hf_name, &shape)?;
+        let numel: usize = shape.iter().product();
+        let mut out = vec![0f32; numel];
+        let w = self.weights.get(hf_name).expect("checked");
+        match q {
+            None => decode_f32(w.dtype(), w.bytes, &mut out),
+            Some((bits, gs)) => {
+                let module = hf_name.strip_suffix(".weight").unwrap_or(hf_name);
+                let s = self.weights.get(&format!("{module}.scales")).expect("checked");
+                let b = self.weights.get(&format!("{module}.biases")).expect("checked");
+                let cols = shape[1];
+                let (wpr, gpr) = (cols * bits as usize / 32, cols / gs);
+                let (ss, bs) = (s.dtype().size(), b.dtype().size());
+                out.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+                    let words: Vec<u32> = w.bytes[r * wpr * 4..(r + 1) * wpr * 4]
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    let mut sc = vec![0f32; gpr];
+                    let mut bi = vec![0f32; gpr];
+                    decode_f32(s.dtype(), &s.bytes[r * gpr * ss..(r + 1) * gpr * ss], &mut sc);
+                    decode_f32(b.dtype(), &b.bytes[r * gpr * bs..(r + 1) * gpr * bs], &mut bi);
+                    affine::dequantize_row(&words, &sc, &bi, bits, gs, row);
+                });
+            }
+        }
+        Ok((out, shape, q))
+    }
+}

@@ -1,0 +1,458 @@
+//! Writes an MLX model directory from an HF checkpoint (see `formats/mlx.md`).
+//!
+//! Tensors are converted one at a time from the memory-mapped input (rows quantized in parallel,
+//! so the bytes never depend on the thread count) and streamed into shards inside a temporary
+//! directory beside the target. Every shard is re-opened with the strict safetensors reader and
+//! each tensor's checksum compared before the directory is renamed into place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::{affine, MlxOptions};
+use crate::checkpoint::{decode_f32, Checkpoint};
+use crate::error::{Error, IoContext, Result};
+use crate::output::PendingOutput;
+use crate::stfile::{DType, SafetensorsFile, TensorSpec, Writer};
+
+/// One source tensor and how it is written.
+#[derive(Debug, Clone, Serialize)]
+pub struct MlxTensorPlan {
+    /// HF tensor name in the checkpoint.
+    pub hf_name: String,
+    /// Module path (the name without `.weight`) for quantized tensors.
+    pub module: String,
+    pub shape: Vec<usize>,
+    #[serde(serialize_with = "ser_dtype")]
+    pub dtype: DType,
+    /// `(bits, group_size)`, or `None` to copy the tensor in its dtype.
+    pub quant: Option<(u32, usize)>,
+}
+
+fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.name())
+}
+
+impl MlxTensorPlan {
+    /// The tensors this plan writes, in the order they are written (names sorted).
+    pub fn outputs(&self) -> Vec<TensorSpec> {
+        match self.quant {
+            None => vec![TensorSpec {
+                name: self.hf_name.clone(),
+                dtype: self.dtype,
+                shape: self.shape.clone(),
+            }],
+            Some((bits, gs)) => {
+                let (rows, cols) = (self.shape[0], self.shape[1]);
+                let aux = vec![rows, cols / gs];
+                vec![
+                    TensorSpec { name: format!("{}.biases", self.module), dtype: self.dtype, shape: aux.clone() },
+                    TensorSpec { name: format!("{}.scales", self.module), dtype: self.dtype, shape: aux },
+                    TensorSpec {
+                        name: format!("{}.weight", self.module),
+                        dtype: DType::U32,
+                        shape: vec![rows, cols * bits as usize / 32],
+                    },
+                ]
+            }
+        }
+    }
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MlxSummary {
+    pub output: PathBuf,
+    pub bits: Option<u32>,
+    pub group_size: usize,
+    pub recipe: Option<String>,
+    pub bytes: u64,
+    pub parameters: u64,
+    pub bits_per_weight: f64,
+    pub input_bytes: u64,
+    pub seconds: f64,
+    pub input_gb_per_s: f64,
+    pub shards: usize,
+    pub quantized_tensors: usize,
+    pub float_tensors: usize,
+}
+
+/// The per-tensor plan, in output order (HF names sorted).
+pub fn plan_mlx(ck: &Checkpoint, opts: &MlxOptions) -> Result<Vec<MlxTensorPlan>> {
+    let layers = ck.config.num_hidden_layers;
+    let mut plan: Vec<MlxTensorPlan> = crate::checkpoint::expected_tensors(&ck.config)
+        .into_iter()
+        .map(|e| {
+            let t = ck.tensor(&e.name)?;
+            let module = e.name.strip_suffix(".weight").unwrap_or(&e.name).to_string();
+            let quant = if t.shape().len() == 2 { opts.quant_for(&module, t.shape()[1], layers) } else { None };
+            Ok(MlxTensorPlan {
+                hf_name: e.name.clone(),
+                module,
+                shape: t.shape().to_vec(),
+                dtype: t.dtype(),
+                quant,
+            })
+        })
+        .collect::<Result<_>>()?;
+    plan.sort_by(|a, b| a.hf_name.cmp(&b.hf_name));
+    Ok(plan)
+}
+
+/// The `quantization` section of `config.json`: the top-level settings, an entry for every
+/// module whose settings differ, and `false` for modules MLX could quantize but we keep in float.
+pub fn quantization_config(plan: &[MlxTensorPlan], opts: &MlxOptions) -> Option<Value> {
+    let bits = opts.bits?;
+    let mut q = Map::new();
+    q.insert("group_size".into(), json!(opts.group_size));
+    q.insert("bits".into(), json!(bits));
+    q.insert("mode".into(), json!("affine"));
+    for p in plan {
+        let linear_like = super::is_quantized(&p.hf_name) || p.hf_name == "model.early_exit_gate.weight";
+        match p.quant {
+            Some((b, g)) if (b, g) != (bits, opts.group_size) => {
+                q.insert(p.module.clone(), json!({"group_size": g, "bits": b, "mode": "affine"}));
+            }
+            None if linear_like => {
+                q.insert(p.module.clone(), json!(false));
+            }
+            _ => {}
+        }
+    }
+    Some(Value::Object(q))
+}
+
+/// Rows quantized per step.
+const CHUNK_ROWS: usize = 256;
+
+/// A float value in a storage dtype.
+fn push_float(dtype: DType, v: f32, out: &mut Vec<u8>) {
+    match dtype {
+        DType::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
+        DType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
+        _ => out.extend_from_slice(&v.to_le_bytes()),
+    }
+}
+
+/// Quantizes a whole tensor: (biases, scales, packed words) as little-endian bytes.
+fn quantize_tensor(ck: &Checkpoint, p: &MlxTensorPlan, bits: u32, gs: usize) -> Result<[Vec<u8>; 3]> {
+    let t = ck.tensor(&p.hf_name)?;
+    let (rows, cols) = (p.shape[0], p.shape[1]);
+    let es = t.dtype().size();
+    let wpr = cols * bits as usize / 32;
+    let gpr = cols / gs;
+    let fb = p.dtype.size();
+    let mut words = vec![0u8; rows * wpr * 4];
+    let mut scales = vec![0u8; rows * gpr * fb];
+    let mut biases = vec![0u8; rows * gpr * fb];
+    words
+        .par_chunks_mut(wpr * 4 * CHUNK_ROWS)
+        .zip(scales.par_chunks_mut(gpr * fb * CHUNK_ROWS))
+        .zip(biases.par_chunks_mut(gpr * fb * CHUNK_ROWS))
+        .enumerate()
+        .try_for_each(|(ci, ((wout, sout), bout))| {
+            let mut row = vec![0f32; cols];
+            let mut w = vec![0u32; wpr];
+            let (mut s, mut b) = (vec![0f32; gpr], vec![0f32; gpr]);
+            let (mut sb, mut bb) = (Vec::with_capacity(gpr * fb), Vec::with_capacity(gpr * fb));
+            for k in 0..wout.len() / (wpr * 4) {
+                let r = ci * CHUNK_ROWS + k;
+                decode_f32(t.dtype(), &t.bytes[r * cols * es..(r + 1) * cols * es], &mut row);
+                if let Some(c) = row.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::tensor(t.file, &p.hf_name, format!("non-finite value {} at row {r}, column {c}", row[c])));
+                }
+                affine::quantize_row(&row, bits, gs, &mut w, &mut s, &mut b);
+                for (dst, x) in wout[k * wpr * 4..(k + 1) * wpr * 4].chunks_exact_mut(4).zip(&w) {
+                    dst.copy_from_slice(&x.to_le_bytes());
+                }
+                sb.clear();
+                bb.clear();
+                for g in 0..gpr {
+                    push_float(p.dtype, s[g], &mut sb);
+                    push_float(p.dtype, b[g], &mut bb);
+                }
+                sout[k * gpr * fb..(k + 1) * gpr * fb].copy_from_slice(&sb);
+                bout[k * gpr * fb..(k + 1) * gpr * fb].copy_from_slice(&bb);
+            }
+            Ok(())
+        })?;
+    Ok([biases, scales, words])
+}
+
+/// Shard file names as mlx-lm writes them.
+fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".into()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+/// Splits the output tensors into shards of at most `limit` bytes (mlx-lm's `make_shards`).
+fn make_shards(specs: &[TensorSpec], limit: u64) -> Vec<Vec<TensorSpec>> {
+    let mut shards: Vec<Vec<TensorSpec>> = vec![];
+    let mut size = 0u64;
+    for s in specs {
+        let n = s.nbytes() as u64;
+        if shards.is_empty() || size + n > limit {
+            shards.push(vec![]);
+            size = 0;
+        }
+        shards.last_mut().expect("one shard").push(s.clone());
+        size += n;
+    }
+    shards
+}
+
+/// A model name for cards and default output names: `_name_or_path`'s last part, else the
+/// checkpoint directory's name.
+pub fn model_name(ck: &Checkpoint) -> String {
+    if let Some(n) = ck.config.raw.get("_name_or_path").and_then(|v| v.as_str()) {
+        if let Some(last) = n.rsplit('/').next().filter(|s| !s.is_empty()) {
+            return last.to_string();
+        }
+    }
+    ck.dir
+        .canonicalize()
+        .unwrap_or_else(|_| ck.dir.clone())
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ouro".into())
+}
+
+/// The default output directory name: `<model>-<suffix>` (`Ouro-1.4B-4bit`, ...).
+pub fn default_output_name(ck: &Checkpoint, opts: &MlxOptions) -> String {
+    format!("{}-{}", model_name(ck), opts.suffix(ck.dtype().name()))
+}
+
+/// `config.json` of the output: the source config with the eos correction, the quantization
+/// section (twice, as mlx-lm writes it), and our model file, without `auto_map`; keys sorted,
+/// 4-space indent.
+fn output_config(ck: &Checkpoint, plan: &[MlxTensorPlan], opts: &MlxOptions) -> Result<Vec<u8>> {
+    let mut cfg = ck.config.corrected_raw();
+    cfg.remove("_name_or_path");
+    // `auto_map` points transformers at configuration_ouro.py / modeling_ouro.py, which an MLX
+    // directory does not ship; left in, it makes transformers ask to run code that is not there.
+    cfg.remove("auto_map");
+    if let Some(q) = quantization_config(plan, opts) {
+        cfg.insert("quantization".into(), q.clone());
+        cfg.insert("quantization_config".into(), q);
+    }
+    cfg.insert("model_file".into(), json!("ouro.py"));
+    let sorted: BTreeMap<String, Value> = cfg.into_iter().collect();
+    pretty4(&sorted)
+}
+
+fn pretty4<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    v.serialize(&mut ser).map_err(|e| Error::Usage(format!("internal: JSON: {e}")))?;
+    Ok(out)
+}
+
+/// The model card, in mlx-community's form.
+fn model_card(ck: &Checkpoint, opts: &MlxOptions, name: &str, validation: Option<&str>) -> String {
+    let base = ck
+        .config
+        .raw
+        .get("_name_or_path")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| model_name(ck));
+    let how = match (opts.bits, opts.recipe) {
+        (None, _) => format!("unquantized ({})", ck.dtype().name()),
+        (Some(_), Some(r)) => format!(
+            "affine quantization, recipe `{}` ({} bits, {} bits for v_proj/down_proj of selected layers and lm_head), group size {}",
+            r.name(),
+            r.bits().0,
+            r.bits().1,
+            opts.group_size
+        ),
+        (Some(b), None) => format!("affine quantization, {b} bits, group size {}", opts.group_size),
+    };
+    let validation = validation.map(str::to_string).unwrap_or_else(|| {
+        "Not run at conversion time. Run `ouro-quant validate --reference <bf16 dir> --candidate <this dir> --text <file>` to measure perplexity, KL divergence and exit-gate agreement.".into()
+    });
+    format!(
+        "---\nlibrary_name: mlx\nlicense: apache-2.0\nbase_model: {base}\npipeline_tag: text-generation\ntags:\n- mlx\n- ouro\n- looped-language-model\n---\n\n\
+# {name}\n\n\
+This model was converted to MLX format from [{base}](https://huggingface.co/{base}) using ouro-quant version **{ver}**: {how}.\n\
+The norms and the exit gate (`model.early_exit_gate`) stay in {dtype}.\n\n\
+Stock mlx-lm has no Ouro architecture; this directory carries its own model file, `ouro.py`, which mlx-lm loads with\n\
+`trust_remote_code`. It runs all {t} loops with a per-(loop, layer) KV cache and returns the logits the upstream model\n\
+returns (exit CDF rule with `early_exit_threshold`, or `exit_at_step`).\n\n\
+## Use with mlx\n\n\
+```bash\npip install mlx-lm\nmlx_lm.generate --model {name} --trust-remote-code --prompt \"hello\"\n```\n\n\
+```python\nfrom mlx_lm import load, generate\n\nmodel, tokenizer = load(\"{name}\", trust_remote_code=True)\n\
+messages = [{{\"role\": \"user\", \"content\": \"hello\"}}]\n\
+prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)\n\
+response = generate(model, tokenizer, prompt=prompt, verbose=True)\n```\n\n\
+## Validation\n\n{validation}\n",
+        ver = env!("CARGO_PKG_VERSION"),
+        dtype = ck.dtype().name(),
+        t = ck.config.total_ut_steps,
+    )
+}
+
+/// Converts `ck` into an MLX directory at `out`. `progress(done_bytes, total_bytes, tensor)`.
+pub fn convert_mlx(
+    ck: &Checkpoint,
+    opts: &MlxOptions,
+    out: &Path,
+    progress: &(dyn Fn(u64, u64, &str) + Sync),
+) -> Result<MlxSummary> {
+    let start = Instant::now();
+    if ck.tokenizer.tokenizer_json.is_none() {
+        return Err(Error::file(&ck.dir, "no tokenizer.json: an MLX model directory must carry the tokenizer"));
+    }
+    let plan = plan_mlx(ck, opts)?;
+    let pending = PendingOutput::dir(out, opts.force)?;
+    let dir = pending.path().to_path_buf();
+    let specs: Vec<TensorSpec> = plan.iter().flat_map(|p| p.outputs()).collect();
+    let shards = make_shards(&specs, opts.shard_bytes);
+    let n = shards.len();
+    let total_in: u64 = plan.iter().map(|p| ck.tensor(&p.hf_name).map(|t| t.bytes.len() as u64).unwrap_or(0)).sum();
+    let meta: BTreeMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
+
+    // Tensors in output order; shards are consecutive runs of them.
+    let mut sums: BTreeMap<String, [u8; 32]> = BTreeMap::new();
+    let mut shard_of = 0usize;
+    let mut writer = Writer::new(dir.join(shard_name(0, n)), shards[0].clone(), &meta)?;
+    let mut done = 0u64;
+    let mut put = |writer: &mut Writer, shard_of: &mut usize, name: &str, bytes: &[u8]| -> Result<()> {
+        if writer.current().map(|s| s.name.as_str()) != Some(name) {
+            // The current shard is complete: open the next one.
+            *shard_of += 1;
+            let next = Writer::new(dir.join(shard_name(*shard_of, n)), shards[*shard_of].clone(), &meta)?;
+            std::mem::replace(writer, next).finish()?;
+        }
+        debug_assert_eq!(writer.current().map(|s| s.name.as_str()), Some(name));
+        writer.write(bytes)?;
+        sums.insert(name.to_string(), Sha256::digest(bytes).into());
+        Ok(())
+    };
+    for p in &plan {
+        let t = ck.tensor(&p.hf_name)?;
+        match p.quant {
+            None => {
+                if let Some((i, v)) = first_non_finite(t.dtype(), t.bytes) {
+                    return Err(Error::tensor(t.file, &p.hf_name, format!("non-finite value {v} at element {i}")));
+                }
+                put(&mut writer, &mut shard_of, &p.hf_name, t.bytes)?;
+            }
+            Some((bits, gs)) => {
+                let parts = quantize_tensor(ck, p, bits, gs)?;
+                for (spec, bytes) in p.outputs().iter().zip(parts.iter()) {
+                    put(&mut writer, &mut shard_of, &spec.name, bytes)?;
+                }
+            }
+        }
+        done += t.bytes.len() as u64;
+        progress(done, total_in, &p.hf_name);
+        ck.weights.release(&p.hf_name);
+    }
+    writer.finish()?;
+
+    // The index, config, model file, tokenizer files and card.
+    let total_size: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        for s in shard {
+            weight_map.insert(s.name.clone(), shard_name(i, n));
+        }
+    }
+    let params = ck.config.parameter_count();
+    let index = json!({
+        "metadata": {"total_size": total_size, "total_parameters": params},
+        "weight_map": weight_map,
+    });
+    write_file(&dir.join("model.safetensors.index.json"), &pretty4(&index)?)?;
+    write_file(&dir.join("config.json"), &output_config(ck, &plan, opts)?)?;
+    write_file(&dir.join("ouro.py"), super::OURO_PY.as_bytes())?;
+    for f in &ck.tokenizer.extra_files {
+        let name = f.file_name().expect("file name");
+        std::fs::copy(f, dir.join(name)).at(f)?;
+    }
+    let name = pending
+        .target()
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| default_output_name(ck, opts));
+    write_file(&dir.join("README.md"), model_card(ck, opts, &name, None).as_bytes())?;
+
+    verify(&dir, &shards, &sums)?;
+    let bytes: u64 = shards
+        .iter()
+        .enumerate()
+        .map(|(i, _)| std::fs::metadata(dir.join(shard_name(i, n))).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let output = pending.commit()?;
+    let secs = start.elapsed().as_secs_f64();
+    Ok(MlxSummary {
+        output,
+        bits: opts.bits,
+        group_size: opts.group_size,
+        recipe: opts.recipe.map(|r| r.name().to_string()),
+        bytes,
+        parameters: params,
+        bits_per_weight: total_size as f64 * 8.0 / params as f64,
+        input_bytes: total_in,
+        seconds: secs,
+        input_gb_per_s: total_in as f64 / secs / 1e9,
+        shards: n,
+        quantized_tensors: plan.iter().filter(|p| p.quant.is_some()).count(),
+        float_tensors: plan.iter().filter(|p| p.quant.is_none()).count(),
+    })
+}
+
+/// The first NaN or infinity of a float tensor, scanned in parallel chunks.
+fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<(usize, f32)> {
+    const CHUNK: usize = 1 << 16;
+    let es = dtype.size();
+    bytes
+        .par_chunks(CHUNK * es)
+        .enumerate()
+        .filter_map(|(ci, b)| {
+            let mut v = vec![0f32; b.len() / es];
+            decode_f32(dtype, b, &mut v);
+            v.iter().position(|x| !x.is_finite()).map(|i| (ci * CHUNK + i, v[i]))
+        })
+        .min_by_key(|(i, _)| *i)
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).at(path)?;
+    f.write_all(bytes).at(path)?;
+    f.sync_all().at(path)
+}
+
+/// Re-opens every shard with the strict reader and compares names, dtypes, shapes and checksums.
+fn verify(dir: &Path, shards: &[Vec<TensorSpec>], sums: &BTreeMap<String, [u8; 32]>) -> Result<()> {
+    for (i, shard) in shards.iter().enumerate() {
+        let path = dir.join(shard_name(i, shards.len()));
+        let f = SafetensorsFile::open(&path)?;
+        if f.header().metadata.get("format").map(String::as_str) != Some("mlx") {
+            return Err(Error::file(&path, "verification: metadata `format: mlx` was not written"));
+        }
+        if f.tensors().len() != shard.len() {
+            return Err(Error::file(&path, format!("verification: {} tensors read back, {} written", f.tensors().len(), shard.len())));
+        }
+        let bad = shard.par_iter().find_any(|s| {
+            let ok = f.info(&s.name).is_some_and(|t| t.dtype == s.dtype && t.shape == s.shape)
+                && f.bytes(&s.name).is_some_and(|b| Sha256::digest(b).as_slice() == sums.get(&s.name).map(|x| &x[..]).unwrap_or(&[]));
+            f.release(&s.name);
+            !ok
+        });
+        if let Some(s) = bad {
+            return Err(Error::tensor(&path, &s.name, "verification failed: the bytes read back differ from those written"));
+        }
+    }
+    Ok(())
+}
