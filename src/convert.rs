@@ -19,7 +19,7 @@ use crate::gguf::arch::{self, RowOrder};
 use crate::gguf::file::{GgufFile, Value, Writer};
 use crate::gguf::mix::{tensor_type, FileType, TypeOverride};
 use crate::gguf::tokenizer::tokenizer_metadata;
-use crate::output::PendingOutput;
+use crate::output::{checksum, Checksum, Checksummer, PendingOutput};
 use crate::quant::ggml::GgmlType;
 use crate::quant::{has_quantizer, quantize_row};
 
@@ -188,7 +188,7 @@ pub fn convert_gguf(
     let mut header_len = 0usize;
     let (hash, written) = rayon::join(
         || source_sha256(ck),
-        || -> Result<Vec<[u8; 32]>> {
+        || -> Result<Vec<Checksum>> {
             let mut w = Writer::create(pending.path(), &kvs, &specs)?;
             header_len = w.header_len();
             let mut sums = Vec::with_capacity(plan.len());
@@ -199,7 +199,7 @@ pub fn convert_gguf(
                 let rows = t.info.numel() / cols;
                 let es = t.dtype().size();
                 let row_out = p.ggml_type.row_bytes(cols);
-                let mut h = Sha256::new();
+                let mut h = Checksummer::new();
                 let mut buf = vec![0u8; CHUNK_ROWS.min(rows) * row_out];
                 for r0 in (0..rows).step_by(CHUNK_ROWS) {
                     let n = CHUNK_ROWS.min(rows - r0);
@@ -209,7 +209,7 @@ pub fn convert_gguf(
                         let src = p.row_order.source_row(r, rows);
                         let mut row = vec![0f32; cols];
                         decode_f32(t.dtype(), &t.bytes[src * cols * es..(src + 1) * cols * es], &mut row);
-                        if let Some(c) = row.iter().position(|v| !v.is_finite()) {
+                        if let Some((c, _)) = crate::checkpoint::first_non_finite(&row) {
                             return Err(Error::tensor(
                                 t.file,
                                 &p.hf_name,
@@ -226,7 +226,7 @@ pub fn convert_gguf(
                     done += (n * cols * es) as u64;
                     progress(done, total_in, &p.gguf_name);
                 }
-                sums.push(h.finalize().into());
+                sums.push(h.finish());
                 ck.weights.release(&p.hf_name);
             }
             w.finish()?;
@@ -281,7 +281,7 @@ fn patch_hash(path: &Path, header_len: usize, hash: &str) -> Result<()> {
 
 /// Re-reads the written file with the strict reader and checks every tensor against the plan and
 /// the checksums taken while writing.
-fn verify(path: &Path, plan: &[TensorPlan], sums: &[[u8; 32]], hash: &str) -> Result<()> {
+fn verify(path: &Path, plan: &[TensorPlan], sums: &[Checksum], hash: &str) -> Result<()> {
     let f = GgufFile::open(path)?;
     if f.header.tensors.len() != plan.len() {
         return Err(Error::file(path, format!("verification: {} tensors written, {} planned", f.header.tensors.len(), plan.len())));
@@ -298,7 +298,7 @@ fn verify(path: &Path, plan: &[TensorPlan], sums: &[[u8; 32]], hash: &str) -> Re
             let ok = t.name == p.gguf_name
                 && t.shape == p.shape
                 && t.ggml_type == p.ggml_type
-                && Sha256::digest(f.tensor_bytes(t)).as_slice() == s;
+                && checksum(f.tensor_bytes(t)) == *s;
             f.release(t);
             (!ok).then(|| t.name.clone())
         })

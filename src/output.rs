@@ -6,6 +6,32 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 
+/// A checksum of bytes written, compared with the bytes read back before an output is committed.
+/// XXH3-128: it detects a torn or corrupted write as surely as SHA-256 for this purpose and runs at
+/// memory speed (SHA-256 was an eighth of a conversion's time).
+pub type Checksum = u128;
+
+/// A streaming [`Checksum`].
+#[derive(Default, Clone)]
+pub struct Checksummer(xxhash_rust::xxh3::Xxh3);
+
+impl Checksummer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    pub fn finish(&self) -> Checksum {
+        self.0.digest128()
+    }
+}
+
+/// The [`Checksum`] of `bytes`.
+pub fn checksum(bytes: &[u8]) -> Checksum {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
 /// Prefix of every temporary name, so stale ones from a killed run can be recognised and removed.
 pub const TEMP_MARK: &str = ".ouro-quant-tmp-";
 

@@ -186,7 +186,14 @@ fn mlx_lm_runs_our_unquantized_and_quantized_outputs_like_upstream_and_our_runne
         let tokens = golden_tokens(name);
         let exp = SafetensorsFile::open(golden(name).join("expected.safetensors")).unwrap();
         let d = tempfile::tempdir().unwrap();
-        for (label, args) in [("float", vec!["--bits", "16"]), ("q4g32", vec!["--bits", "4", "--group-size", "32"]), ("q8g64", vec!["--bits", "8"])] {
+        let cases = [
+            ("float", vec!["--bits", "16"]),
+            ("q4g32", vec!["--bits", "4", "--group-size", "32"]),
+            ("q8g64", vec!["--bits", "8"]),
+            // per-module settings in config.json (v_proj of layer 2 at 6 bits, the rest at 3)
+            ("mixed", vec!["--recipe", "mixed_3_6", "--group-size", "32"]),
+        ];
+        for (label, args) in cases {
             let out = d.path().join(label);
             convert(src.path(), &out, &args);
             let res = d.path().join(format!("{label}.mlx.safetensors"));
@@ -239,4 +246,189 @@ fn mlx_lm_generates_the_same_greedy_tokens_as_our_runner() {
         assert!(mlx.len() >= 4, "{label}: too short to compare: {mlx:?}");
         assert_eq!(ours, mlx, "{label}: greedy tokens of our runner vs mlx_lm.stream_generate");
     }
+}
+
+fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn layout_is_what_mlx_lm_convert_writes() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-random");
+    let out = d.path().join("Ouro-tiny-mixed_4_6");
+    convert(&src, &out, &["--recipe", "mixed_4_6"]);
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let q = &cfg["quantization"];
+    assert_eq!(q, &cfg["quantization_config"]);
+    assert_eq!((q["bits"].as_u64(), q["group_size"].as_u64(), q["mode"].as_str()), (Some(4), Some(64), Some("affine")));
+    assert_eq!(q["model.early_exit_gate"], serde_json::json!(false));
+    // 2 layers: both get 6-bit v_proj/down_proj (i >= 7L/8 = 1, or i < L/8 = 0 is false for 0: (0-0)%3 != 2)
+    assert_eq!(q["lm_head"], serde_json::json!({"group_size": 64, "bits": 6, "mode": "affine"}));
+    assert_eq!(q["model.layers.1.mlp.down_proj"]["bits"], 6);
+    assert!(q.get("model.layers.0.self_attn.q_proj").is_none(), "same as the top level: no entry");
+    assert_eq!(cfg["model_file"], "ouro.py");
+    assert_eq!(cfg["eos_token_id"], serde_json::json!([2, 0]));
+    assert!(cfg.get("auto_map").is_none());
+    let keys: Vec<&String> = cfg.as_object().unwrap().keys().collect();
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "config keys sorted");
+    // tokenizer files byte for byte, the model file, the card
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(std::fs::read(src.join(f)).unwrap(), std::fs::read(out.join(f)).unwrap(), "{f}");
+    }
+    assert_eq!(std::fs::read_to_string(out.join("ouro.py")).unwrap(), ouro_quant::mlx::OURO_PY);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nlibrary_name: mlx\n") && card.contains("base_model: ") && card.contains("mixed_4_6") && card.contains("group size 64"), "{card}");
+    // the index: every tensor, sorted, sizes that add up, and mlx metadata in the file
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let f = SafetensorsFile::open(out.join("model.safetensors")).unwrap();
+    assert_eq!(f.header().metadata.get("format").map(String::as_str), Some("mlx"));
+    let wm = index["weight_map"].as_object().unwrap();
+    assert_eq!(wm.len(), f.tensors().len());
+    let names: Vec<&String> = wm.keys().collect();
+    assert!(names.windows(2).all(|w| w[0] < w[1]));
+    let total: usize = f.tensors().iter().map(|t| t.nbytes()).sum();
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
+    assert_eq!(index["metadata"]["total_parameters"].as_u64(), Some(985_601));
+    // quantized triples with the planned widths; norms and the gate in the source dtype
+    let w = f.info("model.layers.1.mlp.down_proj.weight").unwrap();
+    assert_eq!((w.dtype, w.shape.clone()), (DType::U32, vec![256, 256 * 6 / 32]));
+    let w = f.info("model.layers.0.mlp.up_proj.weight").unwrap();
+    assert_eq!(w.shape, vec![256, 256 * 4 / 32]);
+    assert_eq!(f.info("model.layers.0.mlp.up_proj.scales").unwrap().dtype, DType::BF16);
+    assert_eq!(f.info("model.early_exit_gate.weight").unwrap().dtype, DType::BF16);
+    assert!(f.info("model.early_exit_gate.scales").is_none());
+    assert!(f.info("model.norm.scales").is_none());
+    // and stock mlx-lm loads it
+    let v: serde_json::Value = serde_json::from_str(&oracle(&["load".as_ref(), out.as_os_str()])).unwrap();
+    assert_eq!(v["tensors"].as_u64(), Some(f.tensors().len() as u64));
+    assert_eq!(v["layers"], 2);
+}
+
+#[test]
+fn shards_above_the_limit_and_both_readers_follow_the_index() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-random");
+    let one = d.path().join("one");
+    let many = d.path().join("many");
+    convert(&src, &one, &["--bits", "8"]);
+    convert(&src, &many, &["--bits", "8", "--shard-bytes", "150000"]);
+    let shards: Vec<String> = all_files(&many).into_iter().map(|(n, _)| n).filter(|n| n.ends_with(".safetensors")).collect();
+    assert!(shards.len() >= 3, "{shards:?}");
+    let n = shards.len();
+    for (i, s) in shards.iter().enumerate() {
+        assert_eq!(s, &format!("model-{:05}-of-{:05}.safetensors", i + 1, n));
+        assert!(std::fs::metadata(many.join(s)).unwrap().len() < 150_000 + 4096 || SafetensorsFile::open(many.join(s)).unwrap().tensors().len() == 1);
+    }
+    let tokens = [5u32, 17, 200, 3, 99, 42, 7];
+    let (a, _) = ours(&one, &tokens);
+    let (b, _) = ours(&many, &tokens);
+    assert_eq!(a, b, "sharded and single-file outputs run identically");
+    let v: serde_json::Value = serde_json::from_str(&oracle(&["load".as_ref(), many.as_os_str()])).unwrap();
+    assert_eq!(v["class"], "Model");
+}
+
+#[test]
+fn output_is_byte_identical_for_any_thread_count() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-random");
+    let mut outs = vec![];
+    for threads in ["1", "3"] {
+        // same directory name (the card names it), different parents
+        std::fs::create_dir(d.path().join(threads)).unwrap();
+        let out = d.path().join(threads).join("Ouro-tiny-3bit-gs32");
+        bin()
+            .env("RAYON_NUM_THREADS", threads)
+            .arg("convert")
+            .arg(&src)
+            .args(["--format", "mlx", "--bits", "3", "--group-size", "32", "-o"])
+            .arg(&out)
+            .assert()
+            .success();
+        outs.push(all_files(&out));
+    }
+    assert_eq!(outs[0].len(), outs[1].len());
+    for (a, b) in outs[0].iter().zip(&outs[1]) {
+        assert_eq!(a.0, b.0);
+        assert!(a.1 == b.1, "{} differs between 1 and 3 threads", a.0);
+    }
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_and_leave_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let src = fixtures().join("tiny-random");
+    let fail = |model: &Path, args: &[&str], want: &[&str]| {
+        let o = bin().arg("convert").arg(model).args(["--format", "mlx"]).args(args).arg("-o").arg(&out).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{args:?}: `{w}` not in: {err}");
+        }
+        assert!(leftovers(d.path()).is_empty(), "{args:?} left {:?}", leftovers(d.path()));
+    };
+    fail(&src, &["--bits", "7"], &["--bits 7", "2, 3, 4, 5, 6 and 8"]);
+    fail(&src, &["--group-size", "48"], &["--group-size 48", "32, 64 and 128"]);
+    fail(&src, &["--recipe", "mixed_5_9"], &["--recipe mixed_5_9", "mixed_4_6"]);
+    fail(&src, &["--recipe", "mixed_4_6", "--bits", "16"], &["--recipe", "--bits 16"]);
+    // a NaN in a quantized tensor and in a float tensor: named, nothing left
+    for name in ["model.layers.1.mlp.up_proj.weight", "model.layers.0.input_layernorm_2.weight"] {
+        let bad = copy_checkpoint(&src);
+        edit_weights(bad.path(), |ts| {
+            let t = ts.iter_mut().find(|t| t.spec.name == name).unwrap();
+            t.bytes[6..8].copy_from_slice(&half::bf16::NAN.to_bits().to_le_bytes());
+        });
+        fail(bad.path(), &["--bits", "4"], &[name, "non-finite"]);
+    }
+    // no tokenizer
+    let bad = copy_checkpoint(&src);
+    std::fs::remove_file(bad.path().join("tokenizer.json")).unwrap();
+    fail(bad.path(), &["--bits", "4"], &["tokenizer.json"]);
+    // an existing target is kept unless --force
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep"), b"x").unwrap();
+    let o = bin().arg("convert").arg(&src).args(["--format", "mlx", "-o"]).arg(&out).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(leftovers(&out), vec!["keep"]);
+    convert(&src, &out, &["--force"]);
+    assert!(out.join("ouro.py").is_file() && !out.join("keep").exists());
+    assert_eq!(leftovers(d.path()), vec!["out"]);
+}
+
+#[test]
+fn runner_refuses_a_damaged_mlx_directory_naming_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("m");
+    convert(&fixtures().join("tiny-random"), &out, &["--bits", "4"]);
+    let p = out.join("model.safetensors");
+    let mut ts = read_tensors(&p);
+    ts.retain(|t| t.spec.name != "model.layers.0.self_attn.k_proj.biases");
+    write_tensors(&p, &ts);
+    let run = || {
+        let o = bin().arg("run").arg(&out).args(["--prompt-tokens", "1,2,3", "--max-tokens", "2"]).output().unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // the index still lists it
+    let err = run();
+    assert!(err.contains("model.layers.0.self_attn.k_proj.biases") && err.contains("absent from shard"), "{err}");
+    // removed from the index too: the quantized module is incomplete
+    let ip = out.join("model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&ip).unwrap()).unwrap();
+    index["weight_map"].as_object_mut().unwrap().remove("model.layers.0.self_attn.k_proj.biases");
+    std::fs::write(&ip, serde_json::to_vec(&index).unwrap()).unwrap();
+    let err = run();
+    assert!(err.contains("model.layers.0.self_attn.k_proj.biases") && err.contains("missing"), "{err}");
 }

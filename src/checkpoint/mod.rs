@@ -133,6 +133,20 @@ impl TensorView<'_> {
     }
 }
 
+/// Whether every value is finite. Branch-free, so it vectorises: a row is checked in a fraction of
+/// the time its quantization takes; [`first_non_finite`] then finds the culprit for the message.
+pub fn all_finite(x: &[f32]) -> bool {
+    x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)) < 0x7f80_0000
+}
+
+/// The index and value of the first NaN or infinity.
+pub fn first_non_finite(x: &[f32]) -> Option<(usize, f32)> {
+    if all_finite(x) {
+        return None;
+    }
+    x.iter().position(|v| !v.is_finite()).map(|i| (i, x[i]))
+}
+
 /// Widens little-endian `bytes` of a float dtype into `out` (`out.len()` elements).
 pub fn decode_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     match dtype {

@@ -20,25 +20,73 @@ pub const BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 /// The group sizes MLX's affine mode supports.
 pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
 
-/// Rounds to the nearest integer, ties to even, for `|x| < 2^22` (the codes are clamped to a much
-/// smaller range first). Adding and subtracting 1.5 * 2^23 makes the FPU round in the default
-/// mode, which vectorises where `round_ties_even` would call libm on baseline x86-64.
+/// 1.5 * 2^23: for `|x| < 2^22`, the f32 sum `x + MAGIC` is rounded by the FPU to an integer
+/// (ties to even, the default mode) and its bit pattern is `MAGIC_BITS + rint(x)`. This gives
+/// `rint` and the integer in two vectorisable operations, where `round_ties_even` and a float to
+/// int cast would not vectorise on baseline x86-64. The codes are clamped to a small range first.
+const MAGIC: f32 = 12_582_912.0;
+const MAGIC_BITS: i32 = 0x4B40_0000;
+
+#[cfg(test)]
 #[inline(always)]
 fn rint_small(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     (x + MAGIC) - MAGIC
 }
 
 /// Scale and bias of one group (f32, before rounding to the storage dtype).
-#[inline]
 pub fn group_params(g: &[f32], bits: u32) -> (f32, f32) {
-    let n = ((1u32 << bits) - 1) as f32;
-    let mut mn = g[0];
-    let mut mx = g[0];
-    for &v in &g[1..] {
-        mn = if v < mn { v } else { mn };
-        mx = if v > mx { v } else { mx };
+    let (mn, mx) = min_max(g);
+    params_from_range(mn, mx, bits)
+}
+
+/// Minimum and maximum of a group (finite values; a multiple of 8 of them). The sign of a zero
+/// extreme may depend on the order of comparisons, but never reaches the output: a zero edge
+/// means an all-zero group, whose bias is 0 either way.
+#[inline(always)]
+fn min_max(g: &[f32]) -> (f32, f32) {
+    let (mut mn, mut mx) = ([g[0]; 8], [g[0]; 8]);
+    for c in g.chunks_exact(8) {
+        for k in 0..8 {
+            mn[k] = if c[k] < mn[k] { c[k] } else { mn[k] };
+            mx[k] = if c[k] > mx[k] { c[k] } else { mx[k] };
+        }
     }
+    reduce8(mn, mx)
+}
+
+#[inline(always)]
+fn reduce8(mn: [f32; 8], mx: [f32; 8]) -> (f32, f32) {
+    let lo = mn.into_iter().fold(mn[0], |a, b| if b < a { b } else { a });
+    let hi = mx.into_iter().fold(mx[0], |a, b| if b > a { b } else { a });
+    (lo, hi)
+}
+
+/// [`min_max`] with AVX instructions (LLVM does not turn the portable loop into packed min/max).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn min_max_avx2(g: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    assert!(g.len() >= 8 && g.len() % 8 == 0);
+    // SAFETY: every load reads 8 values inside `g` (checked above); AVX is enabled.
+    unsafe {
+        let mut mn = _mm256_loadu_ps(g.as_ptr());
+        let mut mx = mn;
+        for c in g.chunks_exact(8).skip(1) {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            mn = _mm256_min_ps(v, mn);
+            mx = _mm256_max_ps(v, mx);
+        }
+        let (mut a, mut b) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(a.as_mut_ptr(), mn);
+        _mm256_storeu_ps(b.as_mut_ptr(), mx);
+        reduce8(a, b)
+    }
+}
+
+#[inline(always)]
+fn params_from_range(mn: f32, mx: f32, bits: u32) -> (f32, f32) {
+    let n = ((1u32 << bits) - 1) as f32;
     let mut scale = ((mx - mn) / n).max(1e-7);
     let edge = if mn.abs() > mx.abs() {
         mn
@@ -55,35 +103,85 @@ pub fn group_params(g: &[f32], bits: u32) -> (f32, f32) {
 }
 
 /// Quantizes one row: `words` gets `x.len() * bits / 32` u32 words, `scales` and `biases` one f32
-/// per group. `x.len()` must be a multiple of `group_size` and of 32.
+/// per group. `x.len()` must be a multiple of `group_size`, itself a multiple of 32.
 pub fn quantize_row(x: &[f32], bits: u32, group_size: usize, words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) {
-    debug_assert_eq!(x.len() % group_size, 0);
-    debug_assert_eq!(words.len(), x.len() * bits as usize / 32);
-    let n = ((1u32 << bits) - 1) as f32;
-    let mut codes = vec![0u8; group_size];
-    let mut acc: u64 = 0;
-    let mut nacc: u32 = 0;
-    let mut wi = 0usize;
-    for (gi, g) in x.chunks_exact(group_size).enumerate() {
-        let (scale, bias) = group_params(g, bits);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2. The same code compiled with wider vectors gives the same
+        // bits: every operation is an IEEE single operation and Rust never fuses a multiply-add.
+        return unsafe { quantize_row_avx2(x, bits, group_size, words, scales, biases) };
+    }
+    quantize_row_portable(x, bits, group_size, words, scales, biases)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(x: &[f32], bits: u32, group_size: usize, words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) {
+    quantize_row_bits::<true>(x, bits, group_size, words, scales, biases)
+}
+
+/// The kernel compiled for the build's baseline target.
+pub fn quantize_row_portable(x: &[f32], bits: u32, group_size: usize, words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) {
+    quantize_row_bits::<false>(x, bits, group_size, words, scales, biases)
+}
+
+#[inline(always)]
+fn quantize_row_bits<const AVX2: bool>(x: &[f32], bits: u32, group_size: usize, words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) {
+    match bits {
+        2 => quantize_row_b::<2, AVX2>(x, group_size, words, scales, biases),
+        3 => quantize_row_b::<3, AVX2>(x, group_size, words, scales, biases),
+        4 => quantize_row_b::<4, AVX2>(x, group_size, words, scales, biases),
+        5 => quantize_row_b::<5, AVX2>(x, group_size, words, scales, biases),
+        6 => quantize_row_b::<6, AVX2>(x, group_size, words, scales, biases),
+        8 => quantize_row_b::<8, AVX2>(x, group_size, words, scales, biases),
+        _ => panic!("MLX affine quantization has no {bits}-bit mode"),
+    }
+}
+
+#[inline(always)]
+fn quantize_row_b<const B: u32, const AVX2: bool>(x: &[f32], group_size: usize, words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) {
+    assert!(group_size % 32 == 0 && x.len() % group_size == 0);
+    assert_eq!(words.len(), x.len() * B as usize / 32);
+    let n = (1i32 << B) - 1;
+    let (lo, hi) = (-1.0f32, n as f32 + 1.0);
+    let words_per_group = group_size * B as usize / 32;
+    for (gi, (g, wg)) in x.chunks_exact(group_size).zip(words.chunks_exact_mut(words_per_group)).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 is true only when called from the AVX2 entry point, after detection.
+        let (mn, mx) = if AVX2 { unsafe { min_max_avx2(g) } } else { min_max(g) };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (mn, mx) = min_max(g);
+        let (scale, bias) = params_from_range(mn, mx, B);
         scales[gi] = scale;
         biases[gi] = bias;
-        for (c, &w) in codes.iter_mut().zip(g) {
-            let v = ((w - bias) / scale).clamp(-1.0, n + 1.0);
-            *c = rint_small(v).clamp(0.0, n) as u8;
-        }
-        for &c in &codes {
-            acc |= (c as u64) << nacc;
-            nacc += bits;
-            if nacc >= 32 {
-                words[wi] = acc as u32;
-                wi += 1;
-                acc >>= 32;
-                nacc -= 32;
+        for (g32, w) in g.chunks_exact(32).zip(wg.chunks_exact_mut(B as usize)) {
+            let mut codes = [0u32; 32];
+            for (c, &v) in codes.iter_mut().zip(g32) {
+                let v = (v - bias) / scale;
+                let v = if v < lo { lo } else if v > hi { hi } else { v };
+                let r = ((v + MAGIC).to_bits() as i32).wrapping_sub(MAGIC_BITS);
+                *c = r.clamp(0, n) as u32;
             }
+            pack32::<B>(&codes, w);
         }
     }
-    debug_assert_eq!(nacc, 0);
+}
+
+/// Packs 32 codes of `B` bits into `B` words (a little-endian bitstream): every 8 codes make `B`
+/// whole bytes, built in a u64 with constant shifts.
+#[inline(always)]
+fn pack32<const B: u32>(codes: &[u32; 32], out: &mut [u32]) {
+    let mut bytes = [0u8; 32];
+    for (k, c8) in codes.chunks_exact(8).enumerate() {
+        let mut v = 0u64;
+        for (j, &c) in c8.iter().enumerate() {
+            v |= (c as u64) << (j as u32 * B);
+        }
+        bytes[k * B as usize..(k + 1) * B as usize].copy_from_slice(&v.to_le_bytes()[..B as usize]);
+    }
+    for (w, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
 }
 
 /// The code at position `i` of a packed row.
@@ -129,15 +227,41 @@ mod tests {
     fn packing_round_trips_for_every_width() {
         for bits in BITS {
             let n = (1u32 << bits) - 1;
-            // values exactly on a grid of the group's own scale come back exactly
+            // a group holding every code 0..=n (the 128 values wrap around) comes back within half a step
             let x: Vec<f32> = (0..128).map(|i| (i as u32 % (n + 1)) as f32).collect();
             let mut words = vec![0u32; 128 * bits as usize / 32];
-            let (mut s, mut b) = (vec![0f32; 4], vec![0f32; 4]);
-            quantize_row(&x, bits, 32, &mut words, &mut s, &mut b);
+            let (mut s, mut b) = (vec![0f32; 1], vec![0f32; 1]);
+            quantize_row(&x, bits, 128, &mut words, &mut s, &mut b);
             let mut back = vec![0f32; 128];
-            dequantize_row(&words, &s, &b, bits, 32, &mut back);
+            dequantize_row(&words, &s, &b, bits, 128, &mut back);
             for (i, (a, r)) in x.iter().zip(&back).enumerate() {
-                assert!((a - r).abs() < 1e-4 * n as f32, "bits {bits} i {i}: {a} vs {r}");
+                assert!((a - r).abs() <= s[0].abs() * 0.5 + 1e-5, "bits {bits} i {i}: {a} vs {r}");
+                assert_eq!(code_at(&words, bits, i) as f32, ((r - b[0]) / s[0]).round(), "bits {bits} i {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn vector_kernel_equals_portable_kernel() {
+        let mut s = 12345u64;
+        let x: Vec<f32> = (0..4096)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                if i % 97 == 0 { u * 50.0 } else if i % 300 < 64 { -u.abs() } else { u * 0.03 }
+            })
+            .collect();
+        for bits in BITS {
+            for gs in GROUP_SIZES {
+                let nw = x.len() * bits as usize / 32;
+                let ng = x.len() / gs;
+                let (mut w1, mut s1, mut b1) = (vec![0u32; nw], vec![0f32; ng], vec![0f32; ng]);
+                let (mut w2, mut s2, mut b2) = (vec![0u32; nw], vec![0f32; ng], vec![0f32; ng]);
+                quantize_row(&x, bits, gs, &mut w1, &mut s1, &mut b1);
+                quantize_row_portable(&x, bits, gs, &mut w2, &mut s2, &mut b2);
+                assert_eq!(w1, w2, "bits {bits} gs {gs}");
+                assert_eq!(s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                assert_eq!(b1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
             }
         }
     }

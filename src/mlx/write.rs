@@ -12,12 +12,11 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 
 use super::{affine, MlxOptions};
 use crate::checkpoint::{decode_f32, Checkpoint};
 use crate::error::{Error, IoContext, Result};
-use crate::output::PendingOutput;
+use crate::output::{checksum, Checksum, PendingOutput};
 use crate::stfile::{DType, SafetensorsFile, TensorSpec, Writer};
 
 /// One source tensor and how it is written.
@@ -163,7 +162,7 @@ fn quantize_tensor(ck: &Checkpoint, p: &MlxTensorPlan, bits: u32, gs: usize) -> 
             for k in 0..wout.len() / (wpr * 4) {
                 let r = ci * CHUNK_ROWS + k;
                 decode_f32(t.dtype(), &t.bytes[r * cols * es..(r + 1) * cols * es], &mut row);
-                if let Some(c) = row.iter().position(|v| !v.is_finite()) {
+                if let Some((c, _)) = crate::checkpoint::first_non_finite(&row) {
                     return Err(Error::tensor(t.file, &p.hf_name, format!("non-finite value {} at row {r}, column {c}", row[c])));
                 }
                 affine::quantize_row(&row, bits, gs, &mut w, &mut s, &mut b);
@@ -320,45 +319,45 @@ pub fn convert_mlx(
     let total_in: u64 = plan.iter().map(|p| ck.tensor(&p.hf_name).map(|t| t.bytes.len() as u64).unwrap_or(0)).sum();
     let meta: BTreeMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
 
-    // Tensors in output order; shards are consecutive runs of them.
-    let mut sums: BTreeMap<String, [u8; 32]> = BTreeMap::new();
-    let mut shard_of = 0usize;
-    let mut writer = Writer::new(dir.join(shard_name(0, n)), shards[0].clone(), &meta)?;
-    let mut done = 0u64;
-    let mut put = |writer: &mut Writer, shard_of: &mut usize, name: &str, bytes: &[u8]| -> Result<()> {
-        if writer.current().map(|s| s.name.as_str()) != Some(name) {
-            // The current shard is complete: open the next one.
-            *shard_of += 1;
-            let next = Writer::new(dir.join(shard_name(*shard_of, n)), shards[*shard_of].clone(), &meta)?;
-            std::mem::replace(writer, next).finish()?;
-        }
-        debug_assert_eq!(writer.current().map(|s| s.name.as_str()), Some(name));
-        writer.write(bytes)?;
-        sums.insert(name.to_string(), Sha256::digest(bytes).into());
-        Ok(())
-    };
-    for p in &plan {
-        let t = ck.tensor(&p.hf_name)?;
-        match p.quant {
-            None => {
-                if let Some((i, v)) = first_non_finite(t.dtype(), t.bytes) {
-                    return Err(Error::tensor(t.file, &p.hf_name, format!("non-finite value {v} at element {i}")));
+    // Tensors in output order; shards are consecutive runs of them. A writer thread appends the
+    // bytes and checksums them while the rayon pool quantizes the next tensor.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Bytes<'_>)>(3);
+    let weights = &ck.weights;
+    let sums = std::thread::scope(|scope| -> Result<BTreeMap<String, Checksum>> {
+        let writer = scope.spawn(|| write_shards(&dir, &shards, &meta, rx, weights));
+        let produced = (|| -> Result<()> {
+            let mut done = 0u64;
+            for p in &plan {
+                let t = ck.tensor(&p.hf_name)?;
+                match p.quant {
+                    None => {
+                        if let Some((i, v)) = first_non_finite(t.dtype(), t.bytes) {
+                            return Err(Error::tensor(t.file, &p.hf_name, format!("non-finite value {v} at element {i}")));
+                        }
+                        if tx.send((p.hf_name.clone(), Bytes::Borrowed(t.bytes))).is_err() {
+                            return Ok(()); // the writer failed; its error is reported below
+                        }
+                    }
+                    Some((bits, gs)) => {
+                        let parts = quantize_tensor(ck, p, bits, gs)?;
+                        ck.weights.release(&p.hf_name);
+                        for (spec, bytes) in p.outputs().into_iter().zip(parts) {
+                            if tx.send((spec.name, Bytes::Owned(bytes))).is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
                 }
-                put(&mut writer, &mut shard_of, &p.hf_name, t.bytes)?;
+                done += t.bytes.len() as u64;
+                progress(done, total_in, &p.hf_name);
             }
-            Some((bits, gs)) => {
-                let parts = quantize_tensor(ck, p, bits, gs)?;
-                for (spec, bytes) in p.outputs().iter().zip(parts.iter()) {
-                    put(&mut writer, &mut shard_of, &spec.name, bytes)?;
-                }
-            }
-        }
-        done += t.bytes.len() as u64;
-        progress(done, total_in, &p.hf_name);
-        ck.weights.release(&p.hf_name);
-    }
-    writer.finish()?;
-
+            Ok(())
+        })();
+        drop(tx);
+        let written = writer.join().expect("writer thread panicked");
+        produced?;
+        written
+    })?;
     // The index, config, model file, tokenizer files and card.
     let total_size: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
     let mut weight_map = BTreeMap::new();
@@ -421,9 +420,59 @@ fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<(usize, f32)> {
         .filter_map(|(ci, b)| {
             let mut v = vec![0f32; b.len() / es];
             decode_f32(dtype, b, &mut v);
-            v.iter().position(|x| !x.is_finite()).map(|i| (ci * CHUNK + i, v[i]))
+            crate::checkpoint::first_non_finite(&v).map(|(i, x)| (ci * CHUNK + i, x))
         })
         .min_by_key(|(i, _)| *i)
+}
+
+/// Tensor bytes on their way to the writer thread: straight from the input map, or made here.
+enum Bytes<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Borrowed(b) => b,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// Receives the tensors in output order and writes them into the planned shards, returning each
+/// tensor's checksum. Stops at the first error (the sender then sees a closed channel).
+fn write_shards(
+    dir: &Path,
+    shards: &[Vec<TensorSpec>],
+    meta: &BTreeMap<String, String>,
+    rx: std::sync::mpsc::Receiver<(String, Bytes<'_>)>,
+    weights: &crate::checkpoint::Weights,
+) -> Result<BTreeMap<String, Checksum>> {
+    let n = shards.len();
+    let mut sums = BTreeMap::new();
+    let mut shard = 0usize;
+    let mut writer = Writer::new(dir.join(shard_name(0, n)), shards[0].clone(), meta)?;
+    for (name, bytes) in rx {
+        if writer.current().map(|s| s.name.as_str()) != Some(name.as_str()) {
+            // The current shard is complete: open the next one.
+            shard += 1;
+            if shard >= n {
+                return Err(Error::tensor(dir, &name, "internal: more tensors than planned"));
+            }
+            let next = Writer::new(dir.join(shard_name(shard, n)), shards[shard].clone(), meta)?;
+            std::mem::replace(&mut writer, next).finish()?;
+        }
+        writer.write(&bytes)?;
+        sums.insert(name.clone(), checksum(&bytes));
+        if let Bytes::Borrowed(_) = bytes {
+            // copied from the input map: its pages are no longer needed
+            weights.release(&name);
+        }
+    }
+    writer.finish()?;
+    Ok(sums)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -434,7 +483,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Re-opens every shard with the strict reader and compares names, dtypes, shapes and checksums.
-fn verify(dir: &Path, shards: &[Vec<TensorSpec>], sums: &BTreeMap<String, [u8; 32]>) -> Result<()> {
+fn verify(dir: &Path, shards: &[Vec<TensorSpec>], sums: &BTreeMap<String, Checksum>) -> Result<()> {
     for (i, shard) in shards.iter().enumerate() {
         let path = dir.join(shard_name(i, shards.len()));
         let f = SafetensorsFile::open(&path)?;
@@ -446,7 +495,7 @@ fn verify(dir: &Path, shards: &[Vec<TensorSpec>], sums: &BTreeMap<String, [u8; 3
         }
         let bad = shard.par_iter().find_any(|s| {
             let ok = f.info(&s.name).is_some_and(|t| t.dtype == s.dtype && t.shape == s.shape)
-                && f.bytes(&s.name).is_some_and(|b| Sha256::digest(b).as_slice() == sums.get(&s.name).map(|x| &x[..]).unwrap_or(&[]));
+                && f.bytes(&s.name).is_some_and(|b| Some(&checksum(b)) == sums.get(&s.name));
             f.release(&s.name);
             !ok
         });
