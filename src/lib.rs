@@ -6,7 +6,9 @@
 
 pub mod checkpoint;
 pub mod convert;
+pub mod corpus;
 pub mod error;
+pub mod eval;
 pub mod gguf;
 pub mod inspect;
 pub mod mlx;

@@ -146,6 +146,58 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare a quantized model with its reference over a text: perplexity, KL divergence,
+    /// per-loop quality and exit behaviour, with a pass/fail verdict (exit 0 pass, 1 fail, 2 error).
+    Validate {
+        /// The reference: an HF checkpoint directory (or any model `run` reads).
+        #[arg(long)]
+        reference: PathBuf,
+        /// The candidate: a GGUF file, an MLX directory or an HF directory.
+        #[arg(long)]
+        candidate: PathBuf,
+        /// Text to evaluate on (tokenized once with the reference's tokenizer).
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per chunk; the second half of each chunk is scored.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// At most this many chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Exit thresholds q to study (0.5 is always included: the verdict uses it).
+        #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,1.0")]
+        thresholds: Vec<f32>,
+        /// Verdict profile: float, 8bit, 6bit, 4bit, 3bit (default: from the candidate's type).
+        #[arg(long)]
+        profile: Option<String>,
+        /// Override the profile's limit on the default-mode perplexity ratio.
+        #[arg(long)]
+        max_ppl_ratio: Option<f64>,
+        /// Override the profile's minimum exit agreement at q = 0.5 (percent).
+        #[arg(long)]
+        min_exit_agreement: Option<f64>,
+        /// Override the profile's minimum same-top-token share (percent).
+        #[arg(long)]
+        min_same_top: Option<f64>,
+        /// Write the report as JSON (schema in formats/validate-report.md).
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Write a Markdown summary (for model cards).
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Write an SVG plot: exit-loop histograms per q and per-loop perplexity.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Store the reference's outputs so that other candidates skip the reference run.
+        #[arg(long, conflicts_with = "reference_logits")]
+        save_reference: Option<PathBuf>,
+        /// Use stored reference outputs instead of running the reference.
+        #[arg(long)]
+        reference_logits: Option<PathBuf>,
+        /// Print the report JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write every loop's hidden state, logits, gate logits and exit pdf for a token sequence
     /// (the tensors of the golden expected.safetensors).
     Logits {
@@ -302,6 +354,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             ..
         } => convert_mlx(model, bits, group_size, recipe, shard_bytes, output, dry_run, force, json),
+        Command::Validate {
+            reference,
+            candidate,
+            text,
+            ctx,
+            chunks,
+            thresholds,
+            profile,
+            max_ppl_ratio,
+            min_exit_agreement,
+            min_same_top,
+            report,
+            markdown,
+            plot,
+            save_reference,
+            reference_logits,
+            json,
+        } => validate_cmd(ValidateArgs {
+            reference,
+            candidate,
+            text,
+            ctx,
+            chunks,
+            thresholds,
+            profile,
+            max_ppl_ratio,
+            min_exit_agreement,
+            min_same_top,
+            report,
+            markdown,
+            plot,
+            save_reference,
+            reference_logits,
+            json,
+        }),
         Command::Logits {
             model,
             tokens,
@@ -523,6 +610,130 @@ fn convert_mlx(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+struct ValidateArgs {
+    reference: PathBuf,
+    candidate: PathBuf,
+    text: PathBuf,
+    ctx: usize,
+    chunks: Option<usize>,
+    thresholds: Vec<f32>,
+    profile: Option<String>,
+    max_ppl_ratio: Option<f64>,
+    min_exit_agreement: Option<f64>,
+    min_same_top: Option<f64>,
+    report: Option<PathBuf>,
+    markdown: Option<PathBuf>,
+    plot: Option<PathBuf>,
+    save_reference: Option<PathBuf>,
+    reference_logits: Option<PathBuf>,
+    json: bool,
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it (replacing an old file).
+fn write_output(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let p = ouro_quant::output::PendingOutput::file(path, true)?;
+    std::fs::write(p.path(), bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    p.commit()?;
+    Ok(())
+}
+
+fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
+    use ouro_quant::eval::validate::{self, ReferenceSource, ValidateOptions};
+    use ouro_quant::eval::verdict;
+    for q in &a.thresholds {
+        anyhow::ensure!((0.0..=1.0).contains(q), "--thresholds: {q} is not in [0, 1]");
+    }
+    anyhow::ensure!(a.ctx >= 8, "--ctx {}: at least 8 tokens (the second half of each chunk is scored)", a.ctx);
+    if let Some(p) = &a.plot {
+        anyhow::ensure!(
+            p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")),
+            "--plot {}: only SVG is written (name the file .svg)",
+            p.display()
+        );
+    }
+    let mut thresholds = a.thresholds.clone();
+    if !thresholds.iter().any(|q| (q - 0.5).abs() < 1e-6) {
+        thresholds.insert(0, 0.5);
+    }
+    // The profile first, so that a bad name fails before any work.
+    let family = match &a.profile {
+        Some(p) => p.clone(),
+        None => source::quant_family(&a.candidate)?.to_string(),
+    };
+    let mut profile = verdict::profile(&family).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--profile {family}: unknown (one of {})",
+            verdict::profiles().iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    if let Some(v) = a.max_ppl_ratio {
+        profile.max_ppl_ratio = v;
+        profile.name = format!("{} (custom)", profile.name);
+    }
+    if let Some(v) = a.min_exit_agreement {
+        profile.min_exit_agreement_pct = v;
+        profile.name = format!("{} (custom)", profile.name.trim_end_matches(" (custom)"));
+    }
+    if let Some(v) = a.min_same_top {
+        profile.min_same_top_pct = v;
+        profile.name = format!("{} (custom)", profile.name.trim_end_matches(" (custom)"));
+    }
+    let text = std::fs::read_to_string(&a.text).map_err(|e| anyhow::anyhow!("{}: {e}", a.text.display()))?;
+    let tok = source::load_tokenizer(&a.reference)?;
+    let tokens: Vec<u32> = tok
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("{}: tokenizing: {e}", a.text.display()))?
+        .get_ids()
+        .to_vec();
+    let ref_hash = validate::model_hash(&a.reference)?;
+    let candidate = source::load(&a.candidate, &Device::Cpu)?;
+    let opts = ValidateOptions { ctx: a.ctx, chunks: a.chunks, thresholds };
+    let bar = ProgressBar::new(0).with_style(ProgressStyle::with_template("{bar:40} chunk {pos}/{len} {eta}").expect("template"));
+    if a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let name = |p: &PathBuf| p.display().to_string();
+    let report = if let Some(stored) = &a.reference_logits {
+        validate::check_reference_model(stored, &ref_hash)?;
+        validate::validate(ReferenceSource::Stored(stored.clone()), &name(&a.reference), &candidate.model, &name(&a.candidate), &tokens, &name(&a.text), &opts, &progress)?
+    } else {
+        let reference = source::load(&a.reference, &Device::Cpu)?;
+        let pending = match &a.save_reference {
+            Some(p) => Some(ouro_quant::output::PendingOutput::file(p, true)?),
+            None => None,
+        };
+        let src = ReferenceSource::Model { model: &reference.model, hash: ref_hash, save: pending.as_ref().map(|p| p.path().to_path_buf()) };
+        let r = validate::validate(src, &name(&a.reference), &candidate.model, &name(&a.candidate), &tokens, &name(&a.text), &opts, &progress)?;
+        if let Some(p) = pending {
+            p.commit()?;
+        }
+        r
+    };
+    bar.finish_and_clear();
+    let checks = verdict::verdict(&report, &profile);
+    let pass = checks.iter().all(|c| c.pass);
+    let full = serde_json::json!({"report": report, "profile": profile, "checks": checks, "pass": pass});
+    if let Some(p) = &a.report {
+        write_output(p, (serde_json::to_string_pretty(&full)? + "\n").as_bytes())?;
+    }
+    if let Some(p) = &a.markdown {
+        write_output(p, verdict::render_markdown(&report, &checks, &profile).as_bytes())?;
+    }
+    if let Some(p) = &a.plot {
+        write_output(p, verdict::render_svg(&report).as_bytes())?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&full)?);
+    } else {
+        print!("{}", verdict::render_table(&report, &checks, &profile));
+    }
+    Ok(if pass { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 struct RunArgs {

@@ -273,6 +273,14 @@ Memory is precious on a small machine: eight bits per weight halves it, four bit
 /// Trains a byte-level BPE on [`TOKENIZER_TEXT`] with the Ouro special tokens at ids 0, 1, 2, and
 /// writes `tokenizer.json` and `tokenizer_config.json`.
 fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
+    let lines: Vec<&str> = TOKENIZER_TEXT.split(". ").collect();
+    train_tokenizer(dir, vocab_size.min(3 + 256 + 400), &lines)
+}
+
+/// Trains a byte-level BPE of `vocab_size` tokens on `lines` with the Ouro special tokens
+/// (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>` at ids 0, 1, 2), and writes `tokenizer.json` and a
+/// `tokenizer_config.json` with the ChatML template into `dir`.
+pub fn train_tokenizer(dir: &Path, vocab_size: usize, lines: &[&str]) -> Result<()> {
     use tokenizers::decoders::DecoderWrapper;
     use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
     use tokenizers::models::{ModelWrapper, TrainerWrapper};
@@ -286,7 +294,7 @@ fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
         .iter()
         .map(|s| AddedToken::from(*s, true))
         .collect();
-    let target = vocab_size.min(3 + 256 + 400);
+    let target = vocab_size;
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(target)
         .min_frequency(2)
@@ -305,7 +313,6 @@ fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
         TokenizerImpl::new(ModelWrapper::BPE(BPE::default()));
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(ByteLevel::new(false, true, true)));
-    let lines: Vec<&str> = TOKENIZER_TEXT.split(". ").collect();
     let p = dir.join("tokenizer.json");
     tok.train(&mut trainer, lines.iter())
         .map_err(|e| Error::file(&p, format!("training the synthetic tokenizer failed: {e}")))?;

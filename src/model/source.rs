@@ -327,3 +327,34 @@ pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedMod
         path.display()
     )
 }
+
+/// The tokenizer of a model without loading its weights: `tokenizer.json` of a directory, or the
+/// one rebuilt from a GGUF file's metadata.
+pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
+    if path.is_file() {
+        let g = GgufFile::open(path)?;
+        return crate::gguf::tokenizer::tokenizer_from_metadata(&|k| g.header.get(k).cloned());
+    }
+    let tj = path.join("tokenizer.json");
+    anyhow::ensure!(tj.is_file(), "{}: no tokenizer.json", path.display());
+    tokenizers::Tokenizer::from_file(&tj).map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer: {e}", tj.display()))
+}
+
+/// The quantization family of a model, for choosing a `validate` profile: a GGUF file's type
+/// name, or an MLX directory's bits (`None` unquantized), or an HF checkpoint (float).
+pub fn quant_family(path: &std::path::Path) -> anyhow::Result<&'static str> {
+    use crate::eval::verdict::{profile_for_gguf, profile_for_mlx_bits};
+    if path.is_file() {
+        let g = GgufFile::open(path)?;
+        let id = g.header.get("general.file_type").and_then(|v| v.as_u32()).unwrap_or(0);
+        let name = crate::gguf::mix::FileType::ALL.iter().find(|t| t.id() == id).map(|t| t.name()).unwrap_or("?");
+        return Ok(profile_for_gguf(name));
+    }
+    if crate::mlx::read::is_mlx_dir(path) {
+        let text = std::fs::read_to_string(path.join("config.json"))?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let bits = v.get("quantization").and_then(|q| q.get("bits")).and_then(|b| b.as_u64()).map(|b| b as u32);
+        return Ok(profile_for_mlx_bits(bits));
+    }
+    Ok("float")
+}

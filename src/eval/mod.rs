@@ -1,0 +1,256 @@
+//! Evaluation over a text, the way llama.cpp's perplexity tool does it: the text is tokenized once,
+//! cut into chunks of `ctx` tokens, each chunk runs in one pass, and only the second half of each
+//! chunk is scored (so every scored token has at least `ctx/2` tokens of context). For every scored
+//! token we keep what an Ouro evaluation needs: each loop's log-probability of the true next token
+//! and the exit distribution over loops.
+
+pub mod validate;
+pub mod verdict;
+
+use serde::Serialize;
+
+use crate::model::exit::{exit_pdf, threshold_exit};
+use crate::model::{KvPolicy, OuroModel};
+
+/// Per-token results of a model over a text.
+#[derive(Debug, Clone)]
+pub struct TextEval {
+    /// Loops of the model.
+    pub loops: usize,
+    /// Index in the token sequence of every scored (predicted) token.
+    pub positions: Vec<usize>,
+    /// `[T][n]`: negative log-probability of the scored token under each loop's logits.
+    pub nll: Vec<Vec<f32>>,
+    /// `[n][T]`: the exit pdf at the position that predicts the token.
+    pub pdf: Vec<Vec<f32>>,
+}
+
+/// The chunks of `n` tokens: `(start, len)`, `len = ctx` each (a last partial chunk is dropped, as
+/// llama.cpp does), at most `max_chunks`.
+pub fn chunks(n: usize, ctx: usize, max_chunks: Option<usize>) -> Vec<(usize, usize)> {
+    let k = (n / ctx).min(max_chunks.unwrap_or(usize::MAX));
+    (0..k).map(|c| (c * ctx, ctx)).collect()
+}
+
+/// `log softmax(logits)[target]` computed stably in f64.
+pub fn log_prob(logits: &[f32], target: usize) -> f64 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let s: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
+    logits[target] as f64 - m - s.ln()
+}
+
+/// Runs `model` over `tokens` chunk by chunk and scores the second half of every chunk.
+/// `each_chunk(start, &outputs)` sees every chunk's full per-loop outputs (for comparisons that
+/// need whole distributions, such as KL divergence).
+pub fn evaluate(
+    model: &OuroModel,
+    tokens: &[u32],
+    ctx: usize,
+    max_chunks: Option<usize>,
+    each_chunk: &mut dyn FnMut(usize, &crate::model::LoopOutputs),
+) -> anyhow::Result<TextEval> {
+    anyhow::ensure!(ctx >= 4, "--ctx {ctx}: at least 4 tokens");
+    let spans = chunks(tokens.len(), ctx, max_chunks);
+    anyhow::ensure!(
+        !spans.is_empty(),
+        "the text has {} tokens, fewer than one chunk of --ctx {ctx}",
+        tokens.len()
+    );
+    let t_max = model.dims.loops;
+    let mut out = TextEval {
+        loops: t_max,
+        positions: vec![],
+        nll: vec![vec![]; t_max],
+        pdf: vec![],
+    };
+    for (start, len) in spans {
+        let chunk = &tokens[start..start + len];
+        let fwd = model.forward_full(chunk, KvPolicy::Full)?;
+        let lo = crate::model::LoopOutputs::new(model, &fwd)?;
+        let v = lo.vocab;
+        for j in len / 2..len - 1 {
+            let target = chunk[j + 1] as usize;
+            for t in 0..t_max {
+                out.nll[t].push(-log_prob(&lo.step_logits[t][j * v..(j + 1) * v], target) as f32);
+            }
+            out.pdf.push(lo.pdf[j].clone());
+            out.positions.push(start + j + 1);
+        }
+        each_chunk(start, &lo);
+    }
+    Ok(out)
+}
+
+/// Perplexity and its standard error (delta method, as llama.cpp reports it) of per-token NLLs.
+pub fn perplexity(nll: &[f32]) -> (f64, f64) {
+    let n = nll.len() as f64;
+    if n == 0.0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = nll.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    let ppl = mean.exp();
+    (ppl, ppl * (var / n).sqrt())
+}
+
+impl TextEval {
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// NLL of token `i` when it exits at the first loop whose CDF reaches `q`.
+    pub fn nll_at_threshold(&self, i: usize, q: f32) -> f32 {
+        self.nll[threshold_exit(&self.pdf[i], q)][i]
+    }
+
+    /// Per-token NLLs under the CDF rule with threshold `q` (the upstream default mode with q = the
+    /// config's `early_exit_threshold`).
+    pub fn nll_threshold(&self, q: f32, select: Option<&[bool]>) -> Vec<f32> {
+        (0..self.len()).filter(|&i| select.is_none_or(|s| s[i])).map(|i| self.nll_at_threshold(i, q)).collect()
+    }
+
+    /// Per-token NLLs of loop `t` (0-based), optionally only the selected tokens.
+    pub fn nll_loop(&self, t: usize, select: Option<&[bool]>) -> Vec<f32> {
+        (0..self.len()).filter(|&i| select.is_none_or(|s| s[i])).map(|i| self.nll[t][i]).collect()
+    }
+
+    /// How many of the (selected) tokens exit at each loop under threshold `q`.
+    pub fn exit_histogram(&self, q: f32, select: Option<&[bool]>) -> Vec<usize> {
+        let mut h = vec![0; self.loops];
+        for i in (0..self.len()).filter(|&i| select.is_none_or(|s| s[i])) {
+            h[threshold_exit(&self.pdf[i], q)] += 1;
+        }
+        h
+    }
+
+    /// Mean exit loop (1-based) of the (selected) tokens under threshold `q`.
+    pub fn mean_exit_loop(&self, q: f32, select: Option<&[bool]>) -> f64 {
+        let h = self.exit_histogram(q, select);
+        let n: usize = h.iter().sum();
+        h.iter().enumerate().map(|(t, &c)| (t + 1) as f64 * c as f64).sum::<f64>() / n as f64
+    }
+}
+
+/// The exit pdf of gate logits, re-exported for callers that only have gate logits.
+pub fn pdf_from_gates(gates: &[f32]) -> Vec<f32> {
+    exit_pdf(gates)
+}
+
+/// Unigram perplexity of the scored tokens under the token frequencies of the whole text: the
+/// baseline a model that learned nothing about context would reach at best.
+pub fn unigram_perplexity(tokens: &[u32], positions: &[usize]) -> f64 {
+    let mut count = std::collections::HashMap::new();
+    for &t in tokens {
+        *count.entry(t).or_insert(0usize) += 1;
+    }
+    let n = tokens.len() as f64;
+    let nll: f64 = positions.iter().map(|&p| -((count[&tokens[p]] as f64) / n).ln()).sum();
+    (nll / positions.len() as f64).exp()
+}
+
+/// A compact summary of a [`TextEval`], per loop and in the default mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub tokens: usize,
+    pub ppl_default: f64,
+    pub ppl_per_loop: Vec<f64>,
+    pub exit_histogram_q05: Vec<usize>,
+}
+
+impl TextEval {
+    pub fn summary(&self, default_q: f32) -> Summary {
+        Summary {
+            tokens: self.len(),
+            ppl_default: perplexity(&self.nll_threshold(default_q, None)).0,
+            ppl_per_loop: (0..self.loops).map(|t| perplexity(&self.nll_loop(t, None)).0).collect(),
+            exit_histogram_q05: self.exit_histogram(0.5, None),
+        }
+    }
+}
+
+/// Per-loop quality and exit behaviour of one kind of token.
+#[derive(Debug, Clone, Serialize)]
+pub struct KindReport {
+    pub tokens: usize,
+    pub ppl_per_loop: Vec<f64>,
+    /// Mean exit loop (1-based) at q = 0.5.
+    pub mean_exit_loop_q05: f64,
+}
+
+/// What the trained fixture must show (its README records it; `tests/trained_fixture.rs` asserts it),
+/// computed on a text of the project's corpus (see [`crate::corpus`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct CorpusReport {
+    pub ctx: usize,
+    pub scored_tokens: usize,
+    pub unigram_ppl: f64,
+    /// The config's default mode (CDF rule with `early_exit_threshold`).
+    pub ppl_default: f64,
+    pub ppl_per_loop: Vec<f64>,
+    /// Fraction of scored tokens exiting at each loop at q = 0.5.
+    pub exit_fractions_q05: Vec<f64>,
+    /// Answer tokens of recall lines.
+    pub recall_answers: KindReport,
+    /// Answer tokens of manipulation lines.
+    pub manipulation_answers: KindReport,
+}
+
+/// Evaluates `model` on `text` (lines of the project's corpus) with chunks of `ctx` tokens.
+pub fn corpus_report(model: &OuroModel, tok: &tokenizers::Tokenizer, text: &str, ctx: usize) -> anyhow::Result<CorpusReport> {
+    use crate::corpus::{token_kinds, Kind};
+    let enc = tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    let ids = enc.get_ids().to_vec();
+    let kinds = token_kinds(text, enc.get_offsets());
+    let ev = evaluate(model, &ids, ctx, None, &mut |_, _| {})?;
+    let select = |k: Kind| -> Vec<bool> { ev.positions.iter().map(|&p| kinds[p] == (k, true)).collect() };
+    let kind_report = |k: Kind| {
+        let s = select(k);
+        KindReport {
+            tokens: s.iter().filter(|&&b| b).count(),
+            ppl_per_loop: (0..ev.loops).map(|t| perplexity(&ev.nll_loop(t, Some(&s))).0).collect(),
+            mean_exit_loop_q05: ev.mean_exit_loop(0.5, Some(&s)),
+        }
+    };
+    let q = model.config.early_exit_threshold.unwrap_or(1.0) as f32;
+    let hist = ev.exit_histogram(0.5, None);
+    Ok(CorpusReport {
+        ctx,
+        scored_tokens: ev.len(),
+        unigram_ppl: unigram_perplexity(&ids, &ev.positions),
+        ppl_default: perplexity(&ev.nll_threshold(q, None)).0,
+        ppl_per_loop: (0..ev.loops).map(|t| perplexity(&ev.nll_loop(t, None)).0).collect(),
+        exit_fractions_q05: hist.iter().map(|&c| c as f64 / ev.len() as f64).collect(),
+        recall_answers: kind_report(Kind::Recall),
+        manipulation_answers: kind_report(Kind::Manipulation),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunking_and_scoring_follow_llama_perplexity() {
+        assert_eq!(chunks(10, 4, None), vec![(0, 4), (4, 4)]);
+        assert_eq!(chunks(10, 4, Some(1)), vec![(0, 4)]);
+        assert!(chunks(3, 4, None).is_empty());
+    }
+
+    #[test]
+    fn log_prob_and_perplexity_by_hand() {
+        // uniform over 4: log 1/4
+        assert!((log_prob(&[0.0; 4], 2) - (0.25f64).ln()).abs() < 1e-12);
+        // logits [ln 1, ln 3]: p = 1/4, 3/4
+        let l = [0.0f32, 3f32.ln()];
+        assert!((log_prob(&l, 1) - 0.75f64.ln()).abs() < 1e-6);
+        // perplexity of constant NLL ln 5 is 5 with zero error
+        let (p, e) = perplexity(&[5f32.ln(); 10]);
+        assert!((p - 5.0).abs() < 1e-5 && e.abs() < 1e-6);
+        // unigram: tokens a a b, scored [b] -> p(b) = 1/3
+        assert!((unigram_perplexity(&[7, 7, 9], &[2]) - 3.0).abs() < 1e-12);
+    }
+}

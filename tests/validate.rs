@@ -1,0 +1,194 @@
+//! `ouro-quant validate` end to end, on the trained fixture.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn fixture() -> PathBuf {
+    fixtures().join("ouro-tiny-trained")
+}
+
+fn text() -> PathBuf {
+    fixture().join("validation.txt")
+}
+
+/// Runs validate; returns (exit code, report JSON, stderr).
+fn validate(candidate: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let d = tempfile::tempdir().unwrap();
+    let rep = d.path().join("r.json");
+    let o = bin()
+        .arg("validate")
+        .arg("--reference")
+        .arg(fixture())
+        .arg("--candidate")
+        .arg(candidate)
+        .arg("--text")
+        .arg(text())
+        .args(["--ctx", "128", "--chunks", "30", "--report"])
+        .arg(&rep)
+        .args(extra)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let code = o.status.code().unwrap_or(-1);
+    let v = std::fs::read(&rep).ok().map(|b| serde_json::from_slice(&b).unwrap()).unwrap_or(serde_json::Value::Null);
+    (code, v, err + &String::from_utf8_lossy(&o.stdout))
+}
+
+#[test]
+fn the_reference_against_itself_is_perfect() {
+    let (code, v, out) = validate(&fixture(), &[]);
+    assert_eq!(code, 0, "{out}");
+    let r = &v["report"];
+    for m in std::iter::once(&r["default_mode"]).chain(r["per_loop"].as_array().unwrap()) {
+        assert_eq!(m["ppl_ratio"], 1.0);
+        assert_eq!(m["kl_mean"], 0.0);
+        assert_eq!(m["kl_max"], 0.0);
+        assert_eq!(m["same_top_token_pct"], 100.0);
+    }
+    for e in r["exits"].as_array().unwrap() {
+        assert_eq!(e["exit_agreement_pct"], 100.0);
+        assert_eq!(e["exit_tv_distance"], 0.0);
+        assert_eq!(e["histogram_reference"], e["histogram_candidate"]);
+    }
+    assert_eq!(v["profile"]["name"], "float");
+    assert!(out.contains("PASS"), "{out}");
+}
+
+#[test]
+fn eight_bit_outputs_pass_and_damaged_ones_fail_naming_the_metric() {
+    let d = tempfile::tempdir().unwrap();
+    let q8 = d.path().join("q8.gguf");
+    bin().arg("convert").arg(fixture()).args(["--type", "Q8_0", "-o"]).arg(&q8).assert().success();
+    let m8 = d.path().join("m8");
+    bin().arg("convert").arg(fixture()).args(["--format", "mlx", "--bits", "8", "-o"]).arg(&m8).assert().success();
+    for c in [&q8, &m8] {
+        let (code, v, out) = validate(c, &[]);
+        assert_eq!(code, 0, "{}: {out}", c.display());
+        assert_eq!(v["profile"]["name"], "8bit", "{}", c.display());
+        assert_eq!(v["pass"], true);
+    }
+    // Q2_K everywhere: fails its own 3-bit profile's neighbour, the 8-bit profile, by name
+    let q2 = d.path().join("q2.gguf");
+    bin().arg("convert").arg(fixture()).args(["--type", "Q4_0", "--type-override", ".*=Q2_K", "-o"]).arg(&q2).assert().success();
+    let (code, v, out) = validate(&q2, &["--profile", "8bit"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(v["pass"], false);
+    assert!(out.contains("FAIL ppl_ratio (default mode)"), "{out}");
+    // noise in one tensor of an HF copy: fails the float profile
+    let noisy = copy_checkpoint(&fixture());
+    edit_weights(noisy.path(), |ts| {
+        let t = ts.iter_mut().find(|t| t.spec.name == "model.layers.1.mlp.down_proj.weight").unwrap();
+        for (i, b) in t.bytes.chunks_exact_mut(2).enumerate() {
+            let v = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            let noise = if i % 2 == 0 { 0.05 } else { -0.05 };
+            b.copy_from_slice(&half::bf16::from_f32(v + noise).to_le_bytes());
+        }
+    });
+    let (code, v, out) = validate(noisy.path(), &[]);
+    assert_eq!(code, 1, "{out}");
+    let failed: Vec<&str> = v["checks"].as_array().unwrap().iter().filter(|c| c["pass"] == false).map(|c| c["name"].as_str().unwrap()).collect();
+    assert!(!failed.is_empty());
+    for f in failed {
+        assert!(out.contains(&format!("FAIL {f}")), "{f} not named in: {out}");
+    }
+}
+
+#[test]
+fn a_stored_reference_gives_identical_numbers_and_is_refused_elsewhere() {
+    let d = tempfile::tempdir().unwrap();
+    let q4 = d.path().join("q4.gguf");
+    bin().arg("convert").arg(fixture()).args(["--type", "Q4_K_M", "-o"]).arg(&q4).assert().success();
+    let stored = d.path().join("ref.safetensors");
+    let (c1, fresh, out) = validate(&q4, &["--save-reference", stored.to_str().unwrap()]);
+    assert!(c1 == 0 || c1 == 1, "{out}");
+    assert!(stored.is_file());
+    let (c2, reused, out) = validate(&q4, &["--reference-logits", stored.to_str().unwrap()]);
+    assert_eq!(c1, c2, "{out}");
+    let strip = |v: &serde_json::Value| {
+        let mut r = v["report"].clone();
+        for k in ["seconds_reference", "seconds_candidate", "tokens_per_s_reference", "tokens_per_s_candidate", "reference_stored"] {
+            r.as_object_mut().unwrap().remove(k);
+        }
+        r
+    };
+    assert_eq!(strip(&fresh), strip(&reused));
+    assert_eq!(reused["report"]["reference_stored"], true);
+    // another text
+    let other = d.path().join("other.txt");
+    std::fs::write(&other, std::fs::read_to_string(text()).unwrap().replace("Sum:", "Sum :")).unwrap();
+    let o = bin()
+        .arg("validate")
+        .arg("--reference")
+        .arg(fixture())
+        .arg("--candidate")
+        .arg(&q4)
+        .arg("--text")
+        .arg(&other)
+        .args(["--ctx", "128", "--chunks", "30", "--reference-logits"])
+        .arg(&stored)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another text"), "{}", String::from_utf8_lossy(&o.stderr));
+    // another reference model
+    let o = bin()
+        .arg("validate")
+        .arg("--reference")
+        .arg(&q4)
+        .arg("--candidate")
+        .arg(&q4)
+        .arg("--text")
+        .arg(text())
+        .args(["--ctx", "128", "--chunks", "30", "--reference-logits"])
+        .arg(&stored)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another model"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn outputs_for_model_cards_and_plots() {
+    let d = tempfile::tempdir().unwrap();
+    let md = d.path().join("v.md");
+    let svg = d.path().join("v.svg");
+    let (code, v, out) = validate(&fixture(), &["--markdown", md.to_str().unwrap(), "--plot", svg.to_str().unwrap(), "--thresholds", "0.7,0.9"]);
+    assert_eq!(code, 0, "{out}");
+    // 0.5 is always evaluated (the verdict uses it)
+    let qs: Vec<f64> = v["report"]["exits"].as_array().unwrap().iter().map(|e| e["q"].as_f64().unwrap()).collect();
+    assert_eq!(qs.len(), 3);
+    assert!((qs[0] - 0.5).abs() < 1e-6);
+    let md = std::fs::read_to_string(&md).unwrap();
+    assert!(md.contains("| loop 4 |") && md.contains("| 0.9 |") && md.contains("pass against the float profile"), "{md}");
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("exit loop at q = 0.7") && svg.contains("perplexity per loop"));
+}
+
+#[test]
+fn bad_options_fail_before_any_work() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--profile", "9bit"], "--profile 9bit"),
+        (&["--plot", "x.png"], "only SVG"),
+        (&["--thresholds", "1.5"], "not in [0, 1]"),
+        (&["--ctx", "4"], "--ctx 4"),
+    ];
+    for (args, want) in cases {
+        let (code, _, out) = validate(&fixture(), args);
+        assert_eq!(code, 2, "{args:?}: {out}");
+        assert!(out.contains(want), "{args:?}: {out}");
+    }
+    let o = bin()
+        .arg("validate")
+        .arg("--reference")
+        .arg(fixture())
+        .arg("--candidate")
+        .arg(fixture())
+        .args(["--text", "/nonexistent/text.txt"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/text.txt"));
+}
