@@ -4,6 +4,7 @@
 //! formats, the format writers put them in files, and every output is verified before it appears
 //! ([`output`]).
 
+pub mod batch;
 pub mod checkpoint;
 pub mod convert;
 pub mod corpus;
@@ -14,6 +15,7 @@ pub mod inspect;
 pub mod mlx;
 pub mod model;
 pub mod output;
+pub mod plan;
 pub mod quant;
 pub mod stfile;
 pub mod synth;

@@ -198,6 +198,52 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert (and validate) every source x target of a manifest, resumably, with SHA256SUMS and a
+    /// summary table (see formats/batch.md).
+    Batch {
+        /// The manifest (TOML).
+        manifest: PathBuf,
+        /// Conversions run at a time (within the manifest's memory budget).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// List the jobs and what would happen, convert nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Redo outputs that exist without a matching record.
+        #[arg(long)]
+        force: bool,
+        /// Print the outcomes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Will it fit? Weights + KV cache + runtime for every output format against a device's memory.
+    Plan {
+        /// A model (HF directory, GGUF file or MLX directory) whose config to plan for.
+        #[arg(conflicts_with = "preset", required_unless_present = "preset")]
+        model: Option<PathBuf>,
+        /// Plan for a released model's shapes instead.
+        #[arg(long, value_enum)]
+        preset: Option<Preset>,
+        /// A device profile (formats/devices.toml, or --devices): its free memory is the budget.
+        #[arg(long, conflicts_with = "memory", required_unless_present = "memory")]
+        device: Option<String>,
+        /// The budget in bytes.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Context length (tokens in the KV cache).
+        #[arg(long, default_value_t = 4096)]
+        ctx: usize,
+        #[arg(long, value_enum, default_value = "full")]
+        kv: KvPolicy,
+        /// KV-cache storage: f16 (llama.cpp's and MLX's default), f32 (this runner), q8_0.
+        #[arg(long, value_enum, default_value = "f16")]
+        kv_dtype: ouro_quant::plan::KvDtype,
+        /// More device profiles (TOML, same form as formats/devices.toml).
+        #[arg(long)]
+        devices: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write every loop's hidden state, logits, gate logits and exit pdf for a token sequence
     /// (the tensors of the golden expected.safetensors).
     Logits {
@@ -389,6 +435,121 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reference_logits,
             json,
         }),
+        Command::Batch { manifest, jobs, dry_run, force, json } => {
+            use ouro_quant::batch;
+            let m = batch::read_manifest(&manifest)?;
+            if dry_run {
+                let list = batch::jobs(&m);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    for j in &list {
+                        let exists = m.output_dir.join(&j.output).exists();
+                        println!("{:<32} from {:<16} {:<40} {}{}", j.output, j.source, j.options, if exists { "exists" } else { "to convert" }, if j.validate { ", validate" } else { "" });
+                    }
+                    println!("{} jobs into {}", list.len(), m.output_dir.display());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let n = batch::jobs(&m).len();
+            let multi = indicatif::MultiProgress::new();
+            if json {
+                multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let overall = multi.add(ProgressBar::new(n as u64).with_style(ProgressStyle::with_template("batch {bar:30} {pos}/{len} jobs {elapsed}").expect("template")));
+            let bars: std::sync::Mutex<std::collections::BTreeMap<usize, ProgressBar>> = Default::default();
+            let style = ProgressStyle::with_template("{prefix:<28} {bar:30} {binary_bytes}/{binary_total_bytes} {msg}").expect("template");
+            let started = |i: usize, j: &batch::Job| {
+                let b = multi.insert_before(&overall, ProgressBar::new(0).with_style(style.clone()).with_prefix(j.output.clone()));
+                bars.lock().expect("lock").insert(i, b);
+            };
+            let progress = |i: usize, d: u64, t: u64, what: &str| {
+                if let Some(b) = bars.lock().expect("lock").get(&i) {
+                    b.set_length(t);
+                    b.set_position(d);
+                    b.set_message(what.to_string());
+                }
+            };
+            let finished = |i: usize, o: &batch::Outcome| {
+                if let Some(b) = bars.lock().expect("lock").remove(&i) {
+                    b.finish_and_clear();
+                }
+                overall.inc(1);
+                if !json {
+                    let _ = multi.println(format!("{:<9} {}{}", o.status, o.output, o.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()));
+                }
+            };
+            let outcomes = batch::run(&m, jobs, force, &progress, &started, &finished)?;
+            overall.finish_and_clear();
+            let failed = outcomes.iter().filter(|o| o.status == "failed").count();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&outcomes)?);
+            } else {
+                print!("{}", std::fs::read_to_string(m.output_dir.join("summary.md")).unwrap_or_default());
+                println!(
+                    "{} converted, {} skipped, {failed} failed; SHA256SUMS, summary.md and summary.json in {}",
+                    outcomes.iter().filter(|o| o.status == "converted").count(),
+                    outcomes.iter().filter(|o| o.status == "skipped").count(),
+                    m.output_dir.display()
+                );
+            }
+            Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Command::Plan {
+            model,
+            preset,
+            device,
+            memory,
+            ctx,
+            kv,
+            kv_dtype,
+            devices,
+            json,
+        } => {
+            use ouro_quant::plan;
+            let cfg = match (&model, preset) {
+                (Some(m), _) if m.is_file() => source::GgufSource::open(m)?.config,
+                (Some(m), _) if ouro_quant::mlx::read::is_mlx_dir(m) => ouro_quant::mlx::read::MlxDir::open(m)?.config,
+                (Some(m), _) => ouro_quant::checkpoint::OuroConfig::from_file(m.join("config.json"))?,
+                (None, Some(p)) => {
+                    let v = synth::preset_config(p, None);
+                    ouro_quant::checkpoint::OuroConfig::from_map(v.as_object().expect("object").clone(), std::path::Path::new("preset"))?
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let (budget, what) = match (&device, memory) {
+                (Some(name), _) => {
+                    let all = plan::devices(devices.as_deref())?;
+                    let d = all.iter().find(|d| &d.name == name).ok_or_else(|| {
+                        anyhow::anyhow!("--device {name}: unknown (known: {})", all.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(", "))
+                    })?;
+                    (d.free(), format!("{} ({}): {} free of {}", d.name, d.description, inspect::human_bytes(d.free()), inspect::human_bytes(d.memory)))
+                }
+                (None, Some(m)) => (m, format!("{} budget", inspect::human_bytes(m))),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let shared = kv == KvPolicy::SharedLast;
+            let rows = plan::plan(&cfg, budget, ctx, shared, kv_dtype);
+            if json {
+                println!("{}", serde_json::json!({"budget_bytes": budget, "ctx": ctx, "kv": kv, "kv_dtype": kv_dtype, "kv_bytes_per_token": plan::kv_bytes_per_token(&cfg, shared, kv_dtype), "formats": rows}));
+            } else {
+                println!("{what}; context {ctx} tokens, KV {:?} in {:?} ({} per token)", kv, kv_dtype, inspect::human_bytes(plan::kv_bytes_per_token(&cfg, shared, kv_dtype) as u64));
+                println!("{:<16} {:>11} {:>11} {:>11} {:>11}  {:<5} {:>10}", "format", "weights", "KV", "runtime", "total", "fits", "max ctx");
+                for r in &rows {
+                    println!(
+                        "{:<16} {:>11} {:>11} {:>11} {:>11}  {:<5} {:>10}",
+                        r.format,
+                        inspect::human_bytes(r.weight_bytes),
+                        inspect::human_bytes(r.kv_bytes),
+                        inspect::human_bytes(r.overhead_bytes),
+                        inspect::human_bytes(r.total_bytes),
+                        if r.fits { "yes" } else { "NO" },
+                        r.max_ctx
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Logits {
             model,
             tokens,
