@@ -195,7 +195,7 @@ fn target_kind(t: &Target, name: &str) -> (TargetKind, String, String) {
                 Err(e) => (TargetKind::Invalid(e.to_string()), format!("mlx --bits {bits} --group-size {gs}"), format!("{name}-{bits}bit")),
             }
         }
-        f => (TargetKind::Invalid(format!("unknown format `{f}` (gguf or mlx)")), format!("{f}"), format!("{name}-{f}")),
+        f => (TargetKind::Invalid(format!("unknown format `{f}` (gguf or mlx)")), f.to_string(), format!("{name}-{f}")),
     }
 }
 
@@ -229,6 +229,25 @@ pub struct Outcome {
     pub kl_mean: Option<f64>,
     pub exit_agreement_pct: Option<f64>,
     pub validation_pass: Option<bool>,
+}
+
+impl Outcome {
+    fn new(job: &Job, status: &str) -> Outcome {
+        Outcome {
+            source: job.source.clone(),
+            output: job.output.clone(),
+            options: job.options.clone(),
+            status: status.into(),
+            error: None,
+            bytes: 0,
+            bits_per_weight: None,
+            seconds: 0.0,
+            ppl_ratio: None,
+            kl_mean: None,
+            exit_agreement_pct: None,
+            validation_pass: None,
+        }
+    }
 }
 
 fn sha256_file(p: &Path) -> Result<String> {
@@ -327,18 +346,8 @@ pub fn run(m: &Manifest, jobs_n: usize, force: bool, progress: Progress, started
                 let mut o = match out {
                     Ok(o) => o,
                     Err(e) => Outcome {
-                        source: job.source.clone(),
-                        output: job.output.clone(),
-                        options: job.options.clone(),
-                        status: "failed".into(),
                         error: Some(format!("{e:#}")),
-                        bytes: 0,
-                        bits_per_weight: None,
-                        seconds: 0.0,
-                        ppl_ratio: None,
-                        kl_mean: None,
-                        exit_agreement_pct: None,
-                        validation_pass: None,
+                        ..Outcome::new(job, "failed")
                     },
                 };
                 o.seconds = t0.elapsed().as_secs_f64();
@@ -388,20 +397,7 @@ fn run_job(
         }
     };
     let out_path = m.output_dir.join(&job.output);
-    let mut outcome = Outcome {
-        source: job.source.clone(),
-        output: job.output.clone(),
-        options: job.options.clone(),
-        status: "converted".into(),
-        error: None,
-        bytes: 0,
-        bits_per_weight: None,
-        seconds: 0.0,
-        ppl_ratio: None,
-        kl_mean: None,
-        exit_agreement_pct: None,
-        validation_pass: None,
-    };
+    let mut outcome = Outcome::new(job, "converted");
     let want = |files: BTreeMap<String, String>, result: Option<serde_json::Value>| Record {
         source_sha256: source_hash.clone(),
         options: job.options.clone(),

@@ -6,12 +6,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system error on a named file.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// (The OS error is part of the message, not a `source`, so that error chains do not print
+    /// it twice.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file whose contents are malformed (not a tensor in particular).
     #[error("{}: {msg}", path.display())]
     File { path: PathBuf, msg: String },
@@ -41,7 +39,7 @@ impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            err: source,
         }
     }
     pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {

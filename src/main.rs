@@ -664,18 +664,8 @@ fn convert_gguf(
             .unwrap_or_else(|| "ouro".into());
         PathBuf::from(format!("{name}-{}.gguf", ft.name()))
     });
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}")
-            .expect("template"),
-    );
-    if json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let summary = convert::convert_gguf(&ck, &opts, &out, &|done, total, name| {
-        bar.set_length(total);
-        bar.set_position(done);
-        bar.set_message(name.to_string());
-    })?;
+    let bar = bytes_bar(json);
+    let summary = convert::convert_gguf(&ck, &opts, &out, &|done, total, name| show_bytes(&bar, done, total, name))?;
     bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -692,6 +682,23 @@ fn convert_gguf(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The progress bar of a conversion (hidden with `--json`).
+fn bytes_bar(json: bool) -> ProgressBar {
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}").expect("template"),
+    );
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+fn show_bytes(bar: &ProgressBar, done: u64, total: u64, what: &str) {
+    bar.set_length(total);
+    bar.set_position(done);
+    bar.set_message(what.to_string());
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -742,18 +749,8 @@ fn convert_mlx(
         return Ok(ExitCode::SUCCESS);
     }
     let out = output.unwrap_or_else(|| PathBuf::from(write::default_output_name(&ck, &opts)));
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}")
-            .expect("template"),
-    );
-    if json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let summary = write::convert_mlx(&ck, &opts, &out, &|done, total, name| {
-        bar.set_length(total);
-        bar.set_position(done);
-        bar.set_message(name.to_string());
-    })?;
+    let bar = bytes_bar(json);
+    let summary = write::convert_mlx(&ck, &opts, &out, &|done, total, name| show_bytes(&bar, done, total, name))?;
     bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -42,7 +42,7 @@ fn devices_answer_will_it_fit() {
     assert_eq!(row("GGUF Q4_K_M")["fits"], true);
     // 1.5 MiB of f16 KV per token for 2.6B (spec section 3)
     assert_eq!(v["kv_bytes_per_token"], 1.5 * 1048576.0);
-    assert_eq!(row("GGUF Q4_K_M")["kv_bytes"], 2048 * 1572864);
+    assert_eq!(row("GGUF Q4_K_M")["kv_bytes"], 2048u64 * 1572864);
     // a user profile file extends the shipped ones
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("devices.toml");
