@@ -45,7 +45,9 @@ pub struct Manifest {
     pub memory: Option<u64>,
     #[serde(default)]
     pub validate: Option<ValidateCfg>,
+    #[serde(default)]
     pub sources: Vec<Source>,
+    #[serde(default)]
     pub targets: Vec<Target>,
 }
 

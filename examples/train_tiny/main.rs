@@ -53,7 +53,7 @@ fn parse_args() -> Args {
         lr: get("--lr").map_or(3e-3, |s| s.parse().expect("--lr")),
         beta: get("--beta").map_or(0.1, |s| s.parse().expect("--beta")),
         beta_start: get("--beta-start").map_or(2.0, |s| s.parse().expect("--beta-start")),
-        gamma: get("--gamma").map_or(0.02, |s| s.parse().expect("--gamma")),
+        gamma: get("--gamma").map_or(0.005, |s| s.parse().expect("--gamma")),
         save_stage1: get("--save-stage1").map(PathBuf::from),
         load_stage1: get("--load-stage1").map(PathBuf::from),
     }
@@ -241,6 +241,8 @@ fn main() -> anyhow::Result<()> {
         let data = vm.data().lock().expect("varmap");
         ["model.early_exit_gate.weight", "model.early_exit_gate.bias"].iter().map(|k| data[*k].clone()).collect()
     };
+    // Stage 2 draws its own batches, so that `--load-stage1` reproduces a full run exactly.
+    let mut rng = corpus::Rng::new(args.seed.wrapping_add(4));
     let mut gopt = AdamW::new(gate_vars, ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() })?;
     for step in 0..args.gate_steps {
         let (x, y) = batch(&mut rng)?;
