@@ -60,6 +60,13 @@ enum Command {
         /// MLX: largest shard in bytes (mlx-lm: 5 GiB).
         #[arg(long, hide = true)]
         shard_bytes: Option<u64>,
+        /// MLX: validate the output against the source on this text and put the result in the
+        /// model card (README.md's Validation section).
+        #[arg(long, value_name = "TEXT")]
+        validate: Option<PathBuf>,
+        /// Tokens per chunk for --validate.
+        #[arg(long, default_value_t = 512)]
+        validate_ctx: usize,
         /// Give tensors whose GGUF name matches REGEX this ggml type (repeatable), e.g. `attn_v=Q8_0`.
         #[arg(long = "type-override", value_name = "REGEX=TYPE")]
         type_override: Vec<String>,
@@ -148,56 +155,7 @@ enum Command {
     },
     /// Compare a quantized model with its reference over a text: perplexity, KL divergence,
     /// per-loop quality and exit behaviour, with a pass/fail verdict (exit 0 pass, 1 fail, 2 error).
-    Validate {
-        /// The reference: an HF checkpoint directory (or any model `run` reads).
-        #[arg(long)]
-        reference: PathBuf,
-        /// The candidate: a GGUF file, an MLX directory or an HF directory.
-        #[arg(long)]
-        candidate: PathBuf,
-        /// Text to evaluate on (tokenized once with the reference's tokenizer).
-        #[arg(long)]
-        text: PathBuf,
-        /// Tokens per chunk; the second half of each chunk is scored.
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        /// At most this many chunks.
-        #[arg(long)]
-        chunks: Option<usize>,
-        /// Exit thresholds q to study (0.5 is always included: the verdict uses it).
-        #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,1.0")]
-        thresholds: Vec<f32>,
-        /// Verdict profile: float, 8bit, 6bit, 4bit, 3bit (default: from the candidate's type).
-        #[arg(long)]
-        profile: Option<String>,
-        /// Override the profile's limit on the default-mode perplexity ratio.
-        #[arg(long)]
-        max_ppl_ratio: Option<f64>,
-        /// Override the profile's minimum exit agreement at q = 0.5 (percent).
-        #[arg(long)]
-        min_exit_agreement: Option<f64>,
-        /// Override the profile's minimum same-top-token share (percent).
-        #[arg(long)]
-        min_same_top: Option<f64>,
-        /// Write the report as JSON (schema in formats/validate-report.md).
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Write a Markdown summary (for model cards).
-        #[arg(long)]
-        markdown: Option<PathBuf>,
-        /// Write an SVG plot: exit-loop histograms per q and per-loop perplexity.
-        #[arg(long)]
-        plot: Option<PathBuf>,
-        /// Store the reference's outputs so that other candidates skip the reference run.
-        #[arg(long, conflicts_with = "reference_logits")]
-        save_reference: Option<PathBuf>,
-        /// Use stored reference outputs instead of running the reference.
-        #[arg(long)]
-        reference_logits: Option<PathBuf>,
-        /// Print the report JSON instead of the table.
-        #[arg(long)]
-        json: bool,
-    },
+    Validate(ValidateArgs),
     /// Convert (and validate) every source x target of a manifest, resumably, with SHA256SUMS and a
     /// summary table (see formats/batch.md).
     Batch {
@@ -398,43 +356,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             force,
             json,
+            validate,
+            validate_ctx,
             ..
-        } => convert_mlx(model, bits, group_size, recipe, shard_bytes, output, dry_run, force, json),
-        Command::Validate {
-            reference,
-            candidate,
-            text,
-            ctx,
-            chunks,
-            thresholds,
-            profile,
-            max_ppl_ratio,
-            min_exit_agreement,
-            min_same_top,
-            report,
-            markdown,
-            plot,
-            save_reference,
-            reference_logits,
-            json,
-        } => validate_cmd(ValidateArgs {
-            reference,
-            candidate,
-            text,
-            ctx,
-            chunks,
-            thresholds,
-            profile,
-            max_ppl_ratio,
-            min_exit_agreement,
-            min_same_top,
-            report,
-            markdown,
-            plot,
-            save_reference,
-            reference_logits,
-            json,
-        }),
+        } => {
+            let code = convert_mlx(model.clone(), bits, group_size, recipe, shard_bytes, output.clone(), dry_run, force, json)?;
+            match (validate, output) {
+                (Some(text), Some(out)) if !dry_run => validate_into_card(&model, &out, &text, validate_ctx),
+                (Some(_), None) => anyhow::bail!("--validate needs -o (the directory whose card gets the result)"),
+                _ => Ok(code),
+            }
+        }
+        Command::Validate(args) => validate_cmd(args),
         Command::Batch { manifest, jobs, dry_run, force, json } => {
             use ouro_quant::batch;
             let m = batch::read_manifest(&manifest)?;
@@ -684,6 +617,29 @@ fn convert_gguf(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Validates an MLX output against its source and writes the Markdown summary into its card.
+fn validate_into_card(source: &std::path::Path, out: &std::path::Path, text: &std::path::Path, ctx: usize) -> anyhow::Result<ExitCode> {
+    use ouro_quant::eval::validate::{self, ReferenceSource, ValidateOptions};
+    use ouro_quant::eval::verdict;
+    let t = std::fs::read_to_string(text).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
+    let tok = source::load_tokenizer(source)?;
+    let tokens = tok.encode(t.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
+    let reference = source::load(source, &Device::Cpu)?;
+    let candidate = source::load(out, &Device::Cpu)?;
+    let opts = ValidateOptions { ctx, chunks: None, thresholds: vec![0.5, 0.7, 0.9, 1.0] };
+    let src = ReferenceSource::Model { model: &reference.model, hash: validate::model_hash(source)?, save: None };
+    let r = validate::validate(src, &source.display().to_string(), &candidate.model, &out.display().to_string(), &tokens, &text.display().to_string(), &opts, &|_, _| {})?;
+    let profile = verdict::profile(source::quant_family(out)?).expect("shipped profile");
+    let checks = verdict::verdict(&r, &profile);
+    let md = verdict::render_markdown(&r, &checks, &profile);
+    let card_path = out.join("README.md");
+    let card = std::fs::read_to_string(&card_path).map_err(|e| anyhow::anyhow!("{}: {e}", card_path.display()))?;
+    let head = card.split("## Validation").next().unwrap_or(&card).to_string();
+    write_output(&card_path, format!("{head}## Validation\n\n{md}").as_bytes())?;
+    print!("{}", verdict::render_table(&r, &checks, &profile));
+    Ok(if checks.iter().all(|c| c.pass) { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 /// The progress bar of a conversion (hidden with `--json`).
 fn bytes_bar(json: bool) -> ProgressBar {
     let bar = ProgressBar::new(0).with_style(
@@ -770,23 +726,56 @@ fn convert_mlx(
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(clap::Args)]
 struct ValidateArgs {
-    reference: PathBuf,
-    candidate: PathBuf,
-    text: PathBuf,
-    ctx: usize,
-    chunks: Option<usize>,
-    thresholds: Vec<f32>,
-    profile: Option<String>,
-    max_ppl_ratio: Option<f64>,
-    min_exit_agreement: Option<f64>,
-    min_same_top: Option<f64>,
-    report: Option<PathBuf>,
-    markdown: Option<PathBuf>,
-    plot: Option<PathBuf>,
-    save_reference: Option<PathBuf>,
-    reference_logits: Option<PathBuf>,
-    json: bool,
+        /// The reference: an HF checkpoint directory (or any model `run` reads).
+        #[arg(long)]
+        reference: PathBuf,
+        /// The candidate: a GGUF file, an MLX directory or an HF directory.
+        #[arg(long)]
+        candidate: PathBuf,
+        /// Text to evaluate on (tokenized once with the reference's tokenizer).
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per chunk; the second half of each chunk is scored.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// At most this many chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Exit thresholds q to study (0.5 is always included: the verdict uses it).
+        #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,1.0")]
+        thresholds: Vec<f32>,
+        /// Verdict profile: float, 8bit, 6bit, 4bit, 3bit (default: from the candidate's type).
+        #[arg(long)]
+        profile: Option<String>,
+        /// Override the profile's limit on the default-mode perplexity ratio.
+        #[arg(long)]
+        max_ppl_ratio: Option<f64>,
+        /// Override the profile's minimum exit agreement at q = 0.5 (percent).
+        #[arg(long)]
+        min_exit_agreement: Option<f64>,
+        /// Override the profile's minimum same-top-token share (percent).
+        #[arg(long)]
+        min_same_top: Option<f64>,
+        /// Write the report as JSON (schema in formats/validate-report.md).
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Write a Markdown summary (for model cards).
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Write an SVG plot: exit-loop histograms per q and per-loop perplexity.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Store the reference's outputs so that other candidates skip the reference run.
+        #[arg(long, conflicts_with = "reference_logits")]
+        save_reference: Option<PathBuf>,
+        /// Use stored reference outputs instead of running the reference.
+        #[arg(long)]
+        reference_logits: Option<PathBuf>,
+        /// Print the report JSON instead of the table.
+        #[arg(long)]
+        json: bool,
 }
 
 /// Writes `bytes` to `path` through a temporary file beside it (replacing an old file).

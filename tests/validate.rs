@@ -190,3 +190,23 @@ fn bad_options_fail_before_any_work() {
         assert!(String::from_utf8_lossy(&o.stderr).contains(want), "{}", String::from_utf8_lossy(&o.stderr));
     }
 }
+
+#[test]
+fn convert_with_validate_puts_the_result_in_the_mlx_card() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("t-8bit");
+    let o = bin()
+        .arg("convert")
+        .arg(fixture())
+        .args(["--format", "mlx", "--bits", "8", "--validate-ctx", "128", "--validate"])
+        .arg(text())
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nlibrary_name: mlx"), "{card}");
+    assert!(card.contains("## Validation\n\n**Validation** by ouro-quant") && card.contains("pass against the 8bit profile"), "{card}");
+    assert!(card.contains("| loop 4 |") && !card.contains("Not run at conversion time"), "{card}");
+}
