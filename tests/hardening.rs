@@ -72,3 +72,39 @@ fn a_full_disk_gives_a_clear_error_and_leaves_nothing() {
     let left = entries(&disk.path().join("b"));
     assert!(!left.iter().any(|f| f.ends_with(".gguf") || f.contains(".ouro-quant-tmp")), "{left:?}");
 }
+
+#[test]
+fn an_mlx_convert_killed_mid_write_leaves_no_directory_and_the_next_run_cleans_up() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("big");
+    // one layer of the 2.6B shapes: ~500 MB of bf16
+    bin().args(["synth", "--preset", "ouro-2.6b", "--layers", "1", "-o"]).arg(&src).assert().success();
+    let out_dir = d.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let target = out_dir.join("big-8bit");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("ouro-quant"))
+        .arg("convert")
+        .arg(&src)
+        .args(["--format", "mlx", "--bits", "8", "--json", "-o"])
+        .arg(&target)
+        .spawn()
+        .unwrap();
+    // wait until the temporary directory holds part of a shard, then SIGKILL
+    let start = std::time::Instant::now();
+    loop {
+        let partial = entries(&out_dir).iter().filter(|n| n.starts_with(ouro_quant::output::TEMP_MARK)).any(|n| {
+            std::fs::metadata(out_dir.join(n).join("model.safetensors")).map(|m| m.len() > 1 << 20).unwrap_or(false)
+        });
+        if partial || start.elapsed().as_secs() > 60 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success(), "convert finished before it could be killed");
+    assert!(!target.exists(), "a killed convert left a directory at the target");
+    assert_eq!(entries(&out_dir).len(), 1, "the killed run's temporary directory: {:?}", entries(&out_dir));
+    bin().arg("convert").arg(&src).args(["--format", "mlx", "--bits", "8", "-o"]).arg(&target).assert().success();
+    assert_eq!(entries(&out_dir), vec!["big-8bit".to_string()]);
+    assert!(target.join("ouro.py").is_file());
+}
