@@ -59,6 +59,23 @@ pub struct LoadedModel {
     pub description: String,
 }
 
+impl LoadedModel {
+    fn new(
+        src: &dyn WeightSource,
+        device: &Device,
+        tokenizer: Option<tokenizers::Tokenizer>,
+        chat_template: Option<String>,
+        description: String,
+    ) -> anyhow::Result<Self> {
+        Ok(LoadedModel {
+            model: super::OuroModel::load(src, device)?,
+            tokenizer,
+            chat_template,
+            description,
+        })
+    }
+}
+
 /// Weights of one of our GGUF files: quantized matrices stay quantized (candle's quantized matmul);
 /// Q/K rows are put back in HF order, because the model applies rope in the HF layout.
 pub struct GgufSource {
@@ -271,13 +288,7 @@ pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedMod
         let chat_template = h.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
         let ft = h.get("general.file_type").and_then(|v| v.as_u32()).unwrap_or(0);
         let description = format!("GGUF {} (file type {ft})", path.display());
-        let model = super::OuroModel::load(&src, device)?;
-        return Ok(LoadedModel {
-            model,
-            tokenizer,
-            chat_template,
-            description,
-        });
+        return LoadedModel::new(&src, device, tokenizer, chat_template, description);
     }
     if path.is_dir() && crate::mlx::read::is_mlx_dir(path) {
         let dir = crate::mlx::read::MlxDir::open(path)?;
@@ -297,13 +308,7 @@ pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedMod
             None => format!("MLX {} (unquantized)", path.display()),
         };
         let src = MlxSource { dir };
-        let model = super::OuroModel::load(&src, device)?;
-        return Ok(LoadedModel {
-            model,
-            tokenizer,
-            chat_template,
-            description,
-        });
+        return LoadedModel::new(&src, device, tokenizer, chat_template, description);
     }
     if path.is_dir() && path.join("config.json").is_file() {
         let checkpoint = Checkpoint::open(path)?;
@@ -314,13 +319,7 @@ pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedMod
         let chat_template = checkpoint.tokenizer.chat_template().map(str::to_string);
         let description = format!("HF checkpoint {} ({})", path.display(), checkpoint.dtype());
         let src = HfSource { checkpoint };
-        let model = super::OuroModel::load(&src, device)?;
-        return Ok(LoadedModel {
-            model,
-            tokenizer,
-            chat_template,
-            description,
-        });
+        return LoadedModel::new(&src, device, tokenizer, chat_template, description);
     }
     anyhow::bail!(
         "{}: neither a GGUF file nor an HF Ouro checkpoint directory (config.json missing)",

@@ -266,6 +266,22 @@ pub(crate) fn make_qkx_quants(
     (scale, -min)
 }
 
+/// The final pass of Q4_K/Q5_K: each value re-quantized with the stored (rounded) super-block
+/// scale and min and its sub-block's 6-bit scale and min; sub-blocks with a zero scale keep `l`.
+fn requantize_k4(x: &[f32], d: u16, dmin: u16, packed: &[u8], nmax: i32, l: &mut [u8]) {
+    for j in 0..8 {
+        let (sc, m) = get_scale_min_k4(j, packed);
+        let dd = from_fp16(d) * sc as f32;
+        if dd == 0.0 {
+            continue;
+        }
+        let dm = from_fp16(dmin) * m as f32;
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, nmax) as u8;
+        }
+    }
+}
+
 fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -324,17 +340,7 @@ fn k4_scales_and_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> (u16, u1
     let packed = pack_scales_k4(&ls, &lm);
     let d = fp16(max_scale / 63.0);
     let dmin = fp16(max_min / 63.0);
-    for j in 0..8 {
-        let (sc, m) = get_scale_min_k4(j, &packed);
-        let dd = from_fp16(d) * sc as f32;
-        if dd == 0.0 {
-            continue;
-        }
-        let dm = from_fp16(dmin) * m as f32;
-        for ii in 0..32 {
-            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, nmax) as u8;
-        }
-    }
+    requantize_k4(x, d, dmin, &packed, nmax, &mut l);
     (d, dmin, packed, l)
 }
 
@@ -725,17 +731,7 @@ fn k4_weighted(x: &[f32], qw: &[f32], nmax: i32) -> (u16, u16, [u8; 12], [u8; QK
     let packed = pack_scales_k4(&ls, &lm);
     let d = fp16(d_block);
     let dmin = fp16(m_block);
-    for j in 0..8 {
-        let (sc, m) = get_scale_min_k4(j, &packed);
-        let dd = from_fp16(d) * sc as f32;
-        if dd == 0.0 {
-            continue;
-        }
-        let dm = from_fp16(dmin) * m as f32;
-        for ii in 0..32 {
-            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dd).clamp(0, nmax) as u8;
-        }
-    }
+    requantize_k4(x, d, dmin, &packed, nmax, &mut l);
     (d, dmin, packed, l)
 }
 
