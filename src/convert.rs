@@ -19,7 +19,7 @@ use crate::gguf::arch::{self, RowOrder};
 use crate::gguf::file::{GgufFile, Value, Writer};
 use crate::gguf::mix::{tensor_type, FileType, TypeOverride};
 use crate::gguf::tokenizer::tokenizer_metadata;
-use crate::output::{checksum, Checksum, Checksummer, PendingOutput};
+use crate::output::{Checksum, Checksummer, PendingOutput};
 use crate::quant::ggml::GgmlType;
 use crate::quant::{has_quantizer, quantize_row};
 
@@ -179,7 +179,8 @@ pub fn convert_gguf(
     let start = Instant::now();
     let plan = plan_gguf(ck, opts)?;
     let pending = PendingOutput::file(out, opts.force)?;
-    let kvs = metadata(ck, opts, HASH_PLACEHOLDER)?;
+    let mut kvs = metadata(ck, opts, HASH_PLACEHOLDER)?;
+    kvs.extend(crate::verify::gguf_placeholder_kvs(plan.len()));
     let specs: Vec<(String, Vec<usize>, GgmlType)> =
         plan.iter().map(|p| (p.gguf_name.clone(), p.shape.clone(), p.ggml_type)).collect();
     let total_in: u64 = plan.iter().map(|p| ck.tensor(&p.hf_name).map(|t| t.bytes.len() as u64).unwrap_or(0)).sum();
@@ -236,6 +237,7 @@ pub fn convert_gguf(
     let sums = written?;
     let hash = hash?;
     patch_hash(pending.path(), header_len, &hash)?;
+    crate::verify::record_gguf(pending.path(), &sums)?;
     verify(pending.path(), &plan, &sums, &hash)?;
     let bytes = std::fs::metadata(pending.path()).at(pending.path())?.len();
     let output = pending.commit()?;
@@ -279,8 +281,8 @@ fn patch_hash(path: &Path, header_len: usize, hash: &str) -> Result<()> {
     f.sync_all().at(path)
 }
 
-/// Re-reads the written file with the strict reader and checks every tensor against the plan and
-/// the checksums taken while writing.
+/// Re-reads the written file with the strict reader, checks it against the plan, and checks every
+/// byte against the checksums taken while writing (recorded in the file by [`crate::verify::record_gguf`]).
 fn verify(path: &Path, plan: &[TensorPlan], sums: &[Checksum], hash: &str) -> Result<()> {
     let f = GgufFile::open(path)?;
     if f.header.tensors.len() != plan.len() {
@@ -289,22 +291,21 @@ fn verify(path: &Path, plan: &[TensorPlan], sums: &[Checksum], hash: &str) -> Re
     if f.header.get("ouro_quant.source.sha256").and_then(|v| v.as_str()) != Some(hash) {
         return Err(Error::file(path, "verification: provenance hash was not written"));
     }
-    let bad: Vec<String> = f
-        .header
-        .tensors
-        .par_iter()
-        .zip(plan.par_iter().zip(sums.par_iter()))
-        .filter_map(|(t, (p, s))| {
-            let ok = t.name == p.gguf_name
-                && t.shape == p.shape
-                && t.ggml_type == p.ggml_type
-                && checksum(f.tensor_bytes(t)) == *s;
-            f.release(t);
-            (!ok).then(|| t.name.clone())
-        })
-        .collect();
-    if let Some(name) = bad.first() {
-        return Err(Error::tensor(path, name, "verification failed: the bytes read back differ from those written"));
+    for (t, p) in f.header.tensors.iter().zip(plan) {
+        if t.name != p.gguf_name || t.shape != p.shape || t.ggml_type != p.ggml_type {
+            return Err(Error::tensor(path, &t.name, "verification failed: the header read back differs from the plan"));
+        }
+    }
+    let recorded = f.header.get(crate::verify::GGUF_TENSORS_KEY).and_then(|v| v.as_array()).unwrap_or(&[]);
+    for ((t, s), r) in f.header.tensors.iter().zip(sums).zip(recorded) {
+        if r.as_str() != Some(crate::verify::hex(*s).as_str()) {
+            return Err(Error::tensor(path, &t.name, "verification failed: its recorded checksum differs from the one taken while writing"));
+        }
+    }
+    drop(f);
+    let report = crate::verify::verify_gguf(path)?;
+    if let Some(m) = report.mismatches.first() {
+        return Err(Error::file(path, format!("verification failed: {}: {} (the bytes read back differ from those written)", m.item, m.problem)));
     }
     Ok(())
 }

@@ -19,5 +19,6 @@ pub mod plan;
 pub mod quant;
 pub mod stfile;
 pub mod synth;
+pub mod verify;
 
 pub use error::{Error, Result};

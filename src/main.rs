@@ -33,6 +33,10 @@ enum Command {
         /// Read every value and report NaN/Inf per tensor (non-zero exit if any).
         #[arg(long)]
         scan: bool,
+        /// Check a GGUF file or an MLX directory written by ouro-quant against the checksums
+        /// recorded in it (every tensor, the header, every file); exit 1 naming what differs.
+        #[arg(long, conflicts_with_all = ["tensors", "scan"])]
+        verify: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -260,8 +264,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             path,
             tensors,
             scan,
+            verify,
             json,
         } => {
+            if verify {
+                let r = ouro_quant::verify::verify(&path)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{}", r.render());
+                }
+                return Ok(if r.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            }
             if path.is_file() {
                 anyhow::ensure!(!scan, "--scan reads checkpoints; a GGUF file is checked by its reader");
                 let r = inspect::inspect_gguf(&path, tensors)?;

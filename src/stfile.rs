@@ -432,6 +432,7 @@ pub struct Writer {
     specs: Vec<TensorSpec>,
     next: usize,
     written_in_current: usize,
+    sum: crate::output::Checksummer,
 }
 
 impl Writer {
@@ -444,13 +445,17 @@ impl Writer {
         let path = path.as_ref().to_path_buf();
         let file = File::create(&path).at(&path)?;
         let mut out = BufWriter::with_capacity(8 << 20, file);
-        out.write_all(&header_bytes(&specs, metadata)).at(&path)?;
+        let head = header_bytes(&specs, metadata);
+        out.write_all(&head).at(&path)?;
+        let mut sum = crate::output::Checksummer::new();
+        sum.update(&head);
         Ok(Writer {
             path,
             out,
             specs,
             next: 0,
             written_in_current: 0,
+            sum,
         })
     }
 
@@ -464,6 +469,7 @@ impl Writer {
             let room = spec.nbytes() - self.written_in_current;
             let take = room.min(rest.len());
             self.out.write_all(&rest[..take]).at(&self.path)?;
+            self.sum.update(&rest[..take]);
             self.written_in_current += take;
             rest = &rest[take..];
             if self.written_in_current == spec.nbytes() {
@@ -483,8 +489,9 @@ impl Writer {
         self.specs.get(self.next)
     }
 
-    /// Flushes and syncs; fails if any declared tensor is incomplete.
-    pub fn finish(mut self) -> Result<()> {
+    /// Flushes and syncs; fails if any declared tensor is incomplete. Returns the checksum of
+    /// every byte written (the whole file).
+    pub fn finish(mut self) -> Result<crate::output::Checksum> {
         self.write(&[])?;
         if let Some(spec) = self.specs.get(self.next) {
             return Err(Error::tensor(
@@ -495,7 +502,7 @@ impl Writer {
         }
         self.out.flush().at(&self.path)?;
         self.out.get_ref().sync_all().at(&self.path)?;
-        Ok(())
+        Ok(self.sum.finish())
     }
 }
 

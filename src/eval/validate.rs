@@ -420,7 +420,7 @@ impl ReferenceWriter {
     fn finish(mut self) -> crate::Result<()> {
         let g: Vec<u8> = self.gates.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.writer.write(&g)?;
-        self.writer.finish()
+        self.writer.finish().map(|_| ())
     }
 }
 

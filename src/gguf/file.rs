@@ -311,11 +311,17 @@ pub struct Header {
     pub alignment: usize,
     /// Offset of the data section in the file.
     pub data_start: usize,
+    /// For each KV, the file offset of its value (just after the value type).
+    pub value_offsets: Vec<usize>,
 }
 
 impl Header {
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+    /// The file offset of `key`'s value (just after its type id).
+    pub fn value_offset(&self, key: &str) -> Option<usize> {
+        self.kvs.iter().position(|(k, _)| k == key).map(|i| self.value_offsets[i])
     }
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
@@ -404,10 +410,12 @@ pub fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
         return Err(format!("{n_tensors} tensors and {n_kv} KVs cannot fit in {} bytes", buf.len()));
     }
     let mut kvs = Vec::with_capacity(n_kv as usize);
+    let mut value_offsets = Vec::with_capacity(n_kv as usize);
     let mut keys = HashSet::new();
     for i in 0..n_kv {
         let key = c.string(&format!("key {i}"))?;
         let ty = c.u32(&format!("type of `{key}`"))?;
+        value_offsets.push(c.pos);
         let v = c.value(ty, &format!("value of `{key}`"), false)?;
         if !keys.insert(key.clone()) {
             return Err(format!("duplicate key `{key}`"));
@@ -476,6 +484,7 @@ pub fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
         tensors,
         alignment,
         data_start,
+        value_offsets,
     })
 }
 
@@ -507,6 +516,11 @@ impl GgufFile {
 
     pub fn file_len(&self) -> usize {
         self.map.len()
+    }
+
+    /// The whole file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
     }
 
     /// Drops a tensor's pages from this process's resident memory after it has been read (they

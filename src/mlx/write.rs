@@ -323,7 +323,7 @@ pub fn convert_mlx(
     // bytes and checksums them while the rayon pool quantizes the next tensor.
     let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Bytes<'_>)>(3);
     let weights = &ck.weights;
-    let sums = std::thread::scope(|scope| -> Result<BTreeMap<String, Checksum>> {
+    let (sums, shard_sums) = std::thread::scope(|scope| -> Result<(BTreeMap<String, Checksum>, Vec<Checksum>)> {
         let writer = scope.spawn(|| write_shards(&dir, &shards, &meta, rx, weights));
         let produced = (|| -> Result<()> {
             let mut done = 0u64;
@@ -367,17 +367,25 @@ pub fn convert_mlx(
         }
     }
     let params = ck.config.parameter_count();
+    // Every file but the index and the card, with its checksum, recorded in the index.
+    let mut files: Vec<(String, Checksum)> = shard_sums.iter().enumerate().map(|(i, c)| (shard_name(i, n), *c)).collect();
+    files.push(("config.json".into(), write_file(&dir.join("config.json"), &output_config(ck, &plan, opts)?)?));
+    files.push(("ouro.py".into(), write_file(&dir.join("ouro.py"), super::OURO_PY.as_bytes())?));
+    for f in &ck.tokenizer.extra_files {
+        let name = f.file_name().expect("file name").to_string_lossy().into_owned();
+        let bytes = std::fs::read(f).at(f)?;
+        files.push((name.clone(), write_file(&dir.join(&name), &bytes)?));
+    }
+    let record = crate::verify::MlxRecord {
+        algorithm: crate::verify::ALGORITHM.into(),
+        files: files.iter().map(|(n, c)| (n.clone(), crate::verify::hex(*c))).collect(),
+        tensors: sums.iter().map(|(n, c)| (n.clone(), crate::verify::hex(*c))).collect(),
+    };
     let index = json!({
-        "metadata": {"total_size": total_size, "total_parameters": params},
+        "metadata": {"total_size": total_size, "total_parameters": params, crate::verify::MLX_INDEX_KEY: record},
         "weight_map": weight_map,
     });
     write_file(&dir.join("model.safetensors.index.json"), &pretty4(&index)?)?;
-    write_file(&dir.join("config.json"), &output_config(ck, &plan, opts)?)?;
-    write_file(&dir.join("ouro.py"), super::OURO_PY.as_bytes())?;
-    for f in &ck.tokenizer.extra_files {
-        let name = f.file_name().expect("file name");
-        std::fs::copy(f, dir.join(name)).at(f)?;
-    }
     let name = pending
         .target()
         .file_name()
@@ -385,7 +393,7 @@ pub fn convert_mlx(
         .unwrap_or_else(|| default_output_name(ck, opts));
     write_file(&dir.join("README.md"), model_card(ck, opts, &name, None).as_bytes())?;
 
-    verify(&dir, &shards, &sums)?;
+    verify(&dir, &shards)?;
     let bytes: u64 = shards
         .iter()
         .enumerate()
@@ -449,9 +457,10 @@ fn write_shards(
     meta: &BTreeMap<String, String>,
     rx: std::sync::mpsc::Receiver<(String, Bytes<'_>)>,
     weights: &crate::checkpoint::Weights,
-) -> Result<BTreeMap<String, Checksum>> {
+) -> Result<(BTreeMap<String, Checksum>, Vec<Checksum>)> {
     let n = shards.len();
     let mut sums = BTreeMap::new();
+    let mut file_sums = Vec::with_capacity(n);
     let mut shard = 0usize;
     let mut writer = Writer::new(dir.join(shard_name(0, n)), shards[0].clone(), meta)?;
     for (name, bytes) in rx {
@@ -462,7 +471,7 @@ fn write_shards(
                 return Err(Error::tensor(dir, &name, "internal: more tensors than planned"));
             }
             let next = Writer::new(dir.join(shard_name(shard, n)), shards[shard].clone(), meta)?;
-            std::mem::replace(&mut writer, next).finish()?;
+            file_sums.push(std::mem::replace(&mut writer, next).finish()?);
         }
         writer.write(&bytes)?;
         sums.insert(name.clone(), checksum(&bytes));
@@ -471,19 +480,22 @@ fn write_shards(
             weights.release(&name);
         }
     }
-    writer.finish()?;
-    Ok(sums)
+    file_sums.push(writer.finish()?);
+    Ok((sums, file_sums))
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes and syncs a small file; returns the checksum of its bytes.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<Checksum> {
     use std::io::Write;
     let mut f = std::fs::File::create(path).at(path)?;
     f.write_all(bytes).at(path)?;
-    f.sync_all().at(path)
+    f.sync_all().at(path)?;
+    Ok(checksum(bytes))
 }
 
-/// Re-opens every shard with the strict reader and compares names, dtypes, shapes and checksums.
-fn verify(dir: &Path, shards: &[Vec<TensorSpec>], sums: &BTreeMap<String, Checksum>) -> Result<()> {
+/// Re-opens every shard with the strict reader and compares names, dtypes and shapes with the
+/// plan, then checks every file against the checksums taken while writing (recorded in the index).
+fn verify(dir: &Path, shards: &[Vec<TensorSpec>]) -> Result<()> {
     for (i, shard) in shards.iter().enumerate() {
         let path = dir.join(shard_name(i, shards.len()));
         let f = SafetensorsFile::open(&path)?;
@@ -493,15 +505,13 @@ fn verify(dir: &Path, shards: &[Vec<TensorSpec>], sums: &BTreeMap<String, Checks
         if f.tensors().len() != shard.len() {
             return Err(Error::file(&path, format!("verification: {} tensors read back, {} written", f.tensors().len(), shard.len())));
         }
-        let bad = shard.par_iter().find_any(|s| {
-            let ok = f.info(&s.name).is_some_and(|t| t.dtype == s.dtype && t.shape == s.shape)
-                && f.bytes(&s.name).is_some_and(|b| Some(&checksum(b)) == sums.get(&s.name));
-            f.release(&s.name);
-            !ok
-        });
-        if let Some(s) = bad {
-            return Err(Error::tensor(&path, &s.name, "verification failed: the bytes read back differ from those written"));
+        if let Some(s) = shard.iter().find(|s| !f.info(&s.name).is_some_and(|t| t.dtype == s.dtype && t.shape == s.shape)) {
+            return Err(Error::tensor(&path, &s.name, "verification failed: the header read back differs from the plan"));
         }
+    }
+    let report = crate::verify::verify_mlx(dir)?;
+    if let Some(m) = report.mismatches.first() {
+        return Err(Error::file(dir, format!("verification failed: {}: {} (the bytes read back differ from those written)", m.item, m.problem)));
     }
     Ok(())
 }
