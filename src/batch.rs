@@ -111,6 +111,10 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
         if t.validate && m.validate.is_none() {
             return Err(Error::config(path, format!("targets[{i}].validate"), "needs a [validate] table with the text"));
         }
+        // bad options are the manifest's fault: refused before any work starts
+        if let (TargetKind::Invalid(why), _, _) = target_kind(t, "x") {
+            return Err(Error::config(path, format!("targets[{i}]"), why));
+        }
     }
     Ok(m)
 }
@@ -141,7 +145,8 @@ impl Default for TargetKind {
     }
 }
 
-/// Expands sources x targets into jobs (a target with bad options becomes a job that fails).
+/// Expands sources x targets into jobs (a target with bad options, refused when the manifest is
+/// read, would become a job that fails).
 pub fn jobs(m: &Manifest) -> Vec<Job> {
     let mut out = vec![];
     for s in &m.sources {

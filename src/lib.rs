@@ -10,6 +10,8 @@ pub mod convert;
 pub mod corpus;
 pub mod error;
 pub mod eval;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gguf;
 pub mod inspect;
 pub mod mlx;

@@ -307,13 +307,7 @@ pub fn verify_mlx(dir: &Path) -> Result<VerifyReport> {
     if rec.algorithm != ALGORITHM {
         return Err(Error::file(&index_path, format!("checksum algorithm `{}` is not supported (only {ALGORITHM})", rec.algorithm)));
     }
-    let weight_map: BTreeMap<String, String> = index
-        .get("weight_map")
-        .cloned()
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(|e| Error::file(&index_path, format!("`weight_map` is malformed: {e}")))?
-        .unwrap_or_default();
+    let weight_map = crate::checkpoint::parse_shard_index(&text, &index_path)?;
     let mut report = VerifyReport {
         path: dir.to_path_buf(),
         format: "mlx",
@@ -327,7 +321,7 @@ pub fn verify_mlx(dir: &Path) -> Result<VerifyReport> {
     for (name, recorded) in &rec.files {
         report.checked += 1;
         let p = dir.join(name);
-        if Path::new(name).components().count() != 1 {
+        if !crate::checkpoint::is_plain_file_name(name) {
             report.mismatches.push(mismatch(format!("file {name}"), "recorded name is not a plain file name"));
             continue;
         }

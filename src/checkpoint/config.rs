@@ -16,6 +16,13 @@ pub const ENDOFTEXT_ID: u32 = 0;
 pub const IM_START_ID: u32 = 1;
 pub const IM_END_ID: u32 = 2;
 
+/// Largest size key accepted (a corrupt config must not make sizes overflow).
+const MAX_DIM: usize = 1 << 31;
+/// Most parameters a config may imply (a thousand times the largest Ouro).
+const MAX_PARAMETERS: u128 = 1 << 42;
+const MAX_LAYERS: usize = 4096;
+const MAX_LOOPS: usize = 256;
+
 /// The typed configuration of an Ouro model.
 #[derive(Debug, Clone, Serialize)]
 pub struct OuroConfig {
@@ -82,6 +89,9 @@ impl Reader<'_> {
         let n = self.usize_of(key, self.required(key)?)?;
         if n == 0 {
             return Err(self.err(key, "must be positive, found 0"));
+        }
+        if n > MAX_DIM {
+            return Err(self.err(key, format!("{n} is implausibly large (more than {MAX_DIM})")));
         }
         Ok(n)
     }
@@ -211,6 +221,7 @@ impl OuroConfig {
         let num_key_value_heads = r.positive("num_key_value_heads")?;
         let head_dim = match r.opt_usize("head_dim")? {
             Some(0) => return Err(r.err("head_dim", "must be positive, found 0")),
+            Some(d) if d > MAX_DIM => return Err(r.err("head_dim", format!("{d} is implausibly large (more than {MAX_DIM})"))),
             Some(d) => d,
             None => {
                 if hidden_size % num_attention_heads != 0 {
@@ -271,6 +282,18 @@ impl OuroConfig {
             raw: Map::new(),
             corrections: vec![],
         };
+        for (key, n, max) in [("num_hidden_layers", cfg.num_hidden_layers, MAX_LAYERS), ("total_ut_steps", cfg.total_ut_steps, MAX_LOOPS)] {
+            if n > max {
+                return Err(r.err(key, format!("{n} is implausibly large (more than {max})")));
+            }
+        }
+        let params = cfg.parameter_count_u128();
+        if params > MAX_PARAMETERS {
+            return Err(r.err(
+                "hidden_size",
+                format!("the sizes imply {params} parameters, implausibly many (more than {MAX_PARAMETERS}): the config is corrupt"),
+            ));
+        }
         cfg.corrections = find_corrections(&cfg, &map);
         cfg.raw = map;
         Ok(cfg)
@@ -304,10 +327,18 @@ impl OuroConfig {
 
     /// Parameters the config implies (the real models': 1,434,652,673 and 2,667,974,657).
     pub fn parameter_count(&self) -> u64 {
-        crate::checkpoint::expected_tensors(self)
-            .iter()
-            .map(|t| t.shape.iter().product::<usize>() as u64)
-            .sum()
+        self.parameter_count_u128() as u64
+    }
+
+    /// [`Self::parameter_count`] without overflow for any sizes (the sum of the shapes
+    /// [`crate::checkpoint::expected_tensors`] lists; a test checks they agree).
+    fn parameter_count_u128(&self) -> u128 {
+        let [h, i, v, l] = [self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers].map(|x| x as u128);
+        let q = self.num_attention_heads as u128 * self.head_dim as u128;
+        let kv = self.num_key_value_heads as u128 * self.head_dim as u128;
+        let per_layer = 2 * q * h + 2 * kv * h + 3 * i * h + 4 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + l * per_layer + h + h + 1 + head
     }
 }
 

@@ -277,7 +277,22 @@ impl Weights {
 /// Reads the `weight_map` of a shard index, refusing shard names that leave the directory.
 fn read_shard_index(path: &Path) -> Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(path).at(path)?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+    parse_shard_index(&text, path)
+}
+
+/// A name that can only refer to a file directly inside a directory: one normal path component,
+/// no backslash (a Windows separator).
+pub fn is_plain_file_name(name: &str) -> bool {
+    let p = Path::new(name);
+    p.components().count() == 1
+        && matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+        && !name.contains('\\')
+}
+
+/// Parses a `model.safetensors.index.json` (the text of the file at `path`) into tensor -> shard.
+/// Every shard must be a plain file name (no directories, no `..`, not absolute). Never panics.
+pub fn parse_shard_index(text: &str, path: &Path) -> Result<BTreeMap<String, String>> {
+    let v: Value = serde_json::from_str(text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
     let wm = v
         .get("weight_map")
         .and_then(|w| w.as_object())
@@ -287,10 +302,7 @@ fn read_shard_index(path: &Path) -> Result<BTreeMap<String, String>> {
         let shard = shard
             .as_str()
             .ok_or_else(|| Error::tensor(path, tensor, "weight_map value is not a file name"))?;
-        let p = Path::new(shard);
-        let plain = p.components().count() == 1
-            && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
-        if !plain || shard.contains('\\') {
+        if !is_plain_file_name(shard) {
             return Err(Error::tensor(
                 path,
                 tensor,
@@ -405,6 +417,22 @@ impl Checkpoint {
             .filter(|t| !known.contains(t.name()))
             .map(|t| t.name().to_string())
             .collect();
+        // A layer the config does not have means the config and the weights disagree: converting
+        // would silently drop it.
+        let n_layers = config.num_hidden_layers;
+        if let Some(name) = extra_tensors.iter().find(|n| {
+            n.strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i >= n_layers)
+        }) {
+            let t = weights.get(name).expect("listed");
+            return Err(Error::tensor(
+                t.file,
+                name,
+                format!("belongs to a layer beyond the {n_layers} that config.json's num_hidden_layers declares: the config does not describe these weights"),
+            ));
+        }
         if !extra_tensors.is_empty() {
             warnings.push(format!(
                 "{} tensor(s) not used by an Ouro model are ignored: {}",

@@ -268,7 +268,7 @@ pub fn validate(
 ) -> anyhow::Result<ValidateReport> {
     let spans = chunks(tokens.len(), opts.ctx, opts.chunks);
     anyhow::ensure!(opts.ctx >= 8, "--ctx {}: at least 8 tokens", opts.ctx);
-    anyhow::ensure!(!spans.is_empty(), "the text has {} tokens, fewer than one chunk of --ctx {}", tokens.len(), opts.ctx);
+    anyhow::ensure!(!spans.is_empty(), "{text_name}: the text has {} tokens, fewer than one chunk of --ctx {}", tokens.len(), opts.ctx);
     let t_max = candidate.dims.loops;
     let vocab = candidate.dims.vocab;
     let first = opts.ctx / 2;
@@ -278,8 +278,25 @@ pub fn validate(
     // The reference: a model to run (maybe saving its side), or a stored file to read.
     let (ref_model, ref_hash, mut saver, stored) = match &reference {
         ReferenceSource::Model { model, hash, save } => {
-            anyhow::ensure!(model.dims.vocab == vocab, "reference vocabulary {} != candidate vocabulary {vocab}", model.dims.vocab);
-            anyhow::ensure!(model.dims.loops == t_max, "reference has {} loops, candidate {t_max}", model.dims.loops);
+            let (r, c) = (&model.dims, &candidate.dims);
+            let differ: Vec<String> = [
+                ("vocabulary", r.vocab, c.vocab),
+                ("loops", r.loops, c.loops),
+                ("layers", r.layers, c.layers),
+                ("hidden size", r.hidden, c.hidden),
+                ("attention heads", r.heads, c.heads),
+                ("KV heads", r.kv_heads, c.kv_heads),
+                ("head dim", r.head_dim, c.head_dim),
+            ]
+            .iter()
+            .filter(|(_, a, b)| a != b)
+            .map(|(what, a, b)| format!("{what} {b} (reference {a})"))
+            .collect();
+            anyhow::ensure!(
+                differ.is_empty(),
+                "{candidate_name}: not a conversion of the reference {reference_name}: {}",
+                differ.join(", ")
+            );
             let saver = match save {
                 Some(p) => Some(start_reference_file(p, hash, &thash, opts, spans.len(), per_chunk, t_max, vocab, model)?),
                 None => None,

@@ -44,6 +44,26 @@ impl MlxDir {
         Ok(me)
     }
 
+    /// What `config.json`'s `quantization` section says of `module`: `None` without a section,
+    /// `Some(None)` for `false`, else `Some(Some((bits, group_size)))` (its own entry, or the
+    /// top level).
+    fn configured_quant(&self, module: &str) -> Result<Option<Option<(u32, usize)>>> {
+        let Some(q) = self.config.raw.get("quantization") else { return Ok(None) };
+        let path = self.dir.join("config.json");
+        let bad = |what: &str| Error::config(&path, "quantization", format!("{what} is not valid"));
+        let pair = |v: &serde_json::Value, what: &str| -> Result<(u32, usize)> {
+            let b = v.get("bits").and_then(|b| b.as_u64()).ok_or_else(|| bad(&format!("{what}: `bits`")))?;
+            let g = v.get("group_size").and_then(|g| g.as_u64()).ok_or_else(|| bad(&format!("{what}: `group_size`")))?;
+            Ok((b as u32, g as usize))
+        };
+        Ok(Some(match q.get(module) {
+            Some(serde_json::Value::Bool(false)) => None,
+            Some(v @ serde_json::Value::Object(_)) => Some(pair(v, module)?),
+            Some(_) => return Err(bad(&format!("the entry for `{module}`"))),
+            None => Some(pair(q, "the top level")?),
+        }))
+    }
+
     /// For a tensor the model needs: `None` if stored in float, or `(bits, group_size)`.
     fn matrix_info(&self, hf_name: &str, shape: &[usize]) -> Result<Option<(u32, usize)>> {
         let index = self.weights.index_path.clone().unwrap_or_else(|| self.dir.join("model.safetensors"));
@@ -55,6 +75,14 @@ impl MlxDir {
         let Some(scales) = scales.filter(|_| hf_name.ends_with(".weight")) else {
             if !w.dtype().is_weight_float() || w.shape() != shape {
                 return Err(Error::tensor(w.file, hf_name, format!("{} {:?}, expected a float tensor of shape {shape:?}", w.dtype(), w.shape())));
+            }
+            // (mlx_lm quantizes a module without `scales` only if config.json names it)
+            if self.config.raw.get("quantization").and_then(|q| q.get(module)).is_some_and(|v| v.is_object()) {
+                return Err(Error::config(
+                    self.dir.join("config.json"),
+                    "quantization",
+                    format!("says `{module}` is quantized, but its weight is stored in {} without scales", w.dtype()),
+                ));
             }
             return Ok(None);
         };
@@ -71,6 +99,18 @@ impl MlxDir {
         let (bits, gs) = ((wc * 32 / cols) as u32, cols / sc);
         if !affine::BITS.contains(&bits) || !affine::GROUP_SIZES.contains(&gs) {
             return Err(Error::tensor(w.file, hf_name, format!("{bits} bits with group size {gs} is not an MLX affine setting")));
+        }
+        // mlx_lm builds its layers from config.json's `quantization`, then loads the tensors: the
+        // two must agree or it refuses the directory, so this reader does too.
+        if let Some(said) = self.configured_quant(module)? {
+            if said != Some((bits, gs)) {
+                let said = said.map_or("not quantized".to_string(), |(b, g)| format!("{b} bits, group size {g}"));
+                return Err(Error::config(
+                    self.dir.join("config.json"),
+                    "quantization",
+                    format!("says {said} for `{module}`, but its tensors hold {bits} bits with group size {gs}"),
+                ));
+            }
         }
         for (what, t) in [("scales", scales), ("biases", biases)] {
             if !t.dtype().is_weight_float() || t.shape() != [rows, sc] {

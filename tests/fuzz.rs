@@ -1,0 +1,158 @@
+//! The CI part of the fuzzing (the long runs are cargo-fuzz's, see `fuzz/README.md`): the committed
+//! seeds and every input a fuzzer once found (`fuzz/regressions/`) replayed through the four
+//! fuzz properties (`ouro_quant::fuzzing`), then a few thousand random mutations of the seeds per
+//! property, and structured inputs for the safetensors header and the config.
+
+use std::path::PathBuf;
+
+use proptest::prelude::*;
+
+use ouro_quant::checkpoint::OuroConfig;
+use ouro_quant::fuzzing;
+
+type Target = fn(&[u8]);
+const TARGETS: [(&str, Target); 4] = [
+    ("safetensors_header", fuzzing::safetensors_header),
+    ("gguf_header", fuzzing::gguf_header),
+    ("config", fuzzing::config),
+    ("shard_index", fuzzing::shard_index),
+];
+
+fn inputs(kind: &str, target: &str) -> Vec<Vec<u8>> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(kind).join(target);
+    let Ok(rd) = std::fs::read_dir(&dir) else { return vec![] };
+    let mut v: Vec<_> = rd.map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn seeds_are_real_inputs_and_regressions_pass() {
+    use ouro_quant::gguf::file::parse_header as gguf;
+    use ouro_quant::stfile::parse_header as st;
+    // the seeds exercise the success paths (a fuzzer mutating only rejected inputs learns little)
+    for s in inputs("seeds", "gguf_header") {
+        gguf(&s).unwrap();
+    }
+    for s in inputs("seeds", "safetensors_header") {
+        st(&s).unwrap();
+    }
+    assert!(inputs("seeds", "config").iter().any(|s| OuroConfig::from_json_str(std::str::from_utf8(s).unwrap(), std::path::Path::new("c")).is_ok()));
+    for (name, f) in TARGETS {
+        let seeds = inputs("seeds", name);
+        assert!(!seeds.is_empty(), "no seeds for {name}");
+        for s in seeds.iter().chain(&inputs("regressions", name)) {
+            f(s);
+        }
+    }
+}
+
+fn mutate(seed: &[u8], edits: &[(prop::sample::Index, u8, u8)], cut: Option<prop::sample::Index>) -> Vec<u8> {
+    let mut b = seed.to_vec();
+    for (i, v, op) in edits {
+        if b.is_empty() {
+            b.push(*v);
+            continue;
+        }
+        let k = i.index(b.len());
+        match op % 4 {
+            0 => b[k] = *v,
+            1 => b[k] ^= 1 << (v % 8),
+            2 => b.insert(k, *v),
+            _ => {
+                b.remove(k);
+            }
+        }
+    }
+    if let Some(c) = cut {
+        let k = c.index(b.len() + 1);
+        b.truncate(k);
+    }
+    b
+}
+
+fn valid_file() -> Vec<u8> {
+    let json = br#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"BF16","shape":[3],"data_offsets":[16,22]}}"#;
+    let mut v = (json.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(json);
+    v.extend_from_slice(&[0u8; 22]);
+    v
+}
+
+fn check_consistent(buf: &[u8]) {
+    fuzzing::safetensors_header(buf);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, .. ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_seeds_keep_every_property(
+        target in 0usize..4,
+        seed in any::<prop::sample::Index>(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), any::<u8>()), 1..8),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        let (name, f) = TARGETS[target];
+        let seeds = inputs("seeds", name);
+        f(&mutate(&seeds[seed.index(seeds.len())], &edits, cut));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        check_consistent(&bytes);
+    }
+
+    #[test]
+    fn mutated_valid_files_never_panic(
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<prop::sample::Index>(),
+        do_cut in any::<bool>(),
+    ) {
+        let mut b = valid_file();
+        for (i, v) in edits {
+            let k = i.index(b.len());
+            b[k] = v;
+        }
+        if do_cut {
+            let k = cut.index(b.len());
+            b.truncate(k);
+        }
+        check_consistent(&b);
+    }
+
+    #[test]
+    fn header_json_shapes_never_panic(
+        dtype in "(F32|BF16|F16|I64|U8|BOOL|F8_E4M3|X)",
+        shape in proptest::collection::vec(0u64..u64::MAX, 0..4),
+        begin in 0u64..64, len in 0u64..64, extra in 0usize..80,
+    ) {
+        let json = serde_json::json!({"t": {"dtype": dtype, "shape": shape, "data_offsets": [begin, begin + len]}});
+        let json = serde_json::to_vec(&json).unwrap();
+        let mut v = (json.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(&json);
+        v.extend(std::iter::repeat_n(0u8, extra));
+        check_consistent(&v);
+    }
+
+    #[test]
+    fn config_text_never_panics(text in "\\PC{0,200}") {
+        fuzzing::config(text.as_bytes());
+    }
+
+    #[test]
+    fn config_values_never_panic(
+        key in "(hidden_size|vocab_size|intermediate_size|num_hidden_layers|max_position_embeddings|num_attention_heads|num_key_value_heads|head_dim|total_ut_steps|early_exit_step|early_exit_threshold|rope_theta|eos_token_id|layer_types)",
+        value in prop_oneof![
+            any::<i64>().prop_map(|x| serde_json::json!(x)),
+            any::<f64>().prop_map(|x| serde_json::json!(x)),
+            "\\PC{0,8}".prop_map(|s| serde_json::json!(s)),
+            Just(serde_json::json!(null)),
+            Just(serde_json::json!([1, "a"])),
+        ],
+    ) {
+        let mut c: serde_json::Value = serde_json::from_str(include_str!("../fixtures/golden/mha_f32/config.json")).unwrap();
+        c[&key] = value;
+        fuzzing::config(c.to_string().as_bytes());
+    }
+}
