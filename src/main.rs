@@ -64,8 +64,8 @@ enum Command {
         /// MLX: largest shard in bytes (mlx-lm: 5 GiB).
         #[arg(long, hide = true)]
         shard_bytes: Option<u64>,
-        /// MLX: validate the output against the source on this text and put the result in the
-        /// model card (README.md's Validation section).
+        /// Validate the output against the source on this text and put the result in its model
+        /// card: README.md's Validation section (MLX), or a card beside the file, X.md (GGUF).
         #[arg(long, value_name = "TEXT")]
         validate: Option<PathBuf>,
         /// Tokens per chunk for --validate.
@@ -357,8 +357,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             force,
             json,
+            validate,
+            validate_ctx,
             ..
-        } => convert_gguf(model, &file_type, &type_override, output, dry_run, force, json),
+        } => {
+            let out = convert_gguf(model.clone(), &file_type, &type_override, output, dry_run, force, json)?;
+            match (validate, out) {
+                (Some(text), Some(out)) => validate_into_card(&model, &out, &text, validate_ctx),
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
         Command::Convert {
             model,
             format: Format::Mlx,
@@ -554,6 +562,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Converts to GGUF; returns the path written (`None` for a dry run).
 fn convert_gguf(
     model: PathBuf,
     file_type: &str,
@@ -562,7 +571,7 @@ fn convert_gguf(
     dry_run: bool,
     force: bool,
     json: bool,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Option<PathBuf>> {
     use ouro_quant::convert::{self, GgufOptions};
     use ouro_quant::gguf::mix::{FileType, TypeOverride};
     use ouro_quant::quant::ggml::GgmlType;
@@ -601,7 +610,7 @@ fn convert_gguf(
         } else {
             println!("{} tensors, {} of tensor data", plan.len(), inspect::human_bytes(total));
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(None);
     }
     let out = output.unwrap_or_else(|| {
         let name = model
@@ -628,10 +637,11 @@ fn convert_gguf(
             summary.input_gb_per_s
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Some(out))
 }
 
-/// Validates an MLX output against its source and writes the Markdown summary into its card.
+/// Validates a conversion against its source and puts the Markdown summary in its model card: the
+/// Validation section of an MLX directory's README.md, or a new card beside a GGUF file (X.md).
 fn validate_into_card(source: &std::path::Path, out: &std::path::Path, text: &std::path::Path, ctx: usize) -> anyhow::Result<ExitCode> {
     use ouro_quant::eval::validate::{self, ReferenceSource, ValidateOptions};
     use ouro_quant::eval::verdict;
@@ -646,10 +656,15 @@ fn validate_into_card(source: &std::path::Path, out: &std::path::Path, text: &st
     let profile = verdict::profile(source::quant_family(out)?).expect("shipped profile");
     let checks = verdict::verdict(&r, &profile);
     let md = verdict::render_markdown(&r, &checks, &profile);
-    let card_path = out.join("README.md");
-    let card = std::fs::read_to_string(&card_path).map_err(|e| anyhow::anyhow!("{}: {e}", card_path.display()))?;
-    let head = card.split("## Validation").next().unwrap_or(&card).to_string();
-    write_output(&card_path, format!("{head}## Validation\n\n{md}").as_bytes())?;
+    if out.is_dir() {
+        let card_path = out.join("README.md");
+        let card = std::fs::read_to_string(&card_path).map_err(|e| anyhow::anyhow!("{}: {e}", card_path.display()))?;
+        let head = card.split("## Validation").next().unwrap_or(&card).to_string();
+        write_output(&card_path, format!("{head}## Validation\n\n{md}").as_bytes())?;
+    } else {
+        use ouro_quant::gguf::card;
+        write_output(&card::card_path(out), card::model_card(out, &md)?.as_bytes())?;
+    }
     print!("{}", verdict::render_table(&r, &checks, &profile));
     Ok(if checks.iter().all(|c| c.pass) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
@@ -778,7 +793,8 @@ struct ValidateArgs {
         /// Write a Markdown summary (for model cards).
         #[arg(long)]
         markdown: Option<PathBuf>,
-        /// Write an SVG plot: exit-loop histograms per q and per-loop perplexity.
+        /// Write a plot (SVG or PNG, by the file's extension): exit-loop histograms per q and
+        /// per-loop perplexity.
         #[arg(long)]
         plot: Option<PathBuf>,
         /// Store the reference's outputs so that other candidates skip the reference run.
@@ -809,8 +825,8 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(a.ctx >= 8, "--ctx {}: at least 8 tokens (the second half of each chunk is scored)", a.ctx);
     if let Some(p) = &a.plot {
         anyhow::ensure!(
-            p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")),
-            "--plot {}: only SVG is written (name the file .svg)",
+            p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg") || e.eq_ignore_ascii_case("png")),
+            "--plot {}: name the file .svg or .png",
             p.display()
         );
     }
@@ -887,7 +903,9 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         write_output(p, verdict::render_markdown(&report, &checks, &profile).as_bytes())?;
     }
     if let Some(p) = &a.plot {
-        write_output(p, verdict::render_svg(&report).as_bytes())?;
+        let png = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        let bytes = if png { verdict::render_png(&report) } else { verdict::render_svg(&report).into_bytes() };
+        write_output(p, &bytes)?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&full)?);

@@ -164,14 +164,42 @@ fn outputs_for_model_cards_and_plots() {
     let md = std::fs::read_to_string(&md).unwrap();
     assert!(md.contains("| loop 4 |") && md.contains("| 0.9 |") && md.contains("pass against the float profile"), "{md}");
     let svg = std::fs::read_to_string(&svg).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("exit loop at q = 0.7") && svg.contains("perplexity per loop"));
+    assert!(svg.starts_with("<svg") && svg.contains("exit loop, q = 0.7: agree") && svg.contains("perplexity per loop"));
+
+    // The PNG is the same picture at twice the size: every bar of the SVG is in it, in its colour.
+    let png = d.path().join("v.png");
+    let (code, _, out) = validate(&fixture(), &["--plot", png.to_str().unwrap(), "--thresholds", "0.7,0.9"]);
+    assert_eq!(code, 0, "{out}");
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let mut rd = dec.read_info().unwrap();
+    let mut px = vec![0u8; rd.output_buffer_size().unwrap()];
+    let info = rd.next_frame(&mut px).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let num = |re: &str| -> f64 { regex::Regex::new(re).unwrap().captures(&svg).unwrap()[1].parse().unwrap() };
+    assert_eq!(info.width as f64, (2.0 * num(r#"<svg [^>]*width="([0-9.]+)""#)).ceil());
+    assert_eq!(info.height as f64, (2.0 * num(r#"<svg [^>]*height="([0-9.]+)""#)).ceil());
+    let rect = regex::Regex::new(r##"<rect x="([0-9.]+)" y="([0-9.]+)" width="([0-9.]+)" height="([0-9.]+)" fill="#(..)(..)(..)""##).unwrap();
+    let mut bars = 0;
+    for c in rect.captures_iter(&svg) {
+        let f = |i: usize| c[i].parse::<f64>().unwrap();
+        let (x, y, w, h) = (f(1), f(2), f(3), f(4));
+        if w < 2.0 || h < 3.0 {
+            continue;
+        }
+        let (cx, cy) = ((2.0 * (x + w / 2.0)) as usize, (2.0 * (y + h / 2.0)) as usize);
+        let i = (cy * info.width as usize + cx) * 3;
+        let want: Vec<u8> = (5..8).map(|k| u8::from_str_radix(&c[k], 16).unwrap()).collect();
+        assert_eq!(&px[i..i + 3], &want[..], "bar at ({x}, {y}) {w}x{h}");
+        bars += 1;
+    }
+    assert!(bars >= 3 * 4, "{bars} bars checked");
 }
 
 #[test]
 fn bad_options_fail_before_any_work() {
     let cases: [(&[&str], &str); 3] = [
         (&["--profile", "9bit"], "--profile 9bit"),
-        (&["--plot", "x.png"], "only SVG"),
+        (&["--plot", "x.pdf"], "name the file .svg or .png"),
         (&["--thresholds", "1.5"], "not in [0, 1]"),
     ];
     for (args, want) in cases {
@@ -209,4 +237,43 @@ fn convert_with_validate_puts_the_result_in_the_mlx_card() {
     assert!(card.starts_with("---\nlibrary_name: mlx"), "{card}");
     assert!(card.contains("## Validation\n\n**Validation** by ouro-quant") && card.contains("pass against the 8bit profile"), "{card}");
     assert!(card.contains("| loop 4 |") && !card.contains("Not run at conversion time"), "{card}");
+}
+
+#[test]
+fn convert_with_validate_writes_a_card_beside_the_gguf_and_its_verdict_is_the_exit_status() {
+    let d = tempfile::tempdir().unwrap();
+    let run = |ty: &str| {
+        let out = d.path().join(format!("t-{ty}.gguf"));
+        let o = bin()
+            .arg("convert")
+            .arg(fixture())
+            .args(["--type", ty, "--validate-ctx", "128", "--validate"])
+            .arg(text())
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        (o.status.code(), std::fs::read_to_string(d.path().join(format!("t-{ty}.md"))).unwrap(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let (code, card, _) = run("Q8_0");
+    assert_eq!(code, Some(0));
+    assert!(card.starts_with("---\nbase_model: ") && card.contains("- gguf\n"), "{card}");
+    assert!(card.contains("`--type Q8_0`") && card.contains("t-Q8_0.gguf"), "{card}");
+    assert!(card.contains("## Validation\n\n**Validation** by ouro-quant") && card.contains("pass against the 8bit profile"), "{card}");
+    // a damaged conversion: every matrix forced to Q2_K while the file type (and so the profile)
+    // says Q8_0
+    let out = d.path().join("t-bad.gguf");
+    let o = bin()
+        .arg("convert")
+        .arg(fixture())
+        .args(["--type", "Q8_0", "--type-override", "weight=Q2_K", "--validate-ctx", "128", "--validate"])
+        .arg(text())
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let card = std::fs::read_to_string(d.path().join("t-bad.md")).unwrap();
+    assert!(card.contains("FAIL against the 8bit profile"), "{card}");
+    assert!(out.is_file(), "the file stays: the card says why it failed");
 }

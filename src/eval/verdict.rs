@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use super::plot::{Anchor, Rgb, Scene};
 use super::validate::ValidateReport;
 
 /// Limits a candidate must meet.
@@ -172,39 +173,46 @@ pub fn render_markdown(r: &ValidateReport, checks: &[Check], profile: &Profile) 
 
 /// An SVG picture: per q, exit-loop histograms reference vs candidate; and per-loop perplexity bars.
 pub fn render_svg(r: &ValidateReport) -> String {
+    plot_scene(r).to_svg()
+}
+
+/// The same picture as [`render_svg`], as a PNG at twice its size.
+pub fn render_png(r: &ValidateReport) -> Vec<u8> {
+    plot_scene(r).to_png(2)
+}
+
+const REF_COLOR: Rgb = [0x44, 0x77, 0xaa];
+const CAND_COLOR: Rgb = [0xee, 0x66, 0x77];
+
+/// Exit-loop histograms (reference vs candidate) per q, and perplexity per loop and in the
+/// default mode, as bar panels side by side.
+pub fn plot_scene(r: &ValidateReport) -> Scene {
     let t_max = r.per_loop.len();
     let panels = r.exits.len() + 1;
     let (pw, ph) = (260.0f64, 220.0f64);
     let width = pw * (panels as f64 + 0.5) + 20.0;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-        ph + 60.0
-    );
-    s += &format!(
-        "<text x=\"10\" y=\"16\" font-size=\"13\">{} vs {}</text>\n<rect x=\"{}\" y=\"6\" width=\"10\" height=\"10\" fill=\"#4477aa\"/><text x=\"{}\" y=\"15\">reference</text><rect x=\"{}\" y=\"6\" width=\"10\" height=\"10\" fill=\"#ee6677\"/><text x=\"{}\" y=\"15\">candidate</text>\n",
-        xml(&r.reference), xml(&r.candidate), width - 170.0, width - 156.0, width - 90.0, width - 76.0
-    );
-    let bars = |s: &mut String, x0: f64, pw: f64, title: &str, labels: Vec<String>, a: Vec<f64>, b: Vec<f64>, fmt: &dyn Fn(f64) -> String| {
+    let mut s = Scene::new(width, ph + 60.0);
+    s.text(10.0, 16.0, 13.0, Anchor::Start, format!("{} vs {}", r.reference, r.candidate));
+    s.rect(width - 190.0, 6.0, 10.0, 10.0, REF_COLOR, None);
+    s.text(width - 176.0, 15.0, 11.0, Anchor::Start, "reference");
+    s.rect(width - 96.0, 6.0, 10.0, 10.0, CAND_COLOR, None);
+    s.text(width - 82.0, 15.0, 11.0, Anchor::Start, "candidate");
+    let bars = |s: &mut Scene, x0: f64, pw: f64, title: &str, labels: Vec<String>, a: Vec<f64>, b: Vec<f64>, fmt: &dyn Fn(f64) -> String| {
         let top = 40.0;
         let h = ph - 40.0;
         let max = a.iter().chain(&b).cloned().fold(0.0f64, f64::max).max(1e-12);
-        *s += &format!("<text x=\"{}\" y=\"{}\" font-size=\"12\">{}</text>\n", x0 + 10.0, top - 6.0, xml(title));
-        *s += &format!("<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n", x0 + 10.0, top + h, x0 + pw - 10.0, top + h);
+        s.text(x0 + 10.0, top - 6.0, 12.0, Anchor::Start, title);
+        s.line(x0 + 10.0, top + h, x0 + pw - 10.0, top + h);
         let n = a.len();
         let slot = (pw - 20.0) / n as f64;
         for i in 0..n {
-            for (k, (v, color)) in [(a[i], "#4477aa"), (b[i], "#ee6677")].iter().enumerate() {
+            for (k, (v, color)) in [(a[i], REF_COLOR), (b[i], CAND_COLOR)].iter().enumerate() {
                 let bh = v / max * (h - 14.0);
                 let x = x0 + 10.0 + slot * i as f64 + 4.0 + k as f64 * (slot - 8.0) / 2.0;
-                *s += &format!(
-                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{color}\"><title>{}</title></rect>\n",
-                    top + h - bh,
-                    (slot - 8.0) / 2.0 - 1.0,
-                    fmt(*v)
-                );
-                *s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"8\" text-anchor=\"middle\">{}</text>\n", x + (slot - 8.0) / 4.0, top + h - bh - 2.0, fmt(*v));
+                s.rect(x, top + h - bh, (slot - 8.0) / 2.0 - 1.0, bh, *color, Some(fmt(*v)));
+                s.text(x + (slot - 8.0) / 4.0, top + h - bh - 2.0, 8.0, Anchor::Middle, fmt(*v));
             }
-            *s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n", x0 + 10.0 + slot * (i as f64 + 0.5), top + h + 14.0, labels[i]);
+            s.text(x0 + 10.0 + slot * (i as f64 + 0.5), top + h + 14.0, 11.0, Anchor::Middle, labels[i].clone());
         }
     };
     for (i, e) in r.exits.iter().enumerate() {
@@ -213,7 +221,7 @@ pub fn render_svg(r: &ValidateReport) -> String {
             &mut s,
             10.0 + pw * i as f64,
             pw,
-            &format!("exit loop at q = {} (agreement {:.1}%)", e.q, e.exit_agreement_pct),
+            &format!("exit loop, q = {}: agree {:.1}%", e.q, e.exit_agreement_pct),
             (1..=t_max).map(|t| format!("loop {t}")).collect(),
             e.histogram_reference.iter().map(|&c| 100.0 * c as f64 / n).collect(),
             e.histogram_candidate.iter().map(|&c| 100.0 * c as f64 / n).collect(),
@@ -227,10 +235,6 @@ pub fn render_svg(r: &ValidateReport) -> String {
     a.push(r.default_mode.ppl_reference);
     b.push(r.default_mode.ppl_candidate);
     bars(&mut s, 10.0 + pw * r.exits.len() as f64, pw * 1.5, "perplexity per loop", labels, a, b, &|v| format!("{v:.3}"));
-    s += "</svg>\n";
     s
 }
 
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}

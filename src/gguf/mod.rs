@@ -2,6 +2,7 @@
 //! and the llama-quantize mixes.
 
 pub mod arch;
+pub mod card;
 pub mod file;
 pub mod mix;
 pub mod tokenizer;
