@@ -289,6 +289,11 @@ fn hash_output(root: &Path, output: &str) -> Result<BTreeMap<String, String>> {
         }
     } else {
         out.insert(output.to_string(), sha256_file(&p)?);
+        // a GGUF output's model card, written when it was validated
+        let card = Path::new(output).with_extension("md");
+        if root.join(&card).is_file() {
+            out.insert(card.display().to_string(), sha256_file(&root.join(&card))?);
+        }
     }
     Ok(out)
 }
@@ -432,6 +437,11 @@ fn run_job(
     let cb = |d: u64, t: u64, w: &str| progress(i, d, t, w);
     let (bytes, bpw) = match &job.target {
         TargetKind::Gguf(ft) => {
+            // a card left by an earlier validated run describes the old file
+            let card = crate::gguf::card::card_path(&out_path);
+            if card.is_file() {
+                std::fs::remove_file(&card).map_err(|e| Error::io(&card, e))?;
+            }
             let opts = crate::convert::GgufOptions { file_type: *ft, overrides: vec![], force: true };
             let s = crate::convert::convert_gguf(&ck, &opts, &out_path, &cb)?;
             (s.bytes, s.bits_per_weight)
@@ -517,6 +527,7 @@ fn validate_job(m: &Manifest, job: &Job, v: &ValidateCfg, out: &Path) -> anyhow:
     let family = crate::model::source::quant_family(out)?;
     let profile = verdict::profile(family).expect("shipped profile");
     let checks = verdict::verdict(&report, &profile);
+    verdict::write_card(out, &verdict::render_markdown(&report, &checks, &profile))?;
     let agree = report.exits.iter().find(|e| (e.q - 0.5).abs() < 1e-6).map(|e| e.exit_agreement_pct).unwrap_or(f64::NAN);
     Ok((report.default_mode.ppl_ratio, report.default_mode.kl_mean, agree, checks.iter().all(|c| c.pass)))
 }

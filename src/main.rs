@@ -656,15 +656,7 @@ fn validate_into_card(source: &std::path::Path, out: &std::path::Path, text: &st
     let profile = verdict::profile(source::quant_family(out)?).expect("shipped profile");
     let checks = verdict::verdict(&r, &profile);
     let md = verdict::render_markdown(&r, &checks, &profile);
-    if out.is_dir() {
-        let card_path = out.join("README.md");
-        let card = std::fs::read_to_string(&card_path).map_err(|e| anyhow::anyhow!("{}: {e}", card_path.display()))?;
-        let head = card.split("## Validation").next().unwrap_or(&card).to_string();
-        write_output(&card_path, format!("{head}## Validation\n\n{md}").as_bytes())?;
-    } else {
-        use ouro_quant::gguf::card;
-        write_output(&card::card_path(out), card::model_card(out, &md)?.as_bytes())?;
-    }
+    verdict::write_card(out, &md)?;
     print!("{}", verdict::render_table(&r, &checks, &profile));
     Ok(if checks.iter().all(|c| c.pass) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

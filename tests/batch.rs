@@ -118,6 +118,13 @@ fn a_failing_target_does_not_stop_the_others_and_validation_is_summarised() {
         assert!(o["exit_agreement_pct"].as_f64().unwrap() > 90.0);
     }
     assert_eq!(by("custom-t.gguf")["status"], "converted");
+    // validated outputs carry the summary in their model cards, and the GGUF card is checksummed
+    let card = std::fs::read_to_string(out.join("t-Q8_0.md")).unwrap();
+    assert!(card.contains("## Validation") && card.contains("pass against the 8bit profile"), "{card}");
+    let card = std::fs::read_to_string(out.join("t-8bit/README.md")).unwrap();
+    assert!(card.contains("| loop 4 |") && card.contains("pass against the 8bit profile"), "{card}");
+    assert!(!out.join("custom-t.md").exists(), "not validated, no card");
+    assert!(std::fs::read_to_string(out.join("SHA256SUMS")).unwrap().contains("  t-Q8_0.md\n"));
     check_sums(&out);
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(md.contains("| t-Q8_0.gguf | t |") && md.contains("failed"), "{md}");

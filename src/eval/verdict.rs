@@ -238,3 +238,22 @@ pub fn plot_scene(r: &ValidateReport) -> Scene {
     s
 }
 
+
+/// Puts a validation summary (`render_markdown`) in the model card of a conversion: the
+/// Validation section of an MLX directory's README.md (replacing what follows its heading), or a
+/// new card beside a GGUF file ([`crate::gguf::card`]). Written atomically.
+pub fn write_card(out: &std::path::Path, markdown: &str) -> crate::Result<std::path::PathBuf> {
+    use crate::error::IoContext;
+    let (path, text) = if out.is_dir() {
+        let path = out.join("README.md");
+        let card = std::fs::read_to_string(&path).at(&path)?;
+        let head = card.split("## Validation").next().unwrap_or(&card).to_string();
+        (path, format!("{head}## Validation\n\n{markdown}"))
+    } else {
+        (crate::gguf::card::card_path(out), crate::gguf::card::model_card(out, markdown)?)
+    };
+    let p = crate::output::PendingOutput::file(&path, true)?;
+    std::fs::write(p.path(), text.as_bytes()).at(&path)?;
+    p.commit()?;
+    Ok(path)
+}
