@@ -50,7 +50,7 @@ pub(crate) fn make_qx_quants(x: &[f32], nmax: i32, l_out: &mut [i8], qw: Option<
         wts[i] = qw.map_or(v * v, |q| q[i]);
     }
     let weight = |i: usize, _v: f32| wts[i];
-    let mut iscale = (-nmax) as f32 / max;
+    let iscale = (-nmax) as f32 / max;
     let (mut sumlx, mut suml2) = (0f32, 0f32);
     for (i, &v) in x.iter().enumerate() {
         let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
@@ -61,31 +61,50 @@ pub(crate) fn make_qx_quants(x: &[f32], nmax: i32, l_out: &mut [i8], qw: Option<
     }
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     let mut best = scale * sumlx;
-    let n = x.len();
-    let mut lt = [0i32; 32];
-    let lt = &mut lt[..n];
-    for is in -9i32..=9 {
-        if is == 0 {
-            continue;
-        }
-        iscale = -(nmax as f32 + 0.1 * is as f32) / max;
-        for i in 0..n {
-            lt[i] = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
-        }
-        sumlx = 0.0;
-        suml2 = 0.0;
-        for (i, &v) in x.iter().enumerate() {
-            let l = lt[i];
-            let w = weight(i, v);
-            sumlx += w * v * l as f32;
-            suml2 += w * l as f32 * l as f32;
-        }
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for i in 0..n {
-                l_out[i] = (nmax + lt[i]) as i8;
+    // The 18 candidate scales do not depend on each other: their sums are taken side by side
+    // (each lane in ggml's order), then compared in ggml's order.
+    #[inline(always)]
+    fn sums(x: &[f32], wts: &[f32], nmax: i32, isc: &[f32; 24]) -> ([f32; 24], [f32; 24]) {
+        let (mut slx, mut sl2) = ([0f32; 24], [0f32; 24]);
+        for (&v, &w) in x.iter().zip(wts) {
+            for k in 0..24 {
+                let l = nearest_int(isc[k] * v).clamp(-nmax, nmax - 1) as f32;
+                slx[k] += w * v * l;
+                sl2[k] += w * l * l;
             }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
+        }
+        (slx, sl2)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sums_avx2(x: &[f32], wts: &[f32], nmax: i32, isc: &[f32; 24]) -> ([f32; 24], [f32; 24]) {
+        sums(x, wts, nmax, isc)
+    }
+    const CANDS: [i32; 18] = [-9, -8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+    let mut isc = [0f32; 24];
+    for (k, &is) in CANDS.iter().enumerate() {
+        isc[k] = -(nmax as f32 + 0.1 * is as f32) / max;
+    }
+    #[cfg(target_arch = "x86_64")]
+    let (slx, sl2) = if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { sums_avx2(x, wts, nmax, &isc) }
+    } else {
+        sums(x, wts, nmax, &isc)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (slx, sl2) = sums(x, wts, nmax, &isc);
+    let mut chosen = None;
+    for k in 0..CANDS.len() {
+        if sl2[k] > 0.0 && slx[k] * slx[k] > best * sl2[k] {
+            scale = slx[k] / sl2[k];
+            best = scale * slx[k];
+            chosen = Some(k);
+        }
+    }
+    if let Some(k) = chosen {
+        for (o, &v) in l_out.iter_mut().zip(x) {
+            *o = (nmax + nearest_int(isc[k] * v).clamp(-nmax, nmax - 1)) as i8;
         }
     }
     scale
@@ -198,7 +217,7 @@ pub(crate) fn make_qkx_quants(
         return (0.0, -min);
     }
     let nmaxf = nmax as f32;
-    let mut iscale = nmaxf / (max - min);
+    let iscale = nmaxf / (max - min);
     let mut scale = 1.0 / iscale;
     let err = |d: f32| if use_mad { d.abs() } else { d * d };
     let mut best_error = 0f32;
@@ -211,59 +230,134 @@ pub(crate) fn make_qkx_quants(
     if nstep < 1 {
         return (scale, -min);
     }
-    let mut laux_buf = [0u8; 32];
-    let laux = &mut laux_buf[..n];
-    let mut diffs = [0f32; 32];
-    for is in 0..=nstep {
-        iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
-        // levels first (independent per element, so the compiler vectorizes this loop), then the
-        // three sums in ggml's sequential order
-        match search {
-            Search::Qkx2 => {
-                for i in 0..n {
-                    laux[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
-                }
-            }
-            Search::Qkx3 => {
-                for i in 0..n {
-                    let v = iscale * (x[i] - min);
-                    laux[i] = if v > 0.0 { nearest_int(v.min(nmaxf)) as u8 } else { 0 };
-                }
-            }
-        }
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+    // ggml's loop updates `min` when a candidate improves, and later candidates use it: evaluate
+    // the next LANES candidates side by side with the current `min`, accept the first improvement,
+    // and go on from the candidate after it with the new `min` (or after the window if none).
+    const LANES: usize = 8;
+    let mut start = 0usize;
+    let mut chosen = None;
+    while start <= nstep as usize {
+        let ctx = Candidates { search, x, weights, min, max, nmax, rmin, rdelta, nstep, use_mad, sum_w, sum_x, start };
+        let Some((k, this_scale, this_min, err)) = ctx.search::<LANES>(best_error) else {
+            start += LANES;
+            continue;
+        };
+        chosen = Some((ctx.iscale(k), min));
+        best_error = err;
+        scale = this_scale;
+        min = this_min;
+        start = k + 1;
+    }
+    if let Some((iscale, at_min)) = chosen {
+        // the levels of the last improvement, as evaluated: with the `min` of that moment
+        let ctx = Candidates { search, x, weights, min: at_min, max, nmax, rmin, rdelta, nstep, use_mad, sum_w, sum_x, start: 0 };
         for i in 0..n {
-            let w = weights[i];
-            let lf = laux[i] as f32;
-            sum_l += w * lf;
-            sum_l2 += w * lf * lf;
-            sum_xl += w * lf * x[i];
-        }
-        let d = sum_w * sum_l2 - sum_l * sum_l;
-        if d > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
-            }
-            let diffs = &mut diffs[..n];
-            for i in 0..n {
-                diffs[i] = err(this_scale * laux[i] as f32 + this_min - x[i]);
-            }
-            let mut cur_error = 0f32;
-            for i in 0..n {
-                cur_error += weights[i] * diffs[i];
-            }
-            if cur_error < best_error {
-                l_out.copy_from_slice(laux);
-                best_error = cur_error;
-                scale = this_scale;
-                min = this_min;
-            }
+            l_out[i] = ctx.level(iscale * (x[i] - at_min));
         }
     }
     (scale, -min)
+}
+
+/// The candidate scales of [`make_qkx_quants`], evaluated side by side: lane `k` holds candidate
+/// `is = k`, and every lane performs exactly the operations, in exactly the order, of ggml's loop
+/// for that candidate (the sums over the block stay sequential within a lane), so the result is
+/// bit-identical while the lanes fill the vector registers. The choice among the candidates is then
+/// made in ggml's order.
+struct Candidates<'a> {
+    search: Search,
+    x: &'a [f32],
+    weights: &'a [f32],
+    min: f32,
+    max: f32,
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+    sum_w: f32,
+    sum_x: f32,
+    /// The first candidate evaluated (lane j is candidate `start + j`).
+    start: usize,
+}
+
+impl Candidates<'_> {
+    #[inline(always)]
+    fn iscale(&self, k: usize) -> f32 {
+        (self.rmin + self.rdelta * k as f32 + self.nmax as f32) / (self.max - self.min)
+    }
+
+    #[inline(always)]
+    fn level(&self, v: f32) -> u8 {
+        match self.search {
+            Search::Qkx2 => nearest_int(v).clamp(0, self.nmax) as u8,
+            Search::Qkx3 => {
+                if v > 0.0 {
+                    nearest_int(v.min(self.nmax as f32)) as u8
+                } else {
+                    0
+                }
+            }
+        }
+    }
+
+    /// The first candidate from `start` on (in ggml's order) that improves on `best_error`, as
+    /// (k, scale, min, error).
+    fn search<const L: usize>(&self, best_error: f32) -> Option<(usize, f32, f32, f32)> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { self.search_avx2::<L>(best_error) };
+        }
+        self.search_lanes::<L>(best_error)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn search_avx2<const L: usize>(&self, best_error: f32) -> Option<(usize, f32, f32, f32)> {
+        self.search_lanes::<L>(best_error)
+    }
+
+    #[inline(always)]
+    fn search_lanes<const L: usize>(&self, best_error: f32) -> Option<(usize, f32, f32, f32)> {
+        let ns = (self.nstep as usize + 1 - self.start).min(L);
+        let mut isc = [0f32; L];
+        for (j, v) in isc.iter_mut().enumerate().take(ns) {
+            *v = self.iscale(self.start + j);
+        }
+        let (mut sl, mut sl2, mut sxl) = ([0f32; L], [0f32; L], [0f32; L]);
+        for (&xi, &w) in self.x.iter().zip(self.weights) {
+            let xm = xi - self.min;
+            for k in 0..L {
+                let lf = self.level(isc[k] * xm) as f32;
+                sl[k] += w * lf;
+                sl2[k] += w * lf * lf;
+                sxl[k] += w * lf * xi;
+            }
+        }
+        let (mut ts, mut tm, mut valid) = ([0f32; L], [0f32; L], [false; L]);
+        for k in 0..ns {
+            let d = self.sum_w * sl2[k] - sl[k] * sl[k];
+            if d > 0.0 {
+                let mut this_scale = (self.sum_w * sxl[k] - self.sum_x * sl[k]) / d;
+                let mut this_min = (sl2[k] * self.sum_x - sl[k] * sxl[k]) / d;
+                if this_min > 0.0 {
+                    this_min = 0.0;
+                    this_scale = sxl[k] / sl2[k];
+                }
+                (ts[k], tm[k], valid[k]) = (this_scale, this_min, true);
+            }
+        }
+        let mut ce = [0f32; L];
+        for (&xi, &w) in self.x.iter().zip(self.weights) {
+            let xm = xi - self.min;
+            for k in 0..L {
+                let lf = self.level(isc[k] * xm) as f32;
+                let diff = ts[k] * lf + tm[k] - xi;
+                ce[k] += w * if self.use_mad { diff.abs() } else { diff * diff };
+            }
+        }
+        (0..ns).find(|&k| valid[k] && ce[k] < best_error).map(|k| (self.start + k, ts[k], tm[k], ce[k]))
+    }
 }
 
 /// The final pass of Q4_K/Q5_K: each value re-quantized with the stored (rounded) super-block
