@@ -110,7 +110,9 @@ pub(crate) fn make_qx_quants(x: &[f32], nmax: i32, l_out: &mut [i8], qw: Option<
     scale
 }
 
-/// `make_q3_quants` with `do_rmse` (the Q3_K reference path). Levels in `l_out` are offset by nmax.
+/// `make_q3_quants` with `do_rmse` (the Q3_K reference path), one sub-block at a time as ggml
+/// runs it: the oracle of [`make_q3_quants_x16`]'s test. Levels in `l_out` are offset by nmax.
+#[cfg(test)]
 fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
@@ -165,6 +167,103 @@ fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
     } else {
         0.0
     }
+}
+
+/// [`make_q3_quants`] (nmax 4) of the 16 sub-blocks of a Q3_K super-block at once: lane `j` is
+/// sub-block `j` and performs exactly its operations in order (data-dependent steps become
+/// selects). ggml stops a sub-block's refinement after a pass that changed nothing; such a pass
+/// leaves its state as it was, so running it again (while another lane still changes) changes
+/// nothing either, and the result is bit-identical.
+fn make_q3_quants_x16(xb: &[f32; QK_K], l_out: &mut [i8; QK_K]) -> [f32; 16] {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { q3_x16_avx2(xb, l_out) };
+    }
+    q3_x16(xb, l_out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn q3_x16_avx2(xb: &[f32; QK_K], l_out: &mut [i8; QK_K]) -> [f32; 16] {
+    q3_x16(xb, l_out)
+}
+
+#[inline(always)]
+fn q3_x16(xb: &[f32; QK_K], l_out: &mut [i8; QK_K]) -> [f32; 16] {
+    const NMAX: i32 = 4;
+    // xs[i][j]: value i of sub-block j
+    let mut xs = [[0f32; 16]; 16];
+    for j in 0..16 {
+        for i in 0..16 {
+            xs[i][j] = xb[16 * j + i];
+        }
+    }
+    let (mut max, mut amax) = ([0f32; 16], [0f32; 16]);
+    for row in &xs {
+        for j in 0..16 {
+            let a = row[j].abs();
+            if a > amax[j] {
+                amax[j] = a;
+                max[j] = row[j];
+            }
+        }
+    }
+    let mut iscale = [0f32; 16];
+    for j in 0..16 {
+        iscale[j] = (-NMAX) as f32 / max[j];
+    }
+    let mut lv = [[0i32; 16]; 16];
+    let (mut sumlx, mut suml2) = ([0f32; 16], [0f32; 16]);
+    for i in 0..16 {
+        for j in 0..16 {
+            let v = xs[i][j];
+            let l = nearest_int(iscale[j] * v).clamp(-NMAX, NMAX - 1);
+            lv[i][j] = l;
+            let w = v * v;
+            sumlx[j] += w * v * l as f32;
+            suml2[j] += w * l as f32 * l as f32;
+        }
+    }
+    for _ in 0..5 {
+        let mut changed = 0u32;
+        for i in 0..16 {
+            for j in 0..16 {
+                let v = xs[i][j];
+                let w = v * v;
+                let old = lv[i][j];
+                let slx0 = sumlx[j] - w * v * old as f32;
+                let sl20 = suml2[j] - w * old as f32 * old as f32;
+                let new_l = nearest_int(v * sl20 / slx0).clamp(-NMAX, NMAX - 1);
+                let slx = slx0 + w * v * new_l as f32;
+                let sl2 = sl20 + w * new_l as f32 * new_l as f32;
+                let take = slx0 > 0.0 && new_l != old && sl2 > 0.0 && slx * slx * suml2[j] > sumlx[j] * sumlx[j] * sl2;
+                if take {
+                    lv[i][j] = new_l;
+                    sumlx[j] = slx;
+                    suml2[j] = sl2;
+                }
+                changed += take as u32;
+            }
+        }
+        if changed == 0 {
+            break;
+        }
+    }
+    let mut scales = [0f32; 16];
+    for j in 0..16 {
+        if amax[j] < GROUP_MAX_EPS {
+            for i in 0..16 {
+                l_out[16 * j + i] = 0;
+            }
+            continue;
+        }
+        for i in 0..16 {
+            l_out[16 * j + i] = (lv[i][j] + NMAX) as i8;
+        }
+        scales[j] = if suml2[j] > 0.0 { sumlx[j] / suml2[j] } else { 0.0 };
+    }
+    scales
 }
 
 /// Which of ggml's two asymmetric searches: `make_qkx2_quants` (the reference k-quants) or
@@ -629,10 +728,9 @@ pub fn quantize_q3_k(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
             continue;
         }
         let mut l = [0i8; QK_K];
-        let mut scales = [0f32; 16];
+        let scales = make_q3_quants_x16(xb.try_into().expect("QK_K values"), &mut l);
         let (mut max_scale, mut amax) = (0f32, 0f32);
         for j in 0..16 {
-            scales[j] = make_q3_quants(&xb[16 * j..16 * j + 16], 4, &mut l[16 * j..16 * j + 16]);
             let s = scales[j].abs();
             if s > amax {
                 amax = s;
@@ -892,4 +990,43 @@ fn q3_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
         sc[j % 4 + 8] |= (lv << (2 * (j / 4))) as u8;
     }
     q3_k_finish(x, &mut l, &sc, fp16(d_block), out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 16-lane Q3_K search equals ggml's one-sub-block-at-a-time search, bit for bit, on
+    /// random super-blocks with zero, constant, tiny and outlier sub-blocks mixed in.
+    #[test]
+    fn q3_lanes_equal_the_sequential_search() {
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for b in 0..400 {
+            let mut xb = [0f32; QK_K];
+            for v in xb.iter_mut() {
+                *v = rnd() * 0.1;
+            }
+            match b % 5 {
+                1 => xb[..16].fill(0.0),
+                2 => xb[16..32].fill(0.25),
+                3 => xb[32..48].iter_mut().for_each(|v| *v *= 1e-12),
+                4 => xb[50] = 7.0,
+                _ => {}
+            }
+            let mut l = [0i8; QK_K];
+            let scales = make_q3_quants_x16(&xb, &mut l);
+            for j in 0..16 {
+                let mut lj = [0i8; 16];
+                let sj = make_q3_quants(&xb[16 * j..16 * j + 16], 4, &mut lj);
+                assert_eq!(sj.to_bits(), scales[j].to_bits(), "block {b} sub-block {j}");
+                assert_eq!(lj, l[16 * j..16 * j + 16], "block {b} sub-block {j}");
+            }
+        }
+    }
 }
