@@ -48,6 +48,7 @@ fn signed_absmax(b: &[f32]) -> f32 {
 /// Smallest and largest value, as ggml's sequential `if (v < min) min = v; if (v > max) max = v`
 /// finds them: over 8 lanes (order does not change the values), then, because only the sign of a
 /// zero minimum can depend on the order, the first zero in the block when the minimum is zero.
+#[inline(always)]
 fn min_max(b: &[f32]) -> (f32, f32) {
     let mut lo = [f32::MAX; 8];
     let mut hi = [-f32::MAX; 8];
@@ -92,6 +93,23 @@ pub fn quantize_q4_0(x: &[f32], out: &mut Vec<u8>) {
 }
 
 pub fn quantize_q4_1(x: &[f32], out: &mut Vec<u8>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { q4_1_avx2(x, out) };
+    }
+    q4_1(x, out)
+}
+
+/// [`quantize_q4_1`] compiled for AVX2 (the same operations; wider vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_1_avx2(x: &[f32], out: &mut Vec<u8>) {
+    q4_1(x, out)
+}
+
+#[inline(always)]
+fn q4_1(x: &[f32], out: &mut Vec<u8>) {
     for b in x.chunks_exact(QK) {
         let (min, max) = min_max(b);
         let d = (max - min) / 15.0;
