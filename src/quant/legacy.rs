@@ -84,8 +84,9 @@ pub fn quantize_q4_0(x: &[f32], out: &mut Vec<u8>) {
         for j in 0..QK / 2 {
             let x0 = b[j] * id;
             let x1 = b[QK / 2 + j] * id;
-            let q0 = ((x0 + 8.5) as i8 as u8).min(15);
-            let q1 = ((x1 + 8.5) as i8 as u8).min(15);
+            // x0, x1 lie in [-8, 8]: the i32 truncation is ggml's int8_t one
+            let q0 = ((x0 + 8.5) as i32).min(15) as u8;
+            let q1 = ((x1 + 8.5) as i32).min(15) as u8;
             blk[2 + j] = q0 | (q1 << 4);
         }
         out.extend_from_slice(&blk);
@@ -120,8 +121,9 @@ fn q4_1(x: &[f32], out: &mut Vec<u8>) {
         for j in 0..QK / 2 {
             let x0 = (b[j] - min) * id;
             let x1 = (b[QK / 2 + j] - min) * id;
-            let q0 = ((x0 + 0.5) as i8 as u8).min(15);
-            let q1 = ((x1 + 0.5) as i8 as u8).min(15);
+            // x0, x1 lie in [0, 15 * (1 + eps)]: the i32 truncation is ggml's int8_t one
+            let q0 = ((x0 + 0.5) as i32).min(15) as u8;
+            let q1 = ((x1 + 0.5) as i32).min(15) as u8;
             blk[4 + j] = q0 | (q1 << 4);
         }
         out.extend_from_slice(&blk);
