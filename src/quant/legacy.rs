@@ -16,7 +16,28 @@ use half::f16;
 const QK: usize = 32;
 
 fn push_f16(out: &mut Vec<u8>, x: f32) {
-    out.extend_from_slice(&f16::from_f32(x).to_le_bytes());
+    out.extend_from_slice(&f32_to_f16_bits(x).to_le_bytes());
+}
+
+/// IEEE f32 -> f16, round to nearest even, inlined branch-free arithmetic (what ggml's scalar
+/// conversion does): two multiplications bring the magnitude into the f16 range (overflowing to
+/// infinity or flushing as f16 would), and adding a power of two of the right exponent lets the
+/// f32 adder do the rounding. Equal to `half::f16::from_f32` for every non-NaN input (tested);
+/// a NaN becomes the quiet NaN 0x7e00 with its sign. Block scales are converted once per 32
+/// values, so the call's cost shows in the 4-bit types' throughput.
+#[inline(always)]
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    let to_inf = f32::from_bits(0x7780_0000); // 2^112
+    let to_zero = f32::from_bits(0x0880_0000); // 2^-110
+    let mut base = (x.abs() * to_inf) * to_zero;
+    let w = x.to_bits();
+    let shl1 = w.wrapping_add(w);
+    let sign = w & 0x8000_0000;
+    let bias = (shl1 & 0xff00_0000).max(0x7100_0000);
+    base += f32::from_bits((bias >> 1) + 0x0780_0000);
+    let bits = base.to_bits();
+    let nonsign = ((bits >> 13) & 0x7c00) + (bits & 0x0fff);
+    ((sign >> 16) | if shl1 > 0xff00_0000 { 0x7e00 } else { nonsign }) as u16
 }
 
 /// ggml's fp32 -> bf16: round to nearest even, NaN kept quiet.
@@ -80,7 +101,7 @@ pub fn quantize_q4_0(x: &[f32], out: &mut Vec<u8>) {
         let d = signed_absmax(b) / -8.0;
         let id = inv(d);
         let mut blk = [0u8; 18];
-        blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        blk[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
         for j in 0..QK / 2 {
             let x0 = b[j] * id;
             let x1 = b[QK / 2 + j] * id;
@@ -116,8 +137,8 @@ fn q4_1(x: &[f32], out: &mut Vec<u8>) {
         let d = (max - min) / 15.0;
         let id = inv(d);
         let mut blk = [0u8; 20];
-        blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        blk[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+        blk[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+        blk[2..4].copy_from_slice(&f32_to_f16_bits(min).to_le_bytes());
         for j in 0..QK / 2 {
             let x0 = (b[j] - min) * id;
             let x1 = (b[QK / 2 + j] - min) * id;
@@ -177,7 +198,7 @@ pub fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
         let d = amax / 127.0;
         let id = inv(d);
         let mut blk = [0u8; 34];
-        blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        blk[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
         for (o, &v) in blk[2..].iter_mut().zip(b) {
             *o = (v * id).round() as i8 as u8;
         }
@@ -290,6 +311,31 @@ pub fn quantize_q_1_weighted(row: &[f32], qw: &[f32], bits: u32, out: &mut Vec<u
             }
         } else {
             push_q5(out, &q);
+        }
+    }
+}
+
+#[cfg(test)]
+mod f16_tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_equals_half_for_every_non_nan() {
+        // a stride through all 2^32 patterns plus the edges of the f16 range and the ties
+        let mut pats: Vec<u32> = (0..=u32::MAX).step_by(997).collect();
+        for e in [0x3380_0000u32, 0x3300_0000, 0x387f_e000, 0x3880_0000, 0x477f_e000, 0x477f_f000, 0x477f_efff, 0x4780_0000, 0x7f80_0000] {
+            for d in 0..4096u32 {
+                pats.push(e.wrapping_add(d).wrapping_sub(2048));
+                pats.push((e.wrapping_add(d).wrapping_sub(2048)) | 0x8000_0000);
+            }
+        }
+        for p in pats {
+            let x = f32::from_bits(p);
+            if x.is_nan() {
+                assert_eq!(f32_to_f16_bits(x) & 0x7fff, 0x7e00);
+                continue;
+            }
+            assert_eq!(f32_to_f16_bits(x), f16::from_f32(x).to_bits(), "{x:e} ({p:#010x})");
         }
     }
 }
