@@ -393,7 +393,7 @@ pub fn convert_mlx(
         .unwrap_or_else(|| default_output_name(ck, opts));
     write_file(&dir.join("README.md"), model_card(ck, opts, &name, None).as_bytes())?;
 
-    verify(&dir, &shards)?;
+    verify(&dir, &shards, &meta, &sums, &files)?;
     let bytes: u64 = shards
         .iter()
         .enumerate()
@@ -493,25 +493,48 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<Checksum> {
     Ok(checksum(bytes))
 }
 
-/// Re-opens every shard with the strict reader and compares names, dtypes and shapes with the
-/// plan, then checks every file against the checksums taken while writing (recorded in the index).
-fn verify(dir: &Path, shards: &[Vec<TensorSpec>]) -> Result<()> {
+/// Re-opens every shard with the strict reader and checks it against what was written: the header
+/// byte for byte, every tensor's checksum (in parallel), and the length (so together every byte of
+/// the file, whose recorded checksum was taken while writing); then the other recorded files.
+fn verify(
+    dir: &Path,
+    shards: &[Vec<TensorSpec>],
+    meta: &BTreeMap<String, String>,
+    sums: &BTreeMap<String, Checksum>,
+    files: &[(String, Checksum)],
+) -> Result<()> {
+    let fail = |path: &Path, what: &str| Error::file(path, format!("verification failed: {what} read back differs from what was written"));
     for (i, shard) in shards.iter().enumerate() {
         let path = dir.join(shard_name(i, shards.len()));
+        let head = crate::stfile::header_bytes(shard, meta);
         let f = SafetensorsFile::open(&path)?;
-        if f.header().metadata.get("format").map(String::as_str) != Some("mlx") {
-            return Err(Error::file(&path, "verification: metadata `format: mlx` was not written"));
+        let len = std::fs::metadata(&path).at(&path)?.len() as usize;
+        let data: usize = shard.iter().map(|s| s.nbytes()).sum();
+        if len != head.len() + data || f.header().data_start() != head.len() {
+            return Err(fail(&path, "the length"));
         }
-        if f.tensors().len() != shard.len() {
-            return Err(Error::file(&path, format!("verification: {} tensors read back, {} written", f.tensors().len(), shard.len())));
+        {
+            use std::io::Read;
+            let mut got = vec![0u8; head.len()];
+            std::fs::File::open(&path).at(&path)?.read_exact(&mut got).at(&path)?;
+            if got != head {
+                return Err(fail(&path, "the header"));
+            }
         }
-        if let Some(s) = shard.iter().find(|s| !f.info(&s.name).is_some_and(|t| t.dtype == s.dtype && t.shape == s.shape)) {
-            return Err(Error::tensor(&path, &s.name, "verification failed: the header read back differs from the plan"));
+        let bad = shard.par_iter().find_any(|s| {
+            let ok = f.bytes(&s.name).is_some_and(|b| Some(&checksum(b)) == sums.get(&s.name));
+            f.release(&s.name);
+            !ok
+        });
+        if let Some(s) = bad {
+            return Err(Error::tensor(&path, &s.name, "verification failed: the bytes read back differ from those written"));
         }
     }
-    let report = crate::verify::verify_mlx(dir)?;
-    if let Some(m) = report.mismatches.first() {
-        return Err(Error::file(dir, format!("verification failed: {}: {} (the bytes read back differ from those written)", m.item, m.problem)));
+    for (name, sum) in files.iter().skip(shards.len()) {
+        let path = dir.join(name);
+        if crate::verify::file_checksum(&path)? != *sum {
+            return Err(fail(&path, "the file"));
+        }
     }
     Ok(())
 }
