@@ -88,6 +88,16 @@ fn min_max(b: &[f32]) -> (f32, f32) {
     (min, max)
 }
 
+/// ggml's `MIN(15, (int8_t)v)` for the 4-bit types, where `v` lies in [0.5, 16.5] for finite
+/// input. Clamping to [0, 15] first gives the same value there (truncation is monotonic) and makes
+/// the conversion a plain vectorizable truncation (NaN, from non-finite input, becomes 0).
+#[inline(always)]
+fn nibble(v: f32) -> u8 {
+    let c = v.max(0.0).min(15.0);
+    // SAFETY: `c` is in [0, 15], not NaN (`max` returns the non-NaN operand).
+    unsafe { c.to_int_unchecked::<i32>() as u8 }
+}
+
 fn inv(d: f32) -> f32 {
     if d != 0.0 {
         1.0 / d
@@ -105,9 +115,8 @@ pub fn quantize_q4_0(x: &[f32], out: &mut Vec<u8>) {
         for j in 0..QK / 2 {
             let x0 = b[j] * id;
             let x1 = b[QK / 2 + j] * id;
-            // x0, x1 lie in [-8, 8]: the i32 truncation is ggml's int8_t one
-            let q0 = ((x0 + 8.5) as i32).min(15) as u8;
-            let q1 = ((x1 + 8.5) as i32).min(15) as u8;
+            let q0 = nibble(x0 + 8.5);
+            let q1 = nibble(x1 + 8.5);
             blk[2 + j] = q0 | (q1 << 4);
         }
         out.extend_from_slice(&blk);
@@ -142,9 +151,8 @@ fn q4_1(x: &[f32], out: &mut Vec<u8>) {
         for j in 0..QK / 2 {
             let x0 = (b[j] - min) * id;
             let x1 = (b[QK / 2 + j] - min) * id;
-            // x0, x1 lie in [0, 15 * (1 + eps)]: the i32 truncation is ggml's int8_t one
-            let q0 = ((x0 + 0.5) as i32).min(15) as u8;
-            let q1 = ((x1 + 0.5) as i32).min(15) as u8;
+            let q0 = nibble(x0 + 0.5);
+            let q1 = nibble(x1 + 0.5);
             blk[4 + j] = q0 | (q1 << 4);
         }
         out.extend_from_slice(&blk);
@@ -318,6 +326,18 @@ pub fn quantize_q_1_weighted(row: &[f32], qw: &[f32], bits: u32, out: &mut Vec<u
 #[cfg(test)]
 mod f16_tests {
     use super::*;
+
+    #[test]
+    fn nibble_is_ggmls_truncation_over_its_range() {
+        let mut v = 0.5f32;
+        while v <= 16.5 {
+            for x in [v, f32::from_bits(v.to_bits() - 1), f32::from_bits(v.to_bits() + 1)] {
+                assert_eq!(nibble(x), ((x as i8) as u8).min(15), "{x}");
+            }
+            v += 1.0 / 64.0;
+        }
+        assert_eq!(nibble(f32::NAN), 0);
+    }
 
     #[test]
     fn f16_conversion_equals_half_for_every_non_nan() {
