@@ -276,17 +276,6 @@ pub fn file_checksum(path: &Path) -> Result<Checksum> {
     }
 }
 
-/// The record of an MLX directory: `files` are checksummed here, `tensors` were taken while writing.
-pub fn mlx_record(dir: &Path, files: &[String], tensors: &BTreeMap<String, Checksum>) -> Result<MlxRecord> {
-    let sums: Vec<Result<(String, String)>> =
-        files.par_iter().map(|n| file_checksum(&dir.join(n)).map(|c| (n.clone(), hex(c)))).collect();
-    Ok(MlxRecord {
-        algorithm: ALGORITHM.into(),
-        files: sums.into_iter().collect::<Result<_>>()?,
-        tensors: tensors.iter().map(|(k, v)| (k.clone(), hex(*v))).collect(),
-    })
-}
-
 /// Checks an MLX directory against the checksums recorded in its index.
 pub fn verify_mlx(dir: &Path) -> Result<VerifyReport> {
     let index_path = dir.join("model.safetensors.index.json");
