@@ -85,9 +85,9 @@ fn gguf_checksum_ranges(h: &Header) -> std::result::Result<Vec<Range<usize>>, St
     Ok(ranges)
 }
 
-/// The checksum of the bytes before the data section with the checksum strings set to `0`s.
-fn gguf_header_checksum(file: &[u8], h: &Header, ranges: &[Range<usize>]) -> Checksum {
-    let mut head = file[..h.data_start].to_vec();
+/// The checksum of `head` (the bytes before the data section) with the checksum strings set to `0`s.
+fn gguf_header_checksum(head: &[u8], ranges: &[Range<usize>]) -> Checksum {
+    let mut head = head.to_vec();
     for r in ranges {
         head[r.clone()].fill(b'0');
     }
@@ -108,11 +108,8 @@ pub fn record_gguf(path: &Path, sums: &[Checksum]) -> Result<()> {
     for (r, s) in ranges[1..].iter().zip(sums) {
         head[r.clone()].copy_from_slice(hex(*s).as_bytes());
     }
-    let mut blanked = head.clone();
-    for r in &ranges {
-        blanked[r.clone()].fill(b'0');
-    }
-    head[ranges[0].clone()].copy_from_slice(hex(checksum(&blanked)).as_bytes());
+    let sum = gguf_header_checksum(&head, &ranges);
+    head[ranges[0].clone()].copy_from_slice(hex(sum).as_bytes());
     let out = std::fs::OpenOptions::new().write(true).open(path).at(path)?;
     out.write_all_at(&head, 0).at(path)?;
     out.sync_all().at(path)
@@ -205,7 +202,7 @@ pub fn verify_gguf(path: &Path) -> Result<VerifyReport> {
         mismatches: vec![],
     };
     let head_rec = h.get(GGUF_HEADER_KEY).and_then(Value::as_str).unwrap_or_default();
-    report.mismatches.extend(compare("header".into(), head_rec, gguf_header_checksum(f.bytes(), h, &ranges)));
+    report.mismatches.extend(compare("header".into(), head_rec, gguf_header_checksum(&f.bytes()[..h.data_start], &ranges)));
     if recorded.len() != h.tensors.len() {
         report.mismatches.push(mismatch(
             GGUF_TENSORS_KEY,
