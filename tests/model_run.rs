@@ -163,7 +163,11 @@ fn run_streams_text_and_reports_figures() {
     assert_eq!(v["tokens"].as_array().unwrap().len() as u64, n);
     let loops = s["mean_loops_per_token"].as_f64().unwrap();
     assert!((1.0..=4.0).contains(&loops));
-    assert!(s["weight_bytes"].as_u64().unwrap() > 3_000_000);
+    // bf16 weights are held at their stored width (not widened to f32): the file's size, give or
+    // take its header and the few norm vectors kept as f32
+    let file = std::fs::metadata(fixtures().join("tiny-random/model.safetensors")).unwrap().len() as f64;
+    let held = s["weight_bytes"].as_u64().unwrap() as f64;
+    assert!(held > 0.99 * file && held < 1.01 * file, "weights held: {held} bytes, file {file}");
     // prompt "<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n" starts with the special id 1
     assert!(s["prompt_tokens"].as_u64().unwrap() > 5);
 }

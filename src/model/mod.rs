@@ -9,16 +9,19 @@
 //!     h = N_final(h); state[t] = h; gate[t] = early_exit_gate(h)
 //! ```
 //!
-//! Activations are f32. Weights come from a [`source::WeightSource`]: dense f32 tensors (HF
-//! checkpoints) or candle quantized tensors (GGUF), both behind candle's `QMatMul`.
+//! Activations are f32. Weights come from a [`source::WeightSource`] as [`Linear`] projections:
+//! float weights in their stored width (HF checkpoints, F16/BF16 GGUF tensors; [`linear`]), candle
+//! quantized tensors (GGUF) or dense f32 tensors (MLX, and float weights on GPUs).
 
 pub mod exit;
 pub mod dump;
 pub mod generate;
+pub mod linear;
 pub mod source;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
+
+pub use linear::Linear;
 
 use crate::checkpoint::OuroConfig;
 use source::WeightSource;
@@ -37,13 +40,13 @@ pub enum KvPolicy {
 
 /// One decoder layer's weights.
 struct Layer {
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     n_in: Tensor,
     n_in2: Tensor,
     n_post: Tensor,
@@ -83,6 +86,8 @@ impl Dims {
 /// quantized file's embedding stays at its quantized size in memory).
 pub enum Embedding {
     Dense(Tensor),
+    /// Float rows in their stored width (CPU), widened as tokens are looked up.
+    Float(linear::FloatMatrix),
     Quantized {
         dtype: candle_core::quantized::GgmlDType,
         bytes: Vec<u8>,
@@ -95,6 +100,16 @@ impl Embedding {
     fn lookup(&self, tokens: &[u32], device: &Device) -> CResult<Tensor> {
         match self {
             Embedding::Dense(t) => t.index_select(&Tensor::new(tokens, device)?, 0),
+            Embedding::Float(m) => {
+                let mut v = Vec::with_capacity(tokens.len() * m.cols);
+                for &t in tokens {
+                    if t as usize >= m.rows {
+                        candle_core::bail!("token id {t} is outside the vocabulary ({})", m.rows);
+                    }
+                    v.extend(m.row_f32(t as usize));
+                }
+                Tensor::from_vec(v, (tokens.len(), m.cols), device)
+            }
             Embedding::Quantized { dtype, bytes, row_bytes, hidden } => {
                 let rows = tokens
                     .iter()
@@ -113,6 +128,7 @@ impl Embedding {
     fn bytes(&self) -> u64 {
         match self {
             Embedding::Dense(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            Embedding::Float(m) => m.bytes(),
             Embedding::Quantized { bytes, .. } => bytes.len() as u64,
         }
     }
@@ -127,7 +143,7 @@ pub struct OuroModel {
     norm: Tensor,
     gate_w: Tensor,
     gate_b: Tensor,
-    lm_head: QMatMul,
+    lm_head: Linear,
     inv_freq: Vec<f32>,
     device: Device,
     /// Bytes of the weights as held in memory.
@@ -229,7 +245,7 @@ impl OuroModel {
         let cfg = src.config().clone();
         let dims = Dims::from_config(&cfg);
         let bytes = std::cell::Cell::new(0u64);
-        let lin = |name: &str| -> anyhow::Result<QMatMul> {
+        let lin = |name: &str| -> anyhow::Result<Linear> {
             let (m, b) = src.linear(name, device)?;
             bytes.set(bytes.get() + b);
             Ok(m)

@@ -3,6 +3,8 @@
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+
+use super::linear::{float_linear, FloatKind, FloatMatrix, Linear};
 use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, OuroConfig};
@@ -14,7 +16,7 @@ use crate::quant::ggml::GgmlType;
 pub trait WeightSource {
     fn config(&self) -> &OuroConfig;
     /// A projection `[out, in]` ready for `x @ W^T`, and the bytes it occupies.
-    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QMatMul, u64)>;
+    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)>;
     /// A vector (norm gain, gate weight or bias) as f32.
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor>;
     /// The token embedding `[vocab, hidden]`.
@@ -37,16 +39,39 @@ impl WeightSource for HfSource {
     fn config(&self) -> &OuroConfig {
         &self.checkpoint.config
     }
-    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QMatMul, u64)> {
-        let w = self.f32_tensor(hf_name, device)?;
-        let bytes = (w.elem_count() * 4) as u64;
-        Ok((QMatMul::Tensor(w), bytes))
+    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
+        let t = self.checkpoint.tensor(hf_name)?;
+        let (rows, cols) = match t.shape() {
+            [r, c] => (*r, *c),
+            s => anyhow::bail!("{}: tensor {hf_name} has shape {s:?}, expected a matrix", t.file.display()),
+        };
+        let kind = match t.dtype() {
+            crate::stfile::DType::F32 => FloatKind::F32,
+            crate::stfile::DType::BF16 => FloatKind::Bf16,
+            crate::stfile::DType::F16 => FloatKind::F16,
+            other => anyhow::bail!("{}: tensor {hf_name} is {other}, not a float", t.file.display()),
+        };
+        let out = float_linear(kind, t.bytes, rows, cols, device)?;
+        self.checkpoint.weights.release(hf_name);
+        Ok(out)
     }
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
         Ok(self.f32_tensor(hf_name, device)?.flatten_all()?)
     }
     fn embedding(&self, device: &Device) -> anyhow::Result<super::Embedding> {
-        Ok(super::Embedding::Dense(self.f32_tensor("model.embed_tokens.weight", device)?))
+        let name = "model.embed_tokens.weight";
+        let t = self.checkpoint.tensor(name)?;
+        let kind = match t.dtype() {
+            crate::stfile::DType::BF16 => FloatKind::Bf16,
+            crate::stfile::DType::F16 => FloatKind::F16,
+            _ => FloatKind::F32,
+        };
+        if device.is_cpu() && kind != FloatKind::F32 {
+            if let [rows, cols] = *t.shape() {
+                return Ok(super::Embedding::Float(FloatMatrix::from_le_bytes(kind, t.bytes, rows, cols)));
+            }
+        }
+        Ok(super::Embedding::Dense(self.f32_tensor(name, device)?))
     }
 }
 
@@ -191,7 +216,7 @@ impl WeightSource for GgufSource {
     fn config(&self) -> &OuroConfig {
         &self.config
     }
-    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QMatMul, u64)> {
+    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
         let (info, order) = self.info(hf_name)?;
         if info.ggml_type == GgmlType::IQ4_NL {
             // candle has no IQ4_NL kernel: widen with our dequantizer and multiply densely.
@@ -199,7 +224,18 @@ impl WeightSource for GgufSource {
             let mut v = Vec::with_capacity(info.numel());
             crate::quant::iq4nl::dequantize_iq4_nl(&raw, &mut v);
             let bytes = (v.len() * 4) as u64;
-            return Ok((QMatMul::Tensor(Tensor::from_vec(v, info.shape.clone(), device)?), bytes));
+            return Ok((Linear::Candle(QMatMul::Tensor(Tensor::from_vec(v, info.shape.clone(), device)?)), bytes));
+        }
+        let float = match info.ggml_type {
+            GgmlType::F32 => Some(FloatKind::F32),
+            GgmlType::F16 => Some(FloatKind::F16),
+            GgmlType::BF16 => Some(FloatKind::Bf16),
+            _ => None,
+        };
+        if let Some(kind) = float {
+            let cols = *info.shape.last().expect("2-D");
+            let raw = self.hf_rows(info, order);
+            return Ok(float_linear(kind, &raw, info.numel() / cols, cols, device)?);
         }
         let (q, bytes) = self.qtensor(hf_name, device)?;
         // candle's Q4_1/Q5_0/Q5_1 dot products assume an even number of blocks per row (and
@@ -208,9 +244,9 @@ impl WeightSource for GgufSource {
         if matches!(info.ggml_type, GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1) && blocks % 2 == 1 {
             let dense = q.dequantize(device)?;
             let b = (dense.elem_count() * 4) as u64;
-            return Ok((QMatMul::Tensor(dense), b));
+            return Ok((Linear::Candle(QMatMul::Tensor(dense)), b));
         }
-        Ok((QMatMul::from_qtensor(q)?, bytes))
+        Ok((Linear::Candle(QMatMul::from_qtensor(q)?), bytes))
     }
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
         let h = &self.file.header;
@@ -266,10 +302,10 @@ impl WeightSource for MlxSource {
     fn config(&self) -> &OuroConfig {
         &self.dir.config
     }
-    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QMatMul, u64)> {
+    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
         let (t, bytes) = self.dense(hf_name, device)?;
         self.dir.weights.release(hf_name);
-        Ok((QMatMul::Tensor(t), bytes))
+        Ok((Linear::Candle(QMatMul::Tensor(t)), bytes))
     }
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
         Ok(self.dense(hf_name, device)?.0.flatten_all()?)
