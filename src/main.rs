@@ -206,6 +206,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Perplexity of one model over a text as a decoder sees it: each chunk's first half prefilled,
+    /// then token by token through the KV cache, all loops and then with adaptive exit at each
+    /// --exit-threshold q (skipped loops really skipped, their KV slots filled per --kv): what early
+    /// exit costs in quality and gains in speed.
+    Perplexity {
+        /// Model: an HF checkpoint directory, a GGUF file or an MLX directory.
+        model: PathBuf,
+        /// UTF-8 text to score.
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        ctx: usize,
+        /// Score at most this many chunks.
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Exit thresholds to compare with all loops, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "0.5")]
+        exit_threshold: Vec<f32>,
+        #[arg(long, value_enum, default_value = "full")]
+        kv: KvPolicy,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write every loop's hidden state, logits, gate logits and exit pdf for a token sequence
     /// (the tensors of the golden expected.safetensors).
     Logits {
@@ -505,6 +528,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Perplexity { model, text, ctx, chunks, exit_threshold, kv, json } => {
+            perplexity_cmd(&model, &text, ctx, chunks, &exit_threshold, kv, json)
+        }
         Command::Logits {
             model,
             tokens,
@@ -560,6 +586,69 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         }),
     }
+}
+
+fn perplexity_cmd(
+    model: &std::path::Path,
+    text: &std::path::Path,
+    ctx: usize,
+    chunks: Option<usize>,
+    thresholds: &[f32],
+    kv: KvPolicy,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    for q in thresholds {
+        anyhow::ensure!((0.0..=1.0).contains(q), "--exit-threshold: {q} is not in [0, 1]");
+    }
+    anyhow::ensure!(ctx >= 8, "--ctx {ctx}: at least 8 tokens (the second half of each chunk is scored)");
+    let body = std::fs::read_to_string(text).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
+    let loaded = source::load(model, &Device::Cpu)?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("{}: no tokenizer.json to tokenize the text with", model.display()))?;
+    let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?.get_ids().to_vec();
+    let spans = ouro_quant::eval::chunks(ids.len(), ctx, chunks);
+    anyhow::ensure!(
+        !spans.is_empty(),
+        "{}: {} tokens, fewer than one chunk of --ctx {ctx}",
+        text.display(),
+        ids.len()
+    );
+    let m = &loaded.model;
+    let mut runs = vec![ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, None, kv)?];
+    for &q in thresholds {
+        runs.push(ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, Some(q), kv)?);
+    }
+    let base = runs[0].clone();
+    if json {
+        let v = serde_json::json!({
+            "model": loaded.description,
+            "text": text.display().to_string(),
+            "ctx": ctx,
+            "chunks": spans.len(),
+            "runs": runs,
+            "ppl_rise_pct": runs.iter().map(|r| 100.0 * (r.ppl / base.ppl - 1.0)).collect::<Vec<_>>(),
+            "speedup": runs.iter().map(|r| r.decode_tokens_per_s / base.decode_tokens_per_s).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}: {} chunks of {ctx}, {} decoded tokens scored, KV {kv:?}", loaded.description, spans.len(), base.scored_tokens);
+    println!("{:<10} {:>16} {:>9} {:>12} {:>12} {:>9}", "exit", "perplexity", "change", "loops/token", "decode tok/s", "speed-up");
+    for r in &runs {
+        println!(
+            "{:<10} {:>9.4} ± {:<5.4} {:>+8.2}% {:>12.2} {:>12.1} {:>8.2}x",
+            r.exit_threshold.map_or("all loops".to_string(), |q| format!("q = {q}")),
+            r.ppl,
+            r.ppl_se,
+            100.0 * (r.ppl / base.ppl - 1.0),
+            r.mean_loops_per_token,
+            r.decode_tokens_per_s,
+            r.decode_tokens_per_s / base.decode_tokens_per_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Converts to GGUF; returns the path written (`None` for a dry run).

@@ -139,6 +139,9 @@ const CASES: &[Case] = &[
     // --- run ---
     Case { name: "run: memory budget too small", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--max-tokens", "8", "--max-memory", "1000"], needles: &["--max-memory", "1000"] },
     Case { name: "run: exit threshold above 1", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--exit-threshold", "1.5"], needles: &["exit-threshold", "1.5"] },
+    Case { name: "perplexity: exit threshold above 1", setup: text, args: &["perplexity", "{in}/m", "--text", "{in}/t.txt", "--exit-threshold", "0.5,1.5"], needles: &["exit-threshold", "1.5"] },
+    Case { name: "perplexity: text shorter than one chunk", setup: |d| std::fs::write(d.join("t.txt"), "short").unwrap(), args: &["perplexity", "{in}/m", "--text", "{in}/t.txt", "--ctx", "64"], needles: &["t.txt", "fewer than one chunk"] },
+    Case { name: "perplexity: text missing", setup: noop, args: &["perplexity", "{in}/m", "--text", "{in}/none.txt"], needles: &["none.txt"] },
     Case { name: "run: token id beyond the vocabulary", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,99999", "--max-tokens", "2"], needles: &["99999", "vocab"] },
     // --- logits ---
     Case { name: "logits: token list not numbers", setup: noop, args: &["logits", "{in}/m", "--tokens", "1,two,3", "-o", "{out}/l.safetensors"], needles: &["two"] },

@@ -85,3 +85,57 @@ fn the_fixture_converts_to_gguf_and_mlx_and_runs_like_the_original() {
     assert_eq!(outs[0], outs[1], "HF vs GGUF Q8_0");
     assert_eq!(outs[0], outs[2], "HF vs MLX 8-bit");
 }
+
+/// Adaptive exit measured as a decoder runs it (`eval::decode_eval`, the `perplexity` command):
+/// all-loops decoding through the KV cache scores exactly what a full-sequence pass scores; adaptive
+/// exit really runs fewer loops; and on this fixture the copy-forward KV fill costs quality at
+/// q = 0.5 but almost none at q = 0.99, where fewer than 3 of 4 loops run (the README's table).
+#[test]
+fn adaptive_exit_while_decoding_keeps_quality_at_high_q() {
+    use ouro_quant::eval::{decode_eval, evaluate, perplexity};
+    use ouro_quant::model::KvPolicy;
+    let loaded = source::load(&fixture(), &Device::Cpu).unwrap();
+    let m = &loaded.model;
+    let text = std::fs::read_to_string(fixture().join("validation.txt")).unwrap();
+    let ids = loaded.tokenizer.as_ref().unwrap().encode(text.as_str(), false).unwrap().get_ids().to_vec();
+    let chunks = Some(8);
+    let full = evaluate(m, &ids, 128, chunks, &mut |_, _| {}).unwrap();
+    let ppl_last = perplexity(&full.nll_loop(3, None)).0;
+    let all = decode_eval(m, &ids, 128, chunks, None, KvPolicy::Full).unwrap();
+    assert_eq!(all.scored_tokens, full.len());
+    assert!((all.ppl / ppl_last - 1.0).abs() < 1e-4, "decode {} vs full pass {}", all.ppl, ppl_last);
+    assert_eq!(all.loops_histogram[..3], [0, 0, 0]);
+
+    let q99 = decode_eval(m, &ids, 128, chunks, Some(0.99), KvPolicy::Full).unwrap();
+    assert!(q99.mean_loops_per_token < 3.0, "q=0.99 ran {} loops per token", q99.mean_loops_per_token);
+    assert!(q99.ppl < all.ppl * 1.01, "q=0.99: ppl {} vs {} with all loops", q99.ppl, all.ppl);
+    let q50 = decode_eval(m, &ids, 128, chunks, Some(0.5), KvPolicy::Full).unwrap();
+    assert!(q50.mean_loops_per_token < 1.5, "q=0.5 ran {} loops per token", q50.mean_loops_per_token);
+    // the measured cost of filling skipped slots from the exit loop when most tokens exit at loop 1
+    assert!(q50.ppl > all.ppl * 1.05, "q=0.5: ppl {} vs {}", q50.ppl, all.ppl);
+    // the exit loop's readout of a full pass (no skipped KV) does not degrade like that
+    let full50 = perplexity(&full.nll_threshold(0.5, None)).0;
+    assert!(full50 < all.ppl * 1.01, "full-pass readout at q=0.5: {full50}");
+}
+
+#[test]
+fn perplexity_command_reports_the_trade_off() {
+    let f = fixture();
+    let out = bin()
+        .arg("perplexity").arg(&f)
+        .arg("--text").arg(f.join("validation.txt"))
+        .args(["--chunks", "3", "--exit-threshold", "0.5,0.99", "--json"])
+        .output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    assert!(runs[0]["exit_threshold"].is_null());
+    assert_eq!(runs[0]["mean_loops_per_token"].as_f64().unwrap(), 4.0);
+    assert_eq!(runs[0]["scored_tokens"].as_u64().unwrap(), 3 * 63);
+    let l = |i: usize| runs[i]["mean_loops_per_token"].as_f64().unwrap();
+    assert!(l(1) < l(2) && l(2) < 4.0, "{} {}", l(1), l(2));
+    let h: u64 = runs[1]["loops_histogram"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).sum();
+    assert_eq!(h, 3 * 63);
+    assert_eq!(v["ppl_rise_pct"][0].as_f64().unwrap(), 0.0);
+}

@@ -255,3 +255,71 @@ mod tests {
         assert!((unigram_perplexity(&[7, 7, 9], &[2]) - 3.0).abs() < 1e-12);
     }
 }
+
+/// Perplexity measured the way a decoder runs: each chunk's first half is prefilled in one pass,
+/// then every further token is fed alone through the KV cache (teacher forcing), and the next token
+/// is scored with the logits of the loop the token stopped at. With `LoopControl::AdaptiveExit(q)`
+/// this measures what early exit does to a generation, including its KV policy (the skipped
+/// (loop, layer) slots filled from the last computed loop), which a full-sequence pass cannot.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeEval {
+    /// `None`: every loop (the last one read out).
+    pub exit_threshold: Option<f32>,
+    pub kv: KvPolicy,
+    pub scored_tokens: usize,
+    pub ppl: f64,
+    pub ppl_se: f64,
+    pub mean_loops_per_token: f64,
+    /// Tokens exiting after each loop (index 0 = loop 1).
+    pub loops_histogram: Vec<usize>,
+    /// Decode steps per second (the prefill of each chunk's first half excluded).
+    pub decode_tokens_per_s: f64,
+}
+
+/// Runs [`DecodeEval`] over `tokens` in chunks of `ctx` (the second half of each scored, as in
+/// [`evaluate`]).
+pub fn decode_eval(
+    model: &OuroModel,
+    tokens: &[u32],
+    ctx: usize,
+    max_chunks: Option<usize>,
+    exit_threshold: Option<f32>,
+    kv: KvPolicy,
+) -> anyhow::Result<DecodeEval> {
+    use crate::model::{KvCache, LoopControl};
+    anyhow::ensure!(ctx >= 4, "--ctx {ctx}: at least 4 tokens");
+    let spans = chunks(tokens.len(), ctx, max_chunks);
+    anyhow::ensure!(!spans.is_empty(), "the text has {} tokens, fewer than one chunk of --ctx {ctx}", tokens.len());
+    let control = exit_threshold.map_or(LoopControl::All, LoopControl::AdaptiveExit);
+    let mut nll = vec![];
+    let mut hist = vec![0usize; model.dims.loops];
+    let mut seconds = 0.0;
+    for (start, len) in spans {
+        let chunk = &tokens[start..start + len];
+        let mut cache = KvCache::new(&model.dims, kv);
+        let half = len / 2;
+        model.forward(&chunk[..half], &mut cache, LoopControl::All)?;
+        let t0 = std::time::Instant::now();
+        for j in half..len - 1 {
+            let out = model.forward(&chunk[j..j + 1], &mut cache, control)?;
+            let loops = out.loops_run();
+            let logits = model.logits(out.hidden.last().expect("a loop ran"))?.flatten_all()?.to_vec1::<f32>()?;
+            nll.push(-log_prob(&logits, chunk[j + 1] as usize) as f32);
+            hist[loops - 1] += 1;
+        }
+        seconds += t0.elapsed().as_secs_f64();
+    }
+    let (ppl, ppl_se) = perplexity(&nll);
+    let n = nll.len();
+    let loops: usize = hist.iter().enumerate().map(|(i, c)| (i + 1) * c).sum();
+    Ok(DecodeEval {
+        exit_threshold,
+        kv,
+        scored_tokens: n,
+        ppl,
+        ppl_se,
+        mean_loops_per_token: loops as f64 / n.max(1) as f64,
+        loops_histogram: hist,
+        decode_tokens_per_s: n as f64 / seconds.max(1e-9),
+    })
+}
