@@ -113,10 +113,16 @@ fn affine_quantization_is_bit_exact_with_mx_quantize() {
                 let mut words = vec![];
                 let mut scales = vec![];
                 let mut biases = vec![];
-                for row in x.chunks_exact(cols) {
+                let raw = encode(dt, &x);
+                for (ri, row) in x.chunks_exact(cols).enumerate() {
                     let mut w = vec![0u32; wpr];
                     let (mut s, mut b) = (vec![0f32; gpr], vec![0f32; gpr]);
-                    affine::quantize_row(row, bits, gs, &mut w, &mut s, &mut b);
+                    if dt == DType::BF16 {
+                        // the converter's path for bf16 checkpoints: straight from the stored bytes
+                        affine::quantize_row_bf16(&raw[ri * cols * 2..(ri + 1) * cols * 2], bits, gs, &mut w, &mut s, &mut b).unwrap();
+                    } else {
+                        affine::quantize_row(row, bits, gs, &mut w, &mut s, &mut b);
+                    }
                     words.extend(w.iter().flat_map(|v| v.to_le_bytes()));
                     scales.extend(encode(dt, &s));
                     biases.extend(encode(dt, &b));

@@ -142,28 +142,140 @@ fn quantize_row_bits<const AVX2: bool>(x: &[f32], bits: u32, group_size: usize, 
 fn quantize_row_b<const B: u32, const AVX2: bool>(x: &[f32], group_size: usize, words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) {
     assert!(group_size % 32 == 0 && x.len() % group_size == 0);
     assert_eq!(words.len(), x.len() * B as usize / 32);
-    let n = (1i32 << B) - 1;
-    let (lo, hi) = (-1.0f32, n as f32 + 1.0);
     let words_per_group = group_size * B as usize / 32;
     for (gi, (g, wg)) in x.chunks_exact(group_size).zip(words.chunks_exact_mut(words_per_group)).enumerate() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 is true only when called from the AVX2 entry point, after detection.
-        let (mn, mx) = if AVX2 { unsafe { min_max_avx2(g) } } else { min_max(g) };
-        #[cfg(not(target_arch = "x86_64"))]
-        let (mn, mx) = min_max(g);
-        let (scale, bias) = params_from_range(mn, mx, B);
-        scales[gi] = scale;
-        biases[gi] = bias;
+        (scales[gi], biases[gi]) = quantize_group::<B, AVX2>(g, wg);
+    }
+}
+
+/// Quantizes one group into its words; returns (scale, bias).
+#[inline(always)]
+fn quantize_group<const B: u32, const AVX2: bool>(g: &[f32], wg: &mut [u32]) -> (f32, f32) {
+    let n = (1i32 << B) - 1;
+    let (lo, hi) = (-1.0f32, n as f32 + 1.0);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 is true only when called from the AVX2 entry point, after detection.
+    let (mn, mx) = if AVX2 { unsafe { min_max_avx2(g) } } else { min_max(g) };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (mn, mx) = min_max(g);
+    let (scale, bias) = params_from_range(mn, mx, B);
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && (B == 4 || B == 8) {
         for (g32, w) in g.chunks_exact(32).zip(wg.chunks_exact_mut(B as usize)) {
-            let mut codes = [0u32; 32];
-            for (c, &v) in codes.iter_mut().zip(g32) {
-                let v = (v - bias) / scale;
-                let v = if v < lo { lo } else if v > hi { hi } else { v };
-                let r = ((v + MAGIC).to_bits() as i32).wrapping_sub(MAGIC_BITS);
-                *c = r.clamp(0, n) as u32;
-            }
-            pack32::<B>(&codes, w);
+            // SAFETY: as above.
+            unsafe { codes32_avx2::<B>(g32, scale, bias, w) };
         }
+        return (scale, bias);
+    }
+    for (g32, w) in g.chunks_exact(32).zip(wg.chunks_exact_mut(B as usize)) {
+        let mut codes = [0u32; 32];
+        for (c, &v) in codes.iter_mut().zip(g32) {
+            let v = (v - bias) / scale;
+            let v = if v < lo { lo } else if v > hi { hi } else { v };
+            let r = ((v + MAGIC).to_bits() as i32).wrapping_sub(MAGIC_BITS);
+            *c = r.clamp(0, n) as u32;
+        }
+        pack32::<B>(&codes, w);
+    }
+    (scale, bias)
+}
+
+/// [`quantize_row`] straight from a row of little-endian bf16 bytes (what HF checkpoints hold):
+/// each group is widened into a small buffer and checked for NaN and infinity on its way in, so
+/// the row is read once. `Err(i)`: a group holds a non-finite value; `i` is the group's first
+/// element (the caller names the exact value). Same results as widening then [`quantize_row`].
+pub fn quantize_row_bf16(
+    x: &[u8],
+    bits: u32,
+    group_size: usize,
+    words: &mut [u32],
+    scales: &mut [f32],
+    biases: &mut [f32],
+) -> Result<(), usize> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2.
+        return unsafe { quantize_row_bf16_avx2(x, bits, group_size, words, scales, biases) };
+    }
+    quantize_row_bf16_bits::<false>(x, bits, group_size, words, scales, biases)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_bf16_avx2(x: &[u8], bits: u32, gs: usize, words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) -> Result<(), usize> {
+    quantize_row_bf16_bits::<true>(x, bits, gs, words, scales, biases)
+}
+
+#[inline(always)]
+fn quantize_row_bf16_bits<const AVX2: bool>(x: &[u8], bits: u32, gs: usize, words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) -> Result<(), usize> {
+    match bits {
+        2 => quantize_row_bf16_b::<2, AVX2>(x, gs, words, scales, biases),
+        3 => quantize_row_bf16_b::<3, AVX2>(x, gs, words, scales, biases),
+        4 => quantize_row_bf16_b::<4, AVX2>(x, gs, words, scales, biases),
+        5 => quantize_row_bf16_b::<5, AVX2>(x, gs, words, scales, biases),
+        6 => quantize_row_bf16_b::<6, AVX2>(x, gs, words, scales, biases),
+        8 => quantize_row_bf16_b::<8, AVX2>(x, gs, words, scales, biases),
+        _ => panic!("MLX affine quantization has no {bits}-bit mode"),
+    }
+}
+
+#[inline(always)]
+fn quantize_row_bf16_b<const B: u32, const AVX2: bool>(x: &[u8], gs: usize, words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) -> Result<(), usize> {
+    assert!(gs % 32 == 0 && gs <= 128 && x.len() % (2 * gs) == 0);
+    assert_eq!(words.len(), x.len() / 2 * B as usize / 32);
+    let wpg = gs * B as usize / 32;
+    let mut buf = [0f32; 128];
+    for (gi, (src, wg)) in x.chunks_exact(2 * gs).zip(words.chunks_exact_mut(wpg)).enumerate() {
+        let g = &mut buf[..gs];
+        // widen, and collect the exponent bits that mark NaN and infinity (all ones)
+        let mut special = false;
+        for (o, b) in g.iter_mut().zip(src.chunks_exact(2)) {
+            let h = u16::from_le_bytes([b[0], b[1]]);
+            special |= h & 0x7f80 == 0x7f80;
+            *o = f32::from_bits((h as u32) << 16);
+        }
+        if special {
+            return Err(gi * gs);
+        }
+        (scales[gi], biases[gi]) = quantize_group::<B, AVX2>(g, wg);
+    }
+    Ok(())
+}
+
+/// The codes of 32 values, packed into `B` words, for `B` = 4 or 8: the portable loop's operations
+/// (subtract, divide, clamp to [-1, n+1], round by the magic constant, clamp to [0, n]) on four
+/// vectors of 8, then packed with vector instructions: the 32 codes are narrowed to 32 bytes in
+/// order, and for 4 bits each pair of bytes becomes one (`lo + 16 * hi`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn codes32_avx2<const B: u32>(g: &[f32], scale: f32, bias: f32, out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    assert!(g.len() == 32 && out.len() == B as usize && (B == 4 || B == 8));
+    let n = (1i32 << B) - 1;
+    let (vb, vs) = (_mm256_set1_ps(bias), _mm256_set1_ps(scale));
+    let (lo, hi) = (_mm256_set1_ps(-1.0), _mm256_set1_ps(n as f32 + 1.0));
+    let (magic, magic_bits) = (_mm256_set1_ps(MAGIC), _mm256_set1_epi32(MAGIC_BITS));
+    let (zero, top) = (_mm256_setzero_si256(), _mm256_set1_epi32(n));
+    let code8 = |k: usize| {
+        let v = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(g.as_ptr().add(8 * k)), vb), vs);
+        // the portable `if v < lo {lo} else if v > hi {hi} else {v}` for finite v
+        let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+        let r = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(v, magic)), magic_bits);
+        _mm256_min_epi32(_mm256_max_epi32(r, zero), top)
+    };
+    let (a, b, c, d) = (code8(0), code8(1), code8(2), code8(3));
+    // per 128-bit lane: [a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7] as bytes; dwords back in order
+    let bytes = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    if B == 8 {
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, bytes);
+    } else {
+        // byte j of the result: code 2j + 16 * code 2j+1 (at most 255)
+        let pairs = _mm256_maddubs_epi16(bytes, _mm256_set1_epi16(0x1001));
+        let packed = _mm256_packus_epi16(pairs, pairs);
+        let packed = _mm256_permute4x64_epi64::<0b1000>(packed);
+        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(packed));
     }
 }
 
@@ -263,6 +375,39 @@ mod tests {
                 assert_eq!(s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
                 assert_eq!(b1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
             }
+        }
+    }
+
+    #[test]
+    fn bf16_rows_equal_widened_rows() {
+        let mut s = 99u64;
+        let x: Vec<half::bf16> = (0..2048)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                half::bf16::from_f32(if i % 131 == 0 { u * 40.0 } else if i % 500 < 64 { -u.abs() } else { u * 0.02 })
+            })
+            .collect();
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let wide: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        for bits in BITS {
+            for gs in GROUP_SIZES {
+                let (nw, ng) = (x.len() * bits as usize / 32, x.len() / gs);
+                let (mut w1, mut s1, mut b1) = (vec![0u32; nw], vec![0f32; ng], vec![0f32; ng]);
+                let (mut w2, mut s2, mut b2) = (vec![0u32; nw], vec![0f32; ng], vec![0f32; ng]);
+                quantize_row_bf16(&bytes, bits, gs, &mut w1, &mut s1, &mut b1).unwrap();
+                quantize_row_portable(&wide, bits, gs, &mut w2, &mut s2, &mut b2);
+                assert_eq!(w1, w2, "bits {bits} gs {gs}");
+                assert_eq!(s1, s2);
+                assert_eq!(b1, b2);
+            }
+        }
+        // a NaN and an infinity name their group
+        for (pos, bad) in [(700usize, f32::NAN), (1500, f32::NEG_INFINITY)] {
+            let mut b = bytes.clone();
+            b[2 * pos..2 * pos + 2].copy_from_slice(&half::bf16::from_f32(bad).to_le_bytes());
+            let (mut w, mut sc, mut bi) = (vec![0u32; 2048 / 8], vec![0f32; 32], vec![0f32; 32]);
+            assert_eq!(quantize_row_bf16(&b, 4, 64, &mut w, &mut sc, &mut bi), Err(pos / 64 * 64));
         }
     }
 

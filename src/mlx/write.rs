@@ -161,11 +161,23 @@ fn quantize_tensor(ck: &Checkpoint, p: &MlxTensorPlan, bits: u32, gs: usize) -> 
             let (mut sb, mut bb) = (Vec::with_capacity(gpr * fb), Vec::with_capacity(gpr * fb));
             for k in 0..wout.len() / (wpr * 4) {
                 let r = ci * CHUNK_ROWS + k;
-                decode_f32(t.dtype(), &t.bytes[r * cols * es..(r + 1) * cols * es], &mut row);
-                if let Some((c, _)) = crate::checkpoint::first_non_finite(&row) {
-                    return Err(Error::tensor(t.file, &p.hf_name, format!("non-finite value {} at row {r}, column {c}", row[c])));
+                let src = &t.bytes[r * cols * es..(r + 1) * cols * es];
+                let non_finite = || {
+                    let mut row = vec![0f32; cols];
+                    decode_f32(t.dtype(), src, &mut row);
+                    let (c, v) = crate::checkpoint::first_non_finite(&row).expect("a non-finite value");
+                    Error::tensor(t.file, &p.hf_name, format!("non-finite value {v} at row {r}, column {c}"))
+                };
+                if t.dtype() == DType::BF16 {
+                    // widened group by group inside the kernel: the row is read once
+                    affine::quantize_row_bf16(src, bits, gs, &mut w, &mut s, &mut b).map_err(|_| non_finite())?;
+                } else {
+                    decode_f32(t.dtype(), src, &mut row);
+                    if !crate::checkpoint::all_finite(&row) {
+                        return Err(non_finite());
+                    }
+                    affine::quantize_row(&row, bits, gs, &mut w, &mut s, &mut b);
                 }
-                affine::quantize_row(&row, bits, gs, &mut w, &mut s, &mut b);
                 for (dst, x) in wout[k * wpr * 4..(k + 1) * wpr * 4].chunks_exact_mut(4).zip(&w) {
                     dst.copy_from_slice(&x.to_le_bytes());
                 }
