@@ -70,17 +70,24 @@ fn min_max_avx2(g: &[f32]) -> (f32, f32) {
     assert!(g.len() >= 8 && g.len() % 8 == 0);
     // SAFETY: every load reads 8 values inside `g` (checked above); AVX is enabled.
     unsafe {
-        let mut mn = _mm256_loadu_ps(g.as_ptr());
+        let p = g.as_ptr();
+        let mut mn = _mm256_loadu_ps(p);
         let mut mx = mn;
-        for c in g.chunks_exact(8).skip(1) {
-            let v = _mm256_loadu_ps(c.as_ptr());
+        let mut i = 8;
+        while i < g.len() {
+            let v = _mm256_loadu_ps(p.add(i));
             mn = _mm256_min_ps(v, mn);
             mx = _mm256_max_ps(v, mx);
+            i += 8;
         }
-        let (mut a, mut b) = ([0f32; 8], [0f32; 8]);
-        _mm256_storeu_ps(a.as_mut_ptr(), mn);
-        _mm256_storeu_ps(b.as_mut_ptr(), mx);
-        reduce8(a, b)
+        // a tree over the 8 lanes (the order only decides the sign of a zero extreme; see above)
+        let mn4 = _mm_min_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps::<1>(mn));
+        let mx4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps::<1>(mx));
+        let mn2 = _mm_min_ps(mn4, _mm_movehl_ps(mn4, mn4));
+        let mx2 = _mm_max_ps(mx4, _mm_movehl_ps(mx4, mx4));
+        let mn1 = _mm_min_ss(mn2, _mm_movehdup_ps(mn2));
+        let mx1 = _mm_max_ss(mx2, _mm_movehdup_ps(mx2));
+        (_mm_cvtss_f32(mn1), _mm_cvtss_f32(mx1))
     }
 }
 

@@ -129,12 +129,24 @@ pub fn quantization_config(plan: &[MlxTensorPlan], opts: &MlxOptions) -> Option<
 /// Rows quantized per step.
 const CHUNK_ROWS: usize = 256;
 
-/// A float value in a storage dtype.
-fn push_float(dtype: DType, v: f32, out: &mut Vec<u8>) {
+/// Stores f32 values as little-endian `dtype` (bf16/f16 rounded to nearest even, as MLX does).
+fn store_floats(dtype: DType, v: &[f32], out: &mut [u8]) {
     match dtype {
-        DType::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
-        DType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
-        _ => out.extend_from_slice(&v.to_le_bytes()),
+        DType::BF16 => {
+            for (o, &x) in out.chunks_exact_mut(2).zip(v) {
+                o.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (o, &x) in out.chunks_exact_mut(2).zip(v) {
+                o.copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes());
+            }
+        }
+        _ => {
+            for (o, &x) in out.chunks_exact_mut(4).zip(v) {
+                o.copy_from_slice(&x.to_le_bytes());
+            }
+        }
     }
 }
 
@@ -158,7 +170,6 @@ fn quantize_tensor(ck: &Checkpoint, p: &MlxTensorPlan, bits: u32, gs: usize) -> 
             let mut row = vec![0f32; cols];
             let mut w = vec![0u32; wpr];
             let (mut s, mut b) = (vec![0f32; gpr], vec![0f32; gpr]);
-            let (mut sb, mut bb) = (Vec::with_capacity(gpr * fb), Vec::with_capacity(gpr * fb));
             for k in 0..wout.len() / (wpr * 4) {
                 let r = ci * CHUNK_ROWS + k;
                 let src = &t.bytes[r * cols * es..(r + 1) * cols * es];
@@ -181,14 +192,8 @@ fn quantize_tensor(ck: &Checkpoint, p: &MlxTensorPlan, bits: u32, gs: usize) -> 
                 for (dst, x) in wout[k * wpr * 4..(k + 1) * wpr * 4].chunks_exact_mut(4).zip(&w) {
                     dst.copy_from_slice(&x.to_le_bytes());
                 }
-                sb.clear();
-                bb.clear();
-                for g in 0..gpr {
-                    push_float(p.dtype, s[g], &mut sb);
-                    push_float(p.dtype, b[g], &mut bb);
-                }
-                sout[k * gpr * fb..(k + 1) * gpr * fb].copy_from_slice(&sb);
-                bout[k * gpr * fb..(k + 1) * gpr * fb].copy_from_slice(&bb);
+                store_floats(p.dtype, &s, &mut sout[k * gpr * fb..(k + 1) * gpr * fb]);
+                store_floats(p.dtype, &b, &mut bout[k * gpr * fb..(k + 1) * gpr * fb]);
             }
             Ok(())
         })?;
