@@ -444,7 +444,8 @@ impl Writer {
     ) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::create(&path).at(&path)?;
-        let mut out = BufWriter::with_capacity(8 << 20, file);
+        // small: tensor data (megabytes per write) then goes straight to the file without a copy
+        let mut out = BufWriter::with_capacity(64 << 10, file);
         let head = header_bytes(&specs, metadata);
         out.write_all(&head).at(&path)?;
         let mut sum = crate::output::Checksummer::new();
