@@ -433,6 +433,9 @@ pub struct Writer {
     next: usize,
     written_in_current: usize,
     sum: crate::output::Checksummer,
+    /// Bytes written (header included).
+    offset: u64,
+    writeback: crate::output::Writeback,
 }
 
 impl Writer {
@@ -457,6 +460,8 @@ impl Writer {
             next: 0,
             written_in_current: 0,
             sum,
+            offset: head.len() as u64,
+            writeback: Default::default(),
         })
     }
 
@@ -471,6 +476,7 @@ impl Writer {
             let take = room.min(rest.len());
             self.out.write_all(&rest[..take]).at(&self.path)?;
             self.sum.update(&rest[..take]);
+            self.offset += take as u64;
             self.written_in_current += take;
             rest = &rest[take..];
             if self.written_in_current == spec.nbytes() {
@@ -482,6 +488,8 @@ impl Writer {
         while self.specs.get(self.next).is_some_and(|s| s.nbytes() == 0) {
             self.next += 1;
         }
+        let in_file = self.offset - self.out.buffer().len() as u64;
+        self.writeback.advance(self.out.get_ref(), in_file);
         Ok(())
     }
 
@@ -516,6 +524,28 @@ mod tests {
         v.extend_from_slice(json.as_bytes());
         v.extend_from_slice(data);
         v
+    }
+
+    /// A file several writeback steps long, written in uneven pieces, reads back byte for byte
+    /// (the writeback hints run on it) and its returned checksum is the file's.
+    #[test]
+    fn long_file_written_in_pieces_reads_back() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("big.safetensors");
+        let n = (2 * crate::output::Writeback::STEP + 12_345) as usize;
+        let specs = vec![
+            TensorSpec { name: "a".into(), dtype: DType::U8, shape: vec![n] },
+            TensorSpec { name: "b".into(), dtype: DType::U8, shape: vec![1000] },
+        ];
+        let data: Vec<u8> = (0..n + 1000).map(|i| (i * 31 % 251) as u8).collect();
+        let mut w = Writer::new(&path, specs, &BTreeMap::new()).unwrap();
+        for piece in data.chunks(3 << 20 | 17) {
+            w.write(piece).unwrap();
+        }
+        let sum = w.finish().unwrap();
+        let f = SafetensorsFile::open(&path).unwrap();
+        assert!(f.bytes("a").unwrap() == &data[..n] && f.bytes("b").unwrap() == &data[n..]);
+        assert_eq!(sum, crate::output::checksum(&std::fs::read(&path).unwrap()));
     }
 
     #[test]

@@ -232,6 +232,9 @@ pub struct Writer {
     align: usize,
     next: usize,
     written: usize,
+    /// Bytes written (header and padding included).
+    offset: u64,
+    writeback: crate::output::Writeback,
 }
 
 impl Writer {
@@ -240,7 +243,8 @@ impl Writer {
         let align = alignment_of(kvs);
         let (head, infos) = header_bytes(kvs, tensors, align);
         let file = File::create(path).at(path)?;
-        let mut out = BufWriter::with_capacity(8 << 20, file);
+        // small: tensor data (megabytes per write) then goes straight to the file without a copy
+        let mut out = BufWriter::with_capacity(64 << 10, file);
         out.write_all(&head).at(path)?;
         Ok(Writer {
             path: path.to_path_buf(),
@@ -250,6 +254,8 @@ impl Writer {
             align,
             next: 0,
             written: 0,
+            offset: head.len() as u64,
+            writeback: Default::default(),
         })
     }
 
@@ -273,14 +279,18 @@ impl Writer {
             let take = need.min(bytes.len());
             self.out.write_all(&bytes[..take]).at(&self.path)?;
             self.written += take;
+            self.offset += take as u64;
             bytes = &bytes[take..];
             if self.written == info.nbytes() {
                 let padding = pad(info.nbytes(), self.align) - info.nbytes();
                 self.out.write_all(&vec![0u8; padding]).at(&self.path)?;
+                self.offset += padding as u64;
                 self.next += 1;
                 self.written = 0;
             }
         }
+        let in_file = self.offset - self.out.buffer().len() as u64;
+        self.writeback.advance(self.out.get_ref(), in_file);
         Ok(())
     }
 
