@@ -1019,7 +1019,8 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!((0.0..=1.0).contains(&a.sampling.top_p) && a.sampling.top_p > 0.0, "--top-p must lie in (0, 1]");
     let device = device(a.dev)?;
     if let Some(limit) = a.max_memory {
-        // Plan before loading: HF weights are held as f32; GGUF weights at their size in the file.
+        // Plan before loading: GGUF weights at their size in the file; HF weights at their stored
+        // width on the CPU (f32 on GPUs); MLX weights dequantized to f32.
         let (config, weights) = if a.model.is_file() {
             let g = source::GgufSource::open(&a.model)?;
             (g.config.clone(), g.file.file_len() as u64)
@@ -1029,7 +1030,8 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
             (m.config.clone(), m.config.parameter_count() * 4)
         } else {
             let ck = Checkpoint::open(&a.model)?;
-            (ck.config.clone(), ck.config.parameter_count() * 4)
+            let width = if device.is_cpu() { ck.dtype().size() as u64 } else { 4 };
+            (ck.config.clone(), ck.config.parameter_count() * width)
         };
         let dims = ouro_quant::model::Dims::from_config(&config);
         let ctx = a.max_tokens + a.prompt.as_deref().or(a.chat.as_deref()).or(a.prompt_tokens.as_deref()).map_or(0, |p| p.len() + 16);

@@ -181,4 +181,16 @@ fn run_refuses_when_the_memory_plan_does_not_fit() {
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("--max-memory 1000000") && e.contains("of weights") && e.contains("KV cache"), "{e}");
+
+    // the plan counts bf16 weights at their stored width, as the runner holds them: a budget of
+    // the file's size plus the KV cache and some slack is enough, 90% of the file's size is not
+    let file = std::fs::metadata(fixtures().join("tiny-random/model.safetensors")).unwrap().len();
+    let fits = |budget: u64| {
+        bin()
+            .arg("run").arg(fixtures().join("tiny-random"))
+            .args(["--prompt-tokens", "1,2,3", "--max-tokens", "4", "--max-memory", &budget.to_string()])
+            .output().unwrap().status.code()
+    };
+    assert_eq!(fits(file + 1_000_000), Some(0));
+    assert_eq!(fits(file * 9 / 10), Some(2));
 }
