@@ -98,6 +98,7 @@ fn main() -> anyhow::Result<()> {
                 sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
                 exit_threshold: q,
                 kv: KvPolicy::Full,
+                kv_fill: ouro_quant::model::SkipFill::Copy,
                 stop_ids: vec![],
             };
             let g = generate(&model, &prompt, &opts, &mut |_| {})?;

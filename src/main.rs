@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use candle_core::Device;
 use ouro_quant::checkpoint::Checkpoint;
 use ouro_quant::model::generate::{self, GenerateOptions, Sampling};
-use ouro_quant::model::{dump, source, KvPolicy};
+use ouro_quant::model::{dump, source, KvPolicy, SkipFill};
 use ouro_quant::inspect::{self, parse_weight_dtype};
 use ouro_quant::synth::{self, Preset, SynthOptions};
 
@@ -148,6 +148,10 @@ enum Command {
         /// KV cache: one per (loop, layer) as upstream, or one per layer with the last loop's K/V.
         #[arg(long, value_enum, default_value = "full")]
         kv: KvPolicy,
+        /// With --exit-threshold and the full cache: what the slots of loops a token skipped hold
+        /// (its exit loop's K/V, or nothing; `ouro-quant perplexity` measures both).
+        #[arg(long, value_enum, default_value = "copy")]
+        kv_fill: SkipFill,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
         /// Refuse to start if weights + KV for prompt + max-tokens would exceed this many bytes.
@@ -226,6 +230,9 @@ enum Command {
         exit_threshold: Vec<f32>,
         #[arg(long, value_enum, default_value = "full")]
         kv: KvPolicy,
+        /// What the full cache holds for the loops a token skipped: its exit loop's K/V, or nothing.
+        #[arg(long, value_enum, default_value = "copy")]
+        kv_fill: SkipFill,
         #[arg(long)]
         json: bool,
     },
@@ -528,8 +535,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Perplexity { model, text, ctx, chunks, exit_threshold, kv, json } => {
-            perplexity_cmd(&model, &text, ctx, chunks, &exit_threshold, kv, json)
+        Command::Perplexity { model, text, ctx, chunks, exit_threshold, kv, kv_fill, json } => {
+            perplexity_cmd(&model, &text, ctx, chunks, &exit_threshold, kv, kv_fill, json)
         }
         Command::Logits {
             model,
@@ -563,6 +570,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seed,
             exit_threshold,
             kv,
+            kv_fill,
             device: dev,
             max_memory,
             json,
@@ -581,6 +589,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             },
             exit_threshold,
             kv,
+            kv_fill,
             dev,
             max_memory,
             json,
@@ -595,6 +604,7 @@ fn perplexity_cmd(
     chunks: Option<usize>,
     thresholds: &[f32],
     kv: KvPolicy,
+    kv_fill: SkipFill,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     for q in thresholds {
@@ -616,9 +626,9 @@ fn perplexity_cmd(
         ids.len()
     );
     let m = &loaded.model;
-    let mut runs = vec![ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, None, kv)?];
+    let mut runs = vec![ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, None, kv, kv_fill)?];
     for &q in thresholds {
-        runs.push(ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, Some(q), kv)?);
+        runs.push(ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, Some(q), kv, kv_fill)?);
     }
     let base = runs[0].clone();
     if json {
@@ -634,7 +644,7 @@ fn perplexity_cmd(
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{}: {} chunks of {ctx}, {} decoded tokens scored, KV {kv:?}", loaded.description, spans.len(), base.scored_tokens);
+    println!("{}: {} chunks of {ctx}, {} decoded tokens scored, KV {kv:?} (skipped loops: {kv_fill:?})", loaded.description, spans.len(), base.scored_tokens);
     println!("{:<10} {:>16} {:>9} {:>12} {:>12} {:>9}", "exit", "perplexity", "change", "loops/token", "decode tok/s", "speed-up");
     for r in &runs {
         println!(
@@ -1006,6 +1016,7 @@ struct RunArgs {
     sampling: Sampling,
     exit_threshold: Option<f32>,
     kv: KvPolicy,
+    kv_fill: SkipFill,
     dev: DeviceArg,
     max_memory: Option<u64>,
     json: bool,
@@ -1071,6 +1082,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         sampling: a.sampling.clone(),
         exit_threshold: a.exit_threshold,
         kv: a.kv,
+        kv_fill: a.kv_fill,
         stop_ids: loaded.model.config.stop_token_ids(),
     };
     let mut ids: Vec<u32> = vec![];

@@ -63,6 +63,7 @@ fn generate_with_cache_reproduces_upstream_greedy_tokens() {
         sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
         exit_threshold: None,
         kv: KvPolicy::Full,
+        kv_fill: ouro_quant::model::SkipFill::Copy,
         stop_ids: vec![],
     };
     let g = generate(&m, &greedy[..5], &opts, &mut |_| {}).unwrap();

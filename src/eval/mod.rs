@@ -266,6 +266,7 @@ pub struct DecodeEval {
     /// `None`: every loop (the last one read out).
     pub exit_threshold: Option<f32>,
     pub kv: KvPolicy,
+    pub kv_fill: crate::model::SkipFill,
     pub scored_tokens: usize,
     pub ppl: f64,
     pub ppl_se: f64,
@@ -285,6 +286,7 @@ pub fn decode_eval(
     max_chunks: Option<usize>,
     exit_threshold: Option<f32>,
     kv: KvPolicy,
+    kv_fill: crate::model::SkipFill,
 ) -> anyhow::Result<DecodeEval> {
     use crate::model::{KvCache, LoopControl};
     anyhow::ensure!(ctx >= 4, "--ctx {ctx}: at least 4 tokens");
@@ -296,7 +298,7 @@ pub fn decode_eval(
     let mut seconds = 0.0;
     for (start, len) in spans {
         let chunk = &tokens[start..start + len];
-        let mut cache = KvCache::new(&model.dims, kv);
+        let mut cache = KvCache::new(&model.dims, kv).with_skip_fill(kv_fill);
         let half = len / 2;
         model.forward(&chunk[..half], &mut cache, LoopControl::All)?;
         let t0 = std::time::Instant::now();
@@ -315,6 +317,7 @@ pub fn decode_eval(
     Ok(DecodeEval {
         exit_threshold,
         kv,
+        kv_fill,
         scored_tokens: n,
         ppl,
         ppl_se,

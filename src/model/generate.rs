@@ -24,6 +24,8 @@ pub struct GenerateOptions {
     /// `Some(q)`: stop each decoded token's loops once its exit CDF reaches q.
     pub exit_threshold: Option<f32>,
     pub kv: KvPolicy,
+    /// What the full cache holds for loops a token skipped (with `exit_threshold`).
+    pub kv_fill: super::SkipFill,
     pub stop_ids: Vec<u32>,
 }
 
@@ -141,7 +143,7 @@ pub fn generate(
         anyhow::bail!("token id {bad} is outside the model's vocabulary ({})", model.dims.vocab);
     }
     let mut rng = Rng::new(opts.sampling.seed);
-    let mut cache = KvCache::new(&model.dims, opts.kv);
+    let mut cache = KvCache::new(&model.dims, opts.kv).with_skip_fill(opts.kv_fill);
     let default_mode = model.default_mode();
 
     let t0 = Instant::now();

@@ -154,11 +154,23 @@ pub struct OuroModel {
     pub lm_head_bytes: u64,
 }
 
+/// What the full cache holds for a (loop, layer) slot that a token skipped by exiting early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+pub enum SkipFill {
+    /// The K/V of the token's exit loop, copied forward into every deeper loop.
+    Copy,
+    /// Nothing: later tokens' attention in that loop does not see the token.
+    Mask,
+}
+
 /// Keys and values of earlier tokens.
 pub struct KvCache {
     policy: KvPolicy,
+    fill: SkipFill,
     /// Full: slot `t*L + i`; SharedLast: slot `i`. Each `(k, v)` is `[kv_heads, seq, head_dim]`.
     slots: Vec<Option<(Tensor, Tensor)>>,
+    /// Per slot, the positions whose entry is masked (`SkipFill::Mask`); empty if none is.
+    masked: Vec<Vec<bool>>,
     /// Tokens held.
     pub len: usize,
 }
@@ -171,9 +183,29 @@ impl KvCache {
         };
         KvCache {
             policy,
+            fill: SkipFill::Copy,
             slots: vec![None; n],
+            masked: vec![vec![]; n],
             len: 0,
         }
+    }
+
+    /// Sets what skipped slots of the full cache hold (default: [`SkipFill::Copy`]).
+    pub fn with_skip_fill(mut self, fill: SkipFill) -> Self {
+        self.fill = fill;
+        self
+    }
+
+    /// The additive attention mask `[1, past + n]` of a slot holding `past` entries, if any of
+    /// them is masked (`masked` only grows when an entry is masked; later positions are unmasked).
+    fn skip_mask(&self, slot: usize, past: usize, n: usize, device: &Device) -> CResult<Option<Tensor>> {
+        let m = &self.masked[slot];
+        if !m.iter().any(|&x| x) {
+            return Ok(None);
+        }
+        let v: Vec<f32> = (0..past + n).map(|p| if m.get(p) == Some(&true) { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let len = v.len();
+        Ok(Some(Tensor::from_vec(v, (1, len), device)?))
     }
 
     pub fn policy(&self) -> KvPolicy {
@@ -413,8 +445,18 @@ impl OuroModel {
             let len = k.dim(1)?;
             let k_new = k.narrow(1, len - 1, 1)?;
             let v_new = v.narrow(1, len - 1, 1)?;
+            let (k_new, v_new) = match cache.fill {
+                SkipFill::Copy => (k_new, v_new),
+                SkipFill::Mask => (k_new.zeros_like()?, v_new.zeros_like()?),
+            };
             for t2 in t + 1..self.dims.loops {
-                cache.append(t2 * l + i, &k_new, &v_new)?;
+                let slot = t2 * l + i;
+                if cache.fill == SkipFill::Mask {
+                    let m = &mut cache.masked[slot];
+                    m.resize(len - 1, false);
+                    m.push(true);
+                }
+                cache.append(slot, &k_new, &v_new)?;
             }
         }
         Ok(())
@@ -470,6 +512,10 @@ impl OuroModel {
         let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
         if let Some(m) = mask {
             scores = scores.broadcast_add(m)?;
+        }
+        let past = k_all.dim(1)? - n;
+        if let Some(m) = cache.skip_mask(slot, past, n, &self.device)? {
+            scores = scores.broadcast_add(&m)?;
         }
         let probs = softmax_last(&scores)?;
         let o = probs.matmul(&v_all.contiguous()?)?; // [heads, n, d]
