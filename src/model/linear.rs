@@ -25,6 +25,9 @@ pub const MATVEC_MAX_ROWS: usize = 4;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
 
+/// Matrices with fewer elements than this are multiplied on the calling thread.
+const SERIAL_BELOW: usize = 1 << 20;
+
 /// Weight rows widened and multiplied at a time by [`FloatMatrix::matmul`].
 const GEMM_BLOCK: usize = 128;
 
@@ -177,45 +180,52 @@ impl FloatMatrix {
         unsafe impl Sync for Out {}
         let dst = Out(out.as_mut_ptr());
         let dst = &dst;
-        (0..rows.div_ceil(GEMM_BLOCK))
-            .into_par_iter()
-            .for_each_init(Vec::new, |buf: &mut Vec<f32>, blk| {
-                let r0 = blk * GEMM_BLOCK;
-                let b = GEMM_BLOCK.min(rows - r0);
-                buf.clear();
-                match &self.data {
-                    FloatData::F32(w) => buf.extend_from_slice(&w[r0 * cols..(r0 + b) * cols]),
-                    FloatData::Half(kind, w) => buf.extend(
-                        w[r0 * cols..(r0 + b) * cols]
-                            .iter()
-                            .map(|&h| widen(*kind, h)),
-                    ),
-                }
-                // dst [n, b] (row stride `rows`) = x [n, cols] * block^T [cols, b]
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        b,
-                        cols,
-                        dst.0.add(r0),
-                        1,
-                        rows as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        cols as isize,
-                        buf.as_ptr(),
-                        cols as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            });
+        let block = |buf: &mut Vec<f32>, blk: usize| {
+            let r0 = blk * GEMM_BLOCK;
+            let b = GEMM_BLOCK.min(rows - r0);
+            buf.clear();
+            match &self.data {
+                FloatData::F32(w) => buf.extend_from_slice(&w[r0 * cols..(r0 + b) * cols]),
+                FloatData::Half(kind, w) => buf.extend(
+                    w[r0 * cols..(r0 + b) * cols]
+                        .iter()
+                        .map(|&h| widen(*kind, h)),
+                ),
+            }
+            // dst [n, b] (row stride `rows`) = x [n, cols] * block^T [cols, b]
+            unsafe {
+                gemm::gemm(
+                    n,
+                    b,
+                    cols,
+                    dst.0.add(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    buf.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        };
+        let blocks = rows.div_ceil(GEMM_BLOCK);
+        if rows * cols * n < SERIAL_BELOW {
+            let mut buf = Vec::new();
+            (0..blocks).for_each(|b| block(&mut buf, b));
+        } else {
+            (0..blocks)
+                .into_par_iter()
+                .for_each_init(Vec::new, |buf, b| block(buf, b));
+        }
     }
 
     /// `out[r] = dot(W[r], x)` for every row, in parallel over row blocks.
@@ -224,6 +234,15 @@ impl FloatMatrix {
         assert_eq!(out.len(), self.rows);
         let c = self.cols;
         let k = kernel();
+        // A small matrix is done on this thread: handing it to the pool and waiting costs more
+        // than the work (each row is computed the same way either way).
+        if self.rows * self.cols < SERIAL_BELOW {
+            return match &self.data {
+                FloatData::F32(w) => (k.f32)(w, x, out),
+                FloatData::Half(FloatKind::Bf16, w) => (k.bf16)(w, x, out),
+                FloatData::Half(_, w) => (k.f16)(w, x, out),
+            };
+        }
         match &self.data {
             FloatData::F32(w) => out
                 .par_chunks_mut(ROWS_PER_TASK)
@@ -619,8 +638,11 @@ mod tests {
     /// The result of a matrix-vector product does not depend on the number of threads.
     #[test]
     fn thread_count_does_not_change_bits() {
-        let (rows, cols) = (200, 300);
-        let m = matrix(FloatKind::Bf16, &lcg(9, rows * cols), rows, cols);
+        // above SERIAL_BELOW, so the pool splits the work
+        let (rows, cols) = (530, 2000);
+        assert!(rows * cols >= SERIAL_BELOW);
+        let w = lcg(9, rows * cols);
+        let m = matrix(FloatKind::Bf16, &w, rows, cols);
         let x = lcg(10, cols);
         let run = |t: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -644,5 +666,18 @@ mod tests {
             o.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
         assert_eq!(run_mm(1), run_mm(3));
+        // and the first rows alone (a small matrix, done on the calling thread) give the same bits
+        let few = 101;
+        let small = matrix(FloatKind::Bf16, &w[..few * cols], few, cols);
+        let mut o = vec![0f32; few];
+        small.matvec(&x, &mut o);
+        assert_eq!(o.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), run(2)[..few]);
+        let mut o = vec![0f32; n * few];
+        small.matmul(&xs, n, &mut o);
+        let big = run_mm(2);
+        for r in 0..n {
+            let want: Vec<u32> = big[r * rows..r * rows + few].to_vec();
+            assert_eq!(o[r * few..(r + 1) * few].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "row {r}");
+        }
     }
 }
