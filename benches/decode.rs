@@ -99,6 +99,7 @@ fn main() -> anyhow::Result<()> {
                 exit_threshold: q,
                 kv: KvPolicy::Full,
                 kv_fill: ouro_quant::model::SkipFill::Copy,
+                kv_dtype: candle_core::DType::F32,
                 stop_ids: vec![],
             };
             let g = generate(&model, &prompt, &opts, &mut |_| {})?;

@@ -11,6 +11,7 @@ use candle_core::Device;
 use ouro_quant::checkpoint::Checkpoint;
 use ouro_quant::model::generate::{self, GenerateOptions, Sampling};
 use ouro_quant::model::{dump, source, KvPolicy, SkipFill};
+use ouro_quant::plan::KvDtype;
 use ouro_quant::inspect::{self, parse_weight_dtype};
 use ouro_quant::synth::{self, Preset, SynthOptions};
 
@@ -152,6 +153,9 @@ enum Command {
         /// (its exit loop's K/V, or nothing; `ouro-quant perplexity` measures both).
         #[arg(long, value_enum, default_value = "copy")]
         kv_fill: SkipFill,
+        /// Storage of the KV cache (f16: half the memory; `plan` shows what each takes).
+        #[arg(long, value_enum, default_value = "f32")]
+        kv_dtype: KvDtype,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
         /// Refuse to start if weights + KV for prompt + max-tokens would exceed this many bytes.
@@ -233,6 +237,9 @@ enum Command {
         /// What the full cache holds for the loops a token skipped: its exit loop's K/V, or nothing.
         #[arg(long, value_enum, default_value = "copy")]
         kv_fill: SkipFill,
+        /// Storage of the KV cache (f16: half the memory).
+        #[arg(long, value_enum, default_value = "f32")]
+        kv_dtype: KvDtype,
         #[arg(long)]
         json: bool,
     },
@@ -535,8 +542,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Perplexity { model, text, ctx, chunks, exit_threshold, kv, kv_fill, json } => {
-            perplexity_cmd(&model, &text, ctx, chunks, &exit_threshold, kv, kv_fill, json)
+        Command::Perplexity { model, text, ctx, chunks, exit_threshold, kv, kv_fill, kv_dtype, json } => {
+            perplexity_cmd(&model, &text, ctx, chunks, &exit_threshold, (kv, kv_fill, runner_kv_dtype(kv_dtype)?), json)
         }
         Command::Logits {
             model,
@@ -571,6 +578,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             exit_threshold,
             kv,
             kv_fill,
+            kv_dtype,
             device: dev,
             max_memory,
             json,
@@ -590,10 +598,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             exit_threshold,
             kv,
             kv_fill,
+            kv_dtype: runner_kv_dtype(kv_dtype)?,
             dev,
             max_memory,
             json,
         }),
+    }
+}
+
+/// The KV storage the runner supports (the planner also knows q8_0, which candle cannot hold).
+fn runner_kv_dtype(d: KvDtype) -> anyhow::Result<candle_core::DType> {
+    match d {
+        KvDtype::F32 => Ok(candle_core::DType::F32),
+        KvDtype::F16 => Ok(candle_core::DType::F16),
+        KvDtype::Q8_0 => anyhow::bail!("--kv-dtype q8_0: the runner keeps its KV cache in f32 or f16 (`plan` can size q8_0)"),
     }
 }
 
@@ -603,8 +621,7 @@ fn perplexity_cmd(
     ctx: usize,
     chunks: Option<usize>,
     thresholds: &[f32],
-    kv: KvPolicy,
-    kv_fill: SkipFill,
+    (kv, kv_fill, kv_dtype): (KvPolicy, SkipFill, candle_core::DType),
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     for q in thresholds {
@@ -626,9 +643,9 @@ fn perplexity_cmd(
         ids.len()
     );
     let m = &loaded.model;
-    let mut runs = vec![ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, None, kv, kv_fill)?];
+    let mut runs = vec![ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, None, kv, kv_fill, kv_dtype)?];
     for &q in thresholds {
-        runs.push(ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, Some(q), kv, kv_fill)?);
+        runs.push(ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, Some(q), kv, kv_fill, kv_dtype)?);
     }
     let base = runs[0].clone();
     if json {
@@ -644,7 +661,7 @@ fn perplexity_cmd(
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{}: {} chunks of {ctx}, {} decoded tokens scored, KV {kv:?} (skipped loops: {kv_fill:?})", loaded.description, spans.len(), base.scored_tokens);
+    println!("{}: {} chunks of {ctx}, {} decoded tokens scored, KV {kv:?} in {kv_dtype:?} (skipped loops: {kv_fill:?})", loaded.description, spans.len(), base.scored_tokens);
     println!("{:<10} {:>16} {:>9} {:>12} {:>12} {:>9}", "exit", "perplexity", "change", "loops/token", "decode tok/s", "speed-up");
     for r in &runs {
         println!(
@@ -1017,6 +1034,7 @@ struct RunArgs {
     exit_threshold: Option<f32>,
     kv: KvPolicy,
     kv_fill: SkipFill,
+    kv_dtype: candle_core::DType,
     dev: DeviceArg,
     max_memory: Option<u64>,
     json: bool,
@@ -1046,7 +1064,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         };
         let dims = ouro_quant::model::Dims::from_config(&config);
         let ctx = a.max_tokens + a.prompt.as_deref().or(a.chat.as_deref()).or(a.prompt_tokens.as_deref()).map_or(0, |p| p.len() + 16);
-        let kv = generate::planned_kv_bytes(&dims, a.kv, ctx);
+        let kv = generate::planned_kv_bytes(&dims, a.kv, a.kv_dtype, ctx);
         if weights + kv > limit {
             anyhow::bail!(
                 "--max-memory {limit}: this run needs about {} bytes ({} of weights + {} of KV cache for up to {ctx} tokens)",
@@ -1083,6 +1101,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         exit_threshold: a.exit_threshold,
         kv: a.kv,
         kv_fill: a.kv_fill,
+        kv_dtype: a.kv_dtype,
         stop_ids: loaded.model.config.stop_token_ids(),
     };
     let mut ids: Vec<u32> = vec![];

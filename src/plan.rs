@@ -66,6 +66,7 @@ pub fn devices(extra: Option<&Path>) -> Result<Vec<Device>> {
 pub enum KvDtype {
     F32,
     F16,
+    #[value(name = "q8_0")]
     Q8_0,
 }
 

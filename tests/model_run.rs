@@ -64,6 +64,7 @@ fn generate_with_cache_reproduces_upstream_greedy_tokens() {
         exit_threshold: None,
         kv: KvPolicy::Full,
         kv_fill: ouro_quant::model::SkipFill::Copy,
+                kv_dtype: candle_core::DType::F32,
         stop_ids: vec![],
     };
     let g = generate(&m, &greedy[..5], &opts, &mut |_| {}).unwrap();
@@ -171,6 +172,24 @@ fn run_streams_text_and_reports_figures() {
     assert!(held > 0.99 * file && held < 1.01 * file, "weights held: {held} bytes, file {file}");
     // prompt "<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n" starts with the special id 1
     assert!(s["prompt_tokens"].as_u64().unwrap() > 5);
+}
+
+/// `--kv-dtype f16` holds exactly half the KV bytes of f32 for the same tokens, and the memory
+/// plan counts it so.
+#[test]
+fn f16_kv_cache_holds_half_the_bytes() {
+    let kv = |dtype: &str| {
+        let out = bin()
+            .arg("run").arg(fixtures().join("tiny-random"))
+            .args(["--prompt-tokens", "1,2,3", "--max-tokens", "6", "--kv-dtype", dtype, "--json"])
+            .output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["stats"]["kv_bytes"].as_u64().unwrap()
+    };
+    let (full, half) = (kv("f32"), kv("f16"));
+    assert!(full > 0);
+    assert_eq!(half * 2, full);
 }
 
 #[test]

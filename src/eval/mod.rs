@@ -267,6 +267,8 @@ pub struct DecodeEval {
     pub exit_threshold: Option<f32>,
     pub kv: KvPolicy,
     pub kv_fill: crate::model::SkipFill,
+    /// `"F32"` or `"F16"`.
+    pub kv_dtype: String,
     pub scored_tokens: usize,
     pub ppl: f64,
     pub ppl_se: f64,
@@ -279,6 +281,7 @@ pub struct DecodeEval {
 
 /// Runs [`DecodeEval`] over `tokens` in chunks of `ctx` (the second half of each scored, as in
 /// [`evaluate`]).
+#[allow(clippy::too_many_arguments)]
 pub fn decode_eval(
     model: &OuroModel,
     tokens: &[u32],
@@ -287,6 +290,7 @@ pub fn decode_eval(
     exit_threshold: Option<f32>,
     kv: KvPolicy,
     kv_fill: crate::model::SkipFill,
+    kv_dtype: candle_core::DType,
 ) -> anyhow::Result<DecodeEval> {
     use crate::model::{KvCache, LoopControl};
     anyhow::ensure!(ctx >= 4, "--ctx {ctx}: at least 4 tokens");
@@ -298,7 +302,7 @@ pub fn decode_eval(
     let mut seconds = 0.0;
     for (start, len) in spans {
         let chunk = &tokens[start..start + len];
-        let mut cache = KvCache::new(&model.dims, kv).with_skip_fill(kv_fill);
+        let mut cache = KvCache::new(&model.dims, kv).with_skip_fill(kv_fill).with_dtype(kv_dtype);
         let half = len / 2;
         model.forward(&chunk[..half], &mut cache, LoopControl::All)?;
         let t0 = std::time::Instant::now();
@@ -318,6 +322,7 @@ pub fn decode_eval(
         exit_threshold,
         kv,
         kv_fill,
+        kv_dtype: format!("{kv_dtype:?}"),
         scored_tokens: n,
         ppl,
         ppl_se,

@@ -26,6 +26,8 @@ pub struct GenerateOptions {
     pub kv: KvPolicy,
     /// What the full cache holds for loops a token skipped (with `exit_threshold`).
     pub kv_fill: super::SkipFill,
+    /// Storage of keys and values: F32, or F16 for half the memory.
+    pub kv_dtype: candle_core::DType,
     pub stop_ids: Vec<u32>,
 }
 
@@ -143,7 +145,7 @@ pub fn generate(
         anyhow::bail!("token id {bad} is outside the model's vocabulary ({})", model.dims.vocab);
     }
     let mut rng = Rng::new(opts.sampling.seed);
-    let mut cache = KvCache::new(&model.dims, opts.kv).with_skip_fill(opts.kv_fill);
+    let mut cache = KvCache::new(&model.dims, opts.kv).with_skip_fill(opts.kv_fill).with_dtype(opts.kv_dtype);
     let default_mode = model.default_mode();
 
     let t0 = Instant::now();
@@ -219,13 +221,13 @@ pub fn generate(
     })
 }
 
-/// Bytes of the KV cache for `tokens` tokens (f32 keys and values).
-pub fn planned_kv_bytes(model_dims: &super::Dims, policy: KvPolicy, tokens: usize) -> u64 {
+/// Bytes of the KV cache for `tokens` tokens with keys and values of `dtype`.
+pub fn planned_kv_bytes(model_dims: &super::Dims, policy: KvPolicy, dtype: candle_core::DType, tokens: usize) -> u64 {
     let slots = match policy {
         KvPolicy::Full => model_dims.loops * model_dims.layers,
         KvPolicy::SharedLast => model_dims.layers,
     };
-    (2 * slots * model_dims.kv_heads * model_dims.head_dim * 4 * tokens) as u64
+    (2 * slots * model_dims.kv_heads * model_dims.head_dim * dtype.size_in_bytes() * tokens) as u64
 }
 
 #[cfg(test)]

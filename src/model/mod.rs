@@ -167,6 +167,8 @@ pub enum SkipFill {
 pub struct KvCache {
     policy: KvPolicy,
     fill: SkipFill,
+    /// How keys and values are stored (F32, or F16 for half the memory); attention widens them.
+    dtype: DType,
     /// Full: slot `t*L + i`; SharedLast: slot `i`. Each `(k, v)` is `[kv_heads, seq, head_dim]`.
     slots: Vec<Option<(Tensor, Tensor)>>,
     /// Per slot, the positions whose entry is masked (`SkipFill::Mask`); empty if none is.
@@ -184,6 +186,7 @@ impl KvCache {
         KvCache {
             policy,
             fill: SkipFill::Copy,
+            dtype: DType::F32,
             slots: vec![None; n],
             masked: vec![vec![]; n],
             len: 0,
@@ -193,6 +196,12 @@ impl KvCache {
     /// Sets what skipped slots of the full cache hold (default: [`SkipFill::Copy`]).
     pub fn with_skip_fill(mut self, fill: SkipFill) -> Self {
         self.fill = fill;
+        self
+    }
+
+    /// Stores keys and values as `dtype` (F32 or F16; default F32).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
         self
     }
 
@@ -226,6 +235,7 @@ impl KvCache {
     }
 
     fn append(&mut self, slot: usize, k: &Tensor, v: &Tensor) -> CResult<()> {
+        let (k, v) = (&k.to_dtype(self.dtype)?, &v.to_dtype(self.dtype)?);
         self.slots[slot] = Some(match self.slots[slot].take() {
             None => (k.clone(), v.clone()),
             Some((pk, pv)) => (Tensor::cat(&[&pk, k], 1)?, Tensor::cat(&[&pv, v], 1)?),
@@ -496,7 +506,10 @@ impl OuroModel {
             KvPolicy::SharedLast => i,
         };
         let (k_all, v_all) = match cache.get(slot) {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
+            Some((pk, pv)) => (
+                Tensor::cat(&[&pk.to_dtype(DType::F32)?, &k], 1)?,
+                Tensor::cat(&[&pv.to_dtype(DType::F32)?, &v], 1)?,
+            ),
             None => (k.clone(), v.clone()),
         };
         let rep = d.heads / d.kv_heads;
