@@ -88,6 +88,32 @@ fn decode(m: &OuroModel, tokens: &[u32], policy: KvPolicy, control: LoopControl)
     (out, cache)
 }
 
+/// The cache's buffers grow when a generation outlasts them (here from one token, doubling at
+/// 2, 3, 5 and 9 held tokens): decoding through the growth gives the same logits, bit for bit, as
+/// with buffers made for the whole context up front, in f32 and in f16.
+#[test]
+fn kv_buffers_grow_without_changing_results() {
+    let m = model("gqa_bf16");
+    let toks = golden_tokens();
+    for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
+        let run = |cap: usize| {
+            let mut cache = KvCache::new(&m.dims, KvPolicy::Full).with_dtype(dtype).with_capacity(cap);
+            m.forward(&toks[..1], &mut cache, LoopControl::All).unwrap();
+            let mut out = vec![];
+            for &t in &toks[1..] {
+                let o = m.forward(&[t], &mut cache, LoopControl::All).unwrap();
+                out.extend(m.logits(o.hidden.last().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            (out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), cache.bytes(), cache.len)
+        };
+        let (grown, bytes, len) = run(1);
+        let (reserved, bytes_r, _) = run(toks.len());
+        assert!(len > 9, "{len} tokens: too few to grow four times");
+        assert_eq!(grown, reserved, "{dtype:?}");
+        assert_eq!(bytes, bytes_r);
+    }
+}
+
 #[test]
 fn adaptive_exit_at_q_1_equals_full_and_lower_q_skips_loops() {
     let m = model("gqa_bf16");

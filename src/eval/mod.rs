@@ -302,7 +302,7 @@ pub fn decode_eval(
     let mut seconds = 0.0;
     for (start, len) in spans {
         let chunk = &tokens[start..start + len];
-        let mut cache = KvCache::new(&model.dims, kv).with_skip_fill(kv_fill).with_dtype(kv_dtype);
+        let mut cache = KvCache::new(&model.dims, kv).with_skip_fill(kv_fill).with_dtype(kv_dtype).with_capacity(len);
         let half = len / 2;
         model.forward(&chunk[..half], &mut cache, LoopControl::All)?;
         let t0 = std::time::Instant::now();

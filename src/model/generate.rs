@@ -145,7 +145,10 @@ pub fn generate(
         anyhow::bail!("token id {bad} is outside the model's vocabulary ({})", model.dims.vocab);
     }
     let mut rng = Rng::new(opts.sampling.seed);
-    let mut cache = KvCache::new(&model.dims, opts.kv).with_skip_fill(opts.kv_fill).with_dtype(opts.kv_dtype);
+    let mut cache = KvCache::new(&model.dims, opts.kv)
+        .with_skip_fill(opts.kv_fill)
+        .with_dtype(opts.kv_dtype)
+        .with_capacity(prompt.len() + opts.max_tokens);
     let default_mode = model.default_mode();
 
     let t0 = Instant::now();

@@ -163,14 +163,27 @@ pub enum SkipFill {
     Mask,
 }
 
+/// One slot's keys and values: buffers `[kv_heads, capacity, head_dim]` written in place, of which
+/// the first `len` positions are held. Appending a token writes only that token (no copy of the
+/// past, which `Tensor::cat` made for every token: quadratic over a long generation); a full
+/// buffer is reallocated at twice the size.
+#[derive(Clone)]
+struct KvSlot {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
 /// Keys and values of earlier tokens.
 pub struct KvCache {
     policy: KvPolicy,
     fill: SkipFill,
     /// How keys and values are stored (F32, or F16 for half the memory); attention widens them.
     dtype: DType,
-    /// Full: slot `t*L + i`; SharedLast: slot `i`. Each `(k, v)` is `[kv_heads, seq, head_dim]`.
-    slots: Vec<Option<(Tensor, Tensor)>>,
+    /// Full: slot `t*L + i`; SharedLast: slot `i`.
+    slots: Vec<Option<KvSlot>>,
+    /// Tokens a slot's buffers are first made for.
+    reserve: usize,
     /// Per slot, the positions whose entry is masked (`SkipFill::Mask`); empty if none is.
     masked: Vec<Vec<bool>>,
     /// Tokens held.
@@ -188,6 +201,7 @@ impl KvCache {
             fill: SkipFill::Copy,
             dtype: DType::F32,
             slots: vec![None; n],
+            reserve: 64,
             masked: vec![vec![]; n],
             len: 0,
         }
@@ -196,6 +210,12 @@ impl KvCache {
     /// Sets what skipped slots of the full cache hold (default: [`SkipFill::Copy`]).
     pub fn with_skip_fill(mut self, fill: SkipFill) -> Self {
         self.fill = fill;
+        self
+    }
+
+    /// Makes each slot's buffers for `tokens` tokens at once (a generation knows its context).
+    pub fn with_capacity(mut self, tokens: usize) -> Self {
+        self.reserve = tokens.max(1);
         self
     }
 
@@ -221,25 +241,48 @@ impl KvCache {
         self.policy
     }
 
-    /// Bytes held by keys and values.
+    /// Bytes held by keys and values (the positions in use).
     pub fn bytes(&self) -> u64 {
         self.slots
             .iter()
             .flatten()
-            .map(|(k, v)| ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64)
+            .map(|s| {
+                let (h, _, d) = s.k.dims3().expect("3-D buffer");
+                (2 * h * s.len * d * s.k.dtype().size_in_bytes()) as u64
+            })
             .sum()
     }
 
-    fn get(&self, slot: usize) -> Option<&(Tensor, Tensor)> {
-        self.slots[slot].as_ref()
+    /// The held keys and values of a slot, `[kv_heads, len, head_dim]` views of its buffers.
+    fn get(&self, slot: usize) -> CResult<Option<(Tensor, Tensor)>> {
+        match &self.slots[slot] {
+            None => Ok(None),
+            Some(s) => Ok(Some((s.k.narrow(1, 0, s.len)?, s.v.narrow(1, 0, s.len)?))),
+        }
     }
 
     fn append(&mut self, slot: usize, k: &Tensor, v: &Tensor) -> CResult<()> {
-        let (k, v) = (&k.to_dtype(self.dtype)?, &v.to_dtype(self.dtype)?);
-        self.slots[slot] = Some(match self.slots[slot].take() {
-            None => (k.clone(), v.clone()),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 1)?, Tensor::cat(&[&pv, v], 1)?),
-        });
+        let (k, v) = (k.to_dtype(self.dtype)?.contiguous()?, v.to_dtype(self.dtype)?.contiguous()?);
+        let (h, n, d) = k.dims3()?;
+        let fresh = |cap: usize| -> CResult<Tensor> { Tensor::zeros((h, cap, d), self.dtype, k.device()) };
+        let s = match self.slots[slot].take() {
+            None => {
+                let cap = self.reserve.max(n);
+                KvSlot { k: fresh(cap)?, v: fresh(cap)?, len: 0 }
+            }
+            Some(s) if s.len + n > s.k.dim(1)? => {
+                let cap = (2 * s.k.dim(1)?).max(s.len + n);
+                let (nk, nv) = (fresh(cap)?, fresh(cap)?);
+                nk.slice_set(&s.k.narrow(1, 0, s.len)?, 1, 0)?;
+                nv.slice_set(&s.v.narrow(1, 0, s.len)?, 1, 0)?;
+                KvSlot { k: nk, v: nv, len: s.len }
+            }
+            Some(s) => s,
+        };
+        // Safe to write in place: views handed out cover positions below `len` only.
+        s.k.slice_set(&k, 1, s.len)?;
+        s.v.slice_set(&v, 1, s.len)?;
+        self.slots[slot] = Some(KvSlot { len: s.len + n, ..s });
         Ok(())
     }
 }
@@ -407,10 +450,10 @@ impl OuroModel {
         for t in 0..dims.loops {
             for (i, layer) in self.layers.iter().enumerate() {
                 let x = rms_norm(&h, &layer.n_in, dims.eps)?;
+                // (the full cache's slot receives this call's K/V inside `attention`)
                 let (attn, k, v) = self.attention(layer, &x, &cos, &sin, mask.as_ref(), cache, t, i)?;
-                match cache.policy {
-                    KvPolicy::Full => cache.append(t * dims.layers + i, &k, &v)?,
-                    KvPolicy::SharedLast => last_kv[i] = Some((k, v)),
+                if cache.policy == KvPolicy::SharedLast {
+                    last_kv[i] = Some((k, v));
                 }
                 h = (h + rms_norm(&attn, &layer.n_in2, dims.eps)?)?;
                 let x = rms_norm(&h, &layer.n_post, dims.eps)?;
@@ -451,7 +494,7 @@ impl OuroModel {
         }
         let l = self.dims.layers;
         for i in 0..l {
-            let (k, v) = cache.get(t * l + i).expect("computed slot");
+            let (k, v) = cache.get(t * l + i)?.expect("computed slot");
             let len = k.dim(1)?;
             let k_new = k.narrow(1, len - 1, 1)?;
             let v_new = v.narrow(1, len - 1, 1)?;
@@ -491,7 +534,7 @@ impl OuroModel {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        cache: &KvCache,
+        cache: &mut KvCache,
         t: usize,
         i: usize,
     ) -> CResult<(Tensor, Tensor, Tensor)> {
@@ -505,12 +548,21 @@ impl OuroModel {
             KvPolicy::Full => t * d.layers + i,
             KvPolicy::SharedLast => i,
         };
-        let (k_all, v_all) = match cache.get(slot) {
-            Some((pk, pv)) => (
-                Tensor::cat(&[&pk.to_dtype(DType::F32)?, &k], 1)?,
-                Tensor::cat(&[&pv.to_dtype(DType::F32)?, &v], 1)?,
-            ),
-            None => (k.clone(), v.clone()),
+        let (k_all, v_all) = match cache.policy {
+            // written into the slot, then read back with the past as one view
+            KvPolicy::Full => {
+                cache.append(slot, &k, &v)?;
+                let (ka, va) = cache.get(slot)?.expect("just written");
+                (ka.to_dtype(DType::F32)?, va.to_dtype(DType::F32)?)
+            }
+            // the slot holds earlier tokens' last loops; this call's K/V join it after the pass
+            KvPolicy::SharedLast => match cache.get(slot)? {
+                Some((pk, pv)) => (
+                    Tensor::cat(&[&pk.to_dtype(DType::F32)?, &k], 1)?,
+                    Tensor::cat(&[&pv.to_dtype(DType::F32)?, &v], 1)?,
+                ),
+                None => (k.clone(), v.clone()),
+            },
         };
         let rep = d.heads / d.kv_heads;
         let expand = |y: &Tensor| -> CResult<Tensor> {
