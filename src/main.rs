@@ -146,16 +146,8 @@ enum Command {
         /// Stop each token's loops once its exit CDF reaches q (saves compute; 1.0 runs all loops).
         #[arg(long)]
         exit_threshold: Option<f32>,
-        /// KV cache: one per (loop, layer) as upstream, or one per layer with the last loop's K/V.
-        #[arg(long, value_enum, default_value = "full")]
-        kv: KvPolicy,
-        /// With --exit-threshold and the full cache: what the slots of loops a token skipped hold
-        /// (its exit loop's K/V, or nothing; `ouro-quant perplexity` measures both).
-        #[arg(long, value_enum, default_value = "copy")]
-        kv_fill: SkipFill,
-        /// Storage of the KV cache (f16: half the memory; `plan` shows what each takes).
-        #[arg(long, value_enum, default_value = "f32")]
-        kv_dtype: KvDtype,
+        #[command(flatten)]
+        kv: KvArgs,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
         /// Refuse to start if weights + KV for prompt + max-tokens would exceed this many bytes.
@@ -232,14 +224,8 @@ enum Command {
         /// Exit thresholds to compare with all loops, comma separated.
         #[arg(long, value_delimiter = ',', default_value = "0.5")]
         exit_threshold: Vec<f32>,
-        #[arg(long, value_enum, default_value = "full")]
-        kv: KvPolicy,
-        /// What the full cache holds for the loops a token skipped: its exit loop's K/V, or nothing.
-        #[arg(long, value_enum, default_value = "copy")]
-        kv_fill: SkipFill,
-        /// Storage of the KV cache (f16: half the memory).
-        #[arg(long, value_enum, default_value = "f32")]
-        kv_dtype: KvDtype,
+        #[command(flatten)]
+        kv: KvArgs,
         #[arg(long)]
         json: bool,
     },
@@ -259,6 +245,32 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// How the runner keeps keys and values (`run`, `perplexity`).
+#[derive(Clone, Copy, clap::Args)]
+struct KvArgs {
+    /// KV cache: one per (loop, layer) as upstream, or one per layer with the last loop's K/V.
+    #[arg(long, value_enum, default_value = "full")]
+    kv: KvPolicy,
+    /// With an exit threshold and the full cache: what the slots of loops a token skipped hold
+    /// (its exit loop's K/V, or nothing; `ouro-quant perplexity` measures both).
+    #[arg(long, value_enum, default_value = "copy")]
+    kv_fill: SkipFill,
+    /// Storage of the KV cache (f16: half the memory; `plan` shows what each takes).
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_dtype: KvDtype,
+}
+
+impl KvArgs {
+    /// The storage the runner supports (the planner also knows q8_0, which candle cannot hold).
+    fn dtype(&self) -> anyhow::Result<candle_core::DType> {
+        match self.kv_dtype {
+            KvDtype::F32 => Ok(candle_core::DType::F32),
+            KvDtype::F16 => Ok(candle_core::DType::F16),
+            KvDtype::Q8_0 => anyhow::bail!("--kv-dtype q8_0: the runner keeps its KV cache in f32 or f16 (`plan` can size q8_0)"),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -542,8 +554,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Perplexity { model, text, ctx, chunks, exit_threshold, kv, kv_fill, kv_dtype, json } => {
-            perplexity_cmd(&model, &text, ctx, chunks, &exit_threshold, (kv, kv_fill, runner_kv_dtype(kv_dtype)?), json)
+        Command::Perplexity { model, text, ctx, chunks, exit_threshold, kv, json } => {
+            perplexity_cmd(&model, &text, ctx, chunks, &exit_threshold, kv, json)
         }
         Command::Logits {
             model,
@@ -577,8 +589,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seed,
             exit_threshold,
             kv,
-            kv_fill,
-            kv_dtype,
             device: dev,
             max_memory,
             json,
@@ -597,21 +607,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             },
             exit_threshold,
             kv,
-            kv_fill,
-            kv_dtype: runner_kv_dtype(kv_dtype)?,
             dev,
             max_memory,
             json,
         }),
-    }
-}
-
-/// The KV storage the runner supports (the planner also knows q8_0, which candle cannot hold).
-fn runner_kv_dtype(d: KvDtype) -> anyhow::Result<candle_core::DType> {
-    match d {
-        KvDtype::F32 => Ok(candle_core::DType::F32),
-        KvDtype::F16 => Ok(candle_core::DType::F16),
-        KvDtype::Q8_0 => anyhow::bail!("--kv-dtype q8_0: the runner keeps its KV cache in f32 or f16 (`plan` can size q8_0)"),
     }
 }
 
@@ -621,9 +620,11 @@ fn perplexity_cmd(
     ctx: usize,
     chunks: Option<usize>,
     thresholds: &[f32],
-    (kv, kv_fill, kv_dtype): (KvPolicy, SkipFill, candle_core::DType),
+    kv_args: KvArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let KvArgs { kv, kv_fill, .. } = kv_args;
+    let kv_dtype = kv_args.dtype()?;
     for q in thresholds {
         anyhow::ensure!((0.0..=1.0).contains(q), "--exit-threshold: {q} is not in [0, 1]");
     }
@@ -635,13 +636,7 @@ fn perplexity_cmd(
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("{}: no tokenizer.json to tokenize the text with", model.display()))?;
     let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?.get_ids().to_vec();
-    let spans = ouro_quant::eval::chunks(ids.len(), ctx, chunks);
-    anyhow::ensure!(
-        !spans.is_empty(),
-        "{}: {} tokens, fewer than one chunk of --ctx {ctx}",
-        text.display(),
-        ids.len()
-    );
+    let spans = ouro_quant::eval::scored_chunks(ids.len(), ctx, chunks).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
     let m = &loaded.model;
     let mut runs = vec![ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, None, kv, kv_fill, kv_dtype)?];
     for &q in thresholds {
@@ -1032,9 +1027,7 @@ struct RunArgs {
     max_tokens: usize,
     sampling: Sampling,
     exit_threshold: Option<f32>,
-    kv: KvPolicy,
-    kv_fill: SkipFill,
-    kv_dtype: candle_core::DType,
+    kv: KvArgs,
     dev: DeviceArg,
     max_memory: Option<u64>,
     json: bool,
@@ -1046,6 +1039,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!((0.0..=1.0).contains(&q), "--exit-threshold {q}: must lie in [0, 1]");
     }
     anyhow::ensure!((0.0..=1.0).contains(&a.sampling.top_p) && a.sampling.top_p > 0.0, "--top-p must lie in (0, 1]");
+    let kv_dtype = a.kv.dtype()?;
     let device = device(a.dev)?;
     if let Some(limit) = a.max_memory {
         // Plan before loading: GGUF weights at their size in the file; HF weights at their stored
@@ -1064,7 +1058,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         };
         let dims = ouro_quant::model::Dims::from_config(&config);
         let ctx = a.max_tokens + a.prompt.as_deref().or(a.chat.as_deref()).or(a.prompt_tokens.as_deref()).map_or(0, |p| p.len() + 16);
-        let kv = generate::planned_kv_bytes(&dims, a.kv, a.kv_dtype, ctx);
+        let kv = generate::planned_kv_bytes(&dims, a.kv.kv, kv_dtype, ctx);
         if weights + kv > limit {
             anyhow::bail!(
                 "--max-memory {limit}: this run needs about {} bytes ({} of weights + {} of KV cache for up to {ctx} tokens)",
@@ -1099,9 +1093,9 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         max_tokens: a.max_tokens,
         sampling: a.sampling.clone(),
         exit_threshold: a.exit_threshold,
-        kv: a.kv,
-        kv_fill: a.kv_fill,
-        kv_dtype: a.kv_dtype,
+        kv: a.kv.kv,
+        kv_fill: a.kv.kv_fill,
+        kv_dtype,
         stop_ids: loaded.model.config.stop_token_ids(),
     };
     let mut ids: Vec<u32> = vec![];
@@ -1133,7 +1127,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
             s.mean_loops_per_token,
             inspect::human_bytes(s.weight_bytes),
             inspect::human_bytes(s.kv_bytes),
-            a.kv,
+            a.kv.kv,
             s.stopped_by
         );
     }

@@ -216,8 +216,9 @@ pub struct Writeback {
 impl Writeback {
     pub const STEP: u64 = 32 << 20;
 
-    /// `in_file`: bytes of `file` written so far (not counting what a user-space buffer holds).
-    pub fn advance(&mut self, file: &std::fs::File, in_file: u64) {
+    /// `written`: bytes handed to `out` so far; what its buffer still holds is not in the file yet.
+    pub fn advance(&mut self, out: &std::io::BufWriter<std::fs::File>, written: u64) {
+        let (file, in_file) = (out.get_ref(), written - out.buffer().len() as u64);
         #[cfg(target_os = "linux")]
         if in_file >= self.flushed + Self::STEP {
             use std::os::fd::AsRawFd;

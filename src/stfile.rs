@@ -488,8 +488,7 @@ impl Writer {
         while self.specs.get(self.next).is_some_and(|s| s.nbytes() == 0) {
             self.next += 1;
         }
-        let in_file = self.offset - self.out.buffer().len() as u64;
-        self.writeback.advance(self.out.get_ref(), in_file);
+        self.writeback.advance(&self.out, self.offset);
         Ok(())
     }
 

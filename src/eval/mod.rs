@@ -33,6 +33,14 @@ pub fn chunks(n: usize, ctx: usize, max_chunks: Option<usize>) -> Vec<(usize, us
     (0..k).map(|c| (c * ctx, ctx)).collect()
 }
 
+/// [`chunks`] for scoring: refuses a context under 4 tokens and a text shorter than one chunk.
+pub fn scored_chunks(n: usize, ctx: usize, max_chunks: Option<usize>) -> anyhow::Result<Vec<(usize, usize)>> {
+    anyhow::ensure!(ctx >= 4, "--ctx {ctx}: at least 4 tokens");
+    let spans = chunks(n, ctx, max_chunks);
+    anyhow::ensure!(!spans.is_empty(), "the text has {n} tokens, fewer than one chunk of --ctx {ctx}");
+    Ok(spans)
+}
+
 /// `log softmax(logits)[target]` computed stably in f64.
 pub fn log_prob(logits: &[f32], target: usize) -> f64 {
     let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
@@ -50,13 +58,7 @@ pub fn evaluate(
     max_chunks: Option<usize>,
     each_chunk: &mut dyn FnMut(usize, &crate::model::LoopOutputs),
 ) -> anyhow::Result<TextEval> {
-    anyhow::ensure!(ctx >= 4, "--ctx {ctx}: at least 4 tokens");
-    let spans = chunks(tokens.len(), ctx, max_chunks);
-    anyhow::ensure!(
-        !spans.is_empty(),
-        "the text has {} tokens, fewer than one chunk of --ctx {ctx}",
-        tokens.len()
-    );
+    let spans = scored_chunks(tokens.len(), ctx, max_chunks)?;
     let t_max = model.dims.loops;
     let mut out = TextEval {
         loops: t_max,
@@ -293,9 +295,7 @@ pub fn decode_eval(
     kv_dtype: candle_core::DType,
 ) -> anyhow::Result<DecodeEval> {
     use crate::model::{KvCache, LoopControl};
-    anyhow::ensure!(ctx >= 4, "--ctx {ctx}: at least 4 tokens");
-    let spans = chunks(tokens.len(), ctx, max_chunks);
-    anyhow::ensure!(!spans.is_empty(), "the text has {} tokens, fewer than one chunk of --ctx {ctx}", tokens.len());
+    let spans = scored_chunks(tokens.len(), ctx, max_chunks)?;
     let control = exit_threshold.map_or(LoopControl::All, LoopControl::AdaptiveExit);
     let mut nll = vec![];
     let mut hist = vec![0usize; model.dims.loops];

@@ -289,8 +289,7 @@ impl Writer {
                 self.written = 0;
             }
         }
-        let in_file = self.offset - self.out.buffer().len() as u64;
-        self.writeback.advance(self.out.get_ref(), in_file);
+        self.writeback.advance(&self.out, self.offset);
         Ok(())
     }
 

@@ -80,11 +80,7 @@ impl FloatMatrix {
                 let mut v = vec![0f32; rows * cols];
                 v.par_chunks_mut(CHUNK)
                     .zip(bytes.par_chunks(CHUNK * 4))
-                    .for_each(|(o, b)| {
-                        for (o, b) in o.iter_mut().zip(b.chunks_exact(4)) {
-                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        }
-                    });
+                    .for_each(|(o, b)| crate::checkpoint::decode_f32(crate::stfile::DType::F32, b, o));
                 FloatData::F32(v)
             }
             FloatKind::Bf16 | FloatKind::F16 => {
