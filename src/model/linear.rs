@@ -1,5 +1,6 @@
 //! Projections `y = x W^T`: candle's matmul on any device, or, on the CPU, float weights kept at
-//! their stored width (bf16/f16 stay 2 bytes per weight) with a matrix-vector kernel for decoding.
+//! their stored width (bf16/f16 stay 2 bytes per weight) with a matrix-vector kernel for decoding,
+//! or Q8_0/Q4_K/Q6_K blocks with the kernels of [`super::qkernel`].
 //!
 //! Why not candle for float weights on the CPU: candle widens bf16/f16 to f32 (twice the memory)
 //! or, in its own bf16/f16 matmul, rounds the *activations* to 16 bits (a different model). Its f32
@@ -37,6 +38,8 @@ pub enum Linear {
     Candle(QMatMul),
     /// Float weights in their stored width, on the CPU.
     Float(FloatMatrix),
+    /// Q8_0/Q4_K/Q6_K blocks multiplied by this crate's AVX-512 VNNI kernels, on CPUs that have them.
+    Quant(super::qkernel::QuantMatrix),
 }
 
 impl Linear {
@@ -45,6 +48,7 @@ impl Linear {
         match self {
             Linear::Candle(m) => m.forward(x),
             Linear::Float(m) => m.forward(x),
+            Linear::Quant(m) => m.forward(x),
         }
     }
 }

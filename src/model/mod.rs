@@ -16,6 +16,7 @@
 pub mod exit;
 pub mod dump;
 pub mod generate;
+pub mod qkernel;
 pub mod linear;
 pub mod source;
 

@@ -246,7 +246,11 @@ impl WeightSource for GgufSource {
             let b = (dense.elem_count() * 4) as u64;
             return Ok((Linear::Candle(QMatMul::Tensor(dense)), b));
         }
-        Ok((Linear::Candle(QMatMul::from_qtensor(q)?), bytes))
+        let q = std::sync::Arc::new(q);
+        if let Some(m) = super::qkernel::QuantMatrix::new(q.clone()) {
+            return Ok((Linear::Quant(m), bytes));
+        }
+        Ok((Linear::Candle(QMatMul::from_arc(q)?), bytes))
     }
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
         let h = &self.file.header;

@@ -1,0 +1,140 @@
+//! Matrix-vector products of the Ouro-1.4B projection shapes: this crate's kernels (Q8_0, Q4_K,
+//! Q6_K) against candle's, same tensors, same process, and the read-only memory bandwidth beside
+//! them. The last shape of each type (over 500 MB) streams from memory; the others stay in cache.
+//!
+//! cargo bench --bench matvec [-- --reps N]
+//!
+//! GB/s is weight bytes read per second (one token through one projection, in a loop).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use ouro_quant::model::qkernel::{self, QuantMatrix};
+
+fn lcg(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        })
+        .collect()
+}
+
+/// Seconds per call, best of `reps` rounds of enough calls to read ~1 GB.
+fn time(reps: usize, bytes: usize, f: &dyn Fn()) -> f64 {
+    let calls = (1usize << 30).div_ceil(bytes).max(1);
+    f();
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        for _ in 0..calls {
+            f();
+        }
+        best = best.min(t.elapsed().as_secs_f64() / calls as f64);
+    }
+    best
+}
+
+/// A valid random Q8_0, Q4_K or Q6_K tensor built from bytes (quantizing 500 MB would take minutes):
+/// random codes and scales, block scales `d`/`dmin` set to small normal f16 values.
+fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize) -> anyhow::Result<QTensor> {
+    let (bb, d_at): (usize, &[usize]) = match dtype {
+        GgmlDType::Q8_0 => (34, &[0]),
+        GgmlDType::Q4K => (144, &[0, 2]),
+        GgmlDType::Q6K => (210, &[208]),
+        _ => anyhow::bail!("{dtype:?}"),
+    };
+    let n = rows * cols / dtype.block_size() * bb;
+    let mut s = 0x9E3779B97F4A7C15u64;
+    let mut data: Vec<u8> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect();
+    let d = half::f16::from_f32(0.01).to_le_bytes();
+    for blk in data.chunks_exact_mut(bb) {
+        for &o in d_at {
+            blk[o..o + 2].copy_from_slice(&d);
+        }
+    }
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu)?)
+}
+
+/// Bytes read per second by a parallel sum over 1 GiB of f32, best of 3.
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = 1usize << 28;
+    let src = vec![1f32; n];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f32 = src
+            .par_chunks(1 << 16)
+            .map(|c| {
+                c.chunks_exact(32)
+                    .fold([0f32; 32], |mut a, v| {
+                        for (a, v) in a.iter_mut().zip(v) {
+                            *a += v;
+                        }
+                        a
+                    })
+                    .iter()
+                    .sum::<f32>()
+            })
+            .sum();
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(s);
+    }
+    4.0 * n as f64 / best
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let reps: usize = args.iter().position(|a| a == "--reps").map_or(Ok(3), |i| args[i + 1].parse())?;
+    println!(
+        "threads: {} (rayon); our kernels available: {}; read-only memory bandwidth {:.1} GB/s",
+        rayon::current_num_threads(),
+        qkernel::available(),
+        read_bandwidth() / 1e9
+    );
+    println!("| type | rows x cols | weight MB | candle GB/s | ours GB/s | ours / candle |");
+    println!("|---|---|---|---|---|---|");
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        // the model's shapes (in cache), then one 2048-column matrix larger than the L3 cache
+        for (rows, cols) in [(2048usize, 2048usize), (5632, 2048), (2048, 5632), (1 << 19, 2048)] {
+            let q = Arc::new(if rows * cols > 1 << 26 {
+                random_blocks(dtype, rows, cols)?
+            } else {
+                let w = Tensor::from_vec(lcg(rows as u64, rows * cols), (rows, cols), &Device::Cpu)?;
+                QTensor::quantize(&w, dtype)?
+            });
+            let bytes = q.storage_size_in_bytes();
+            let x = Tensor::from_vec(lcg(1, cols), (1, cols), &Device::Cpu)?;
+            let candle = QMatMul::from_arc(q.clone())?;
+            let tc = time(reps, bytes, &|| {
+                std::hint::black_box(candle.forward(&x).unwrap());
+            });
+            let ours = match QuantMatrix::new(q.clone()) {
+                Some(m) => {
+                    let t = time(reps, bytes, &|| {
+                        std::hint::black_box(m.forward(&x).unwrap());
+                    });
+                    format!("{:.1} | {:.2}x", bytes as f64 / t / 1e9, tc / t)
+                }
+                None => "- | -".into(),
+            };
+            println!(
+                "| {dtype:?} | {rows} x {cols} | {:.0} | {:.1} | {ours} |",
+                bytes as f64 / 1e6,
+                bytes as f64 / tc / 1e9
+            );
+        }
+    }
+    Ok(())
+}

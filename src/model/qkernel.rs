@@ -1,0 +1,799 @@
+//! Q8_0, Q4_K and Q6_K weights times f32 activations on CPUs with AVX-512 VNNI, straight from
+//! the GGUF block bytes that candle's tensor holds: nothing is copied, widened or repacked, so a
+//! model takes its file's size in memory.
+//!
+//! Why not candle's kernels: on this kind of CPU candle 0.11 multiplies Q4_K (always), Q8_0
+//! (always) and Q6_K (more than one input row) through a second, repacked copy of the weights that
+//! it builds on first use and keeps beside the original (`repacked_qs`): a Q4_K_M 1.4B model held
+//! 1.95 GB of anonymous memory instead of 0.95 GB, and Q4_K decode read the repacked tiles (0.75
+//! bytes per weight instead of 0.5625). Its compact-block kernels for the rest are ports of ggml's
+//! AVX2 ones.
+//!
+//! How: 64 Q4_K weights are one 64-byte load (128 nibbles: two halves of 64), a mask and a shift;
+//! `vpmaddubsw` multiplies 64 codes by 64 int8 activations into 32 pair sums and `vpdpwssd`
+//! multiplies those by the sub-block scales (one permute spreads a block's scales over the lanes)
+//! and accumulates. Q6_K adds its two high bits with one shift and one ternary-logic instruction;
+//! Q8_0 uses `vpdpbusd` on `|w|` and the activations with `w`'s sign. Each block's weights are
+//! unpacked once for up to four activation rows (prefill), and the next blocks are prefetched
+//! 4 KiB ahead (the hardware prefetcher stops at page boundaries; without it a 600 MB Q4_K
+//! matrix streamed at 11 GB/s instead of 23).
+//!
+//! The arithmetic is ggml's: activations quantized to int8 per 256 with a float scale and sums of
+//! 16 (`Q8_K`) for the k-quants, per 32 (`Q8_0`) for Q8_0, with candle's rounding; exact integer
+//! dot products per block, one float multiply-add per block. Each row's result depends only on the
+//! row and the activations (blocks in order, lanes summed in a fixed order), so it does not depend
+//! on the thread count or on how many activation rows come together. Other CPUs, other devices and
+//! other types keep candle's kernels ([`available`]).
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::Tensor;
+
+use super::CResult;
+
+/// Weights per block (`QK_K`).
+const QK: usize = 256;
+
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 64;
+
+/// Activation rows per pass over a task's weight rows (they stay in the L1 cache).
+const ACTS_PER_PASS: usize = 8;
+
+/// Matrices with fewer weights than this are multiplied on the calling thread.
+const SERIAL_BELOW: usize = 1 << 20;
+
+/// The block formats with a kernel here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QKind {
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl QKind {
+    fn of(dtype: GgmlDType) -> Option<QKind> {
+        match dtype {
+            GgmlDType::Q8_0 => Some(QKind::Q8_0),
+            GgmlDType::Q4K => Some(QKind::Q4K),
+            GgmlDType::Q6K => Some(QKind::Q6K),
+            _ => None,
+        }
+    }
+
+    /// Weights per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            QKind::Q8_0 => 32,
+            QKind::Q4K | QKind::Q6K => QK,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QKind::Q8_0 => 34,
+            QKind::Q4K => 144,
+            QKind::Q6K => 210,
+        }
+    }
+
+    /// Row lengths the kernels take (Q8_0 blocks go in pairs).
+    fn row_multiple(self) -> usize {
+        match self {
+            QKind::Q8_0 => 64,
+            QKind::Q4K | QKind::Q6K => QK,
+        }
+    }
+}
+
+/// Whether this CPU runs the kernels (AVX-512 F/BW/VNNI, AVX2, FMA, F16C), unless the environment
+/// sets `OURO_QUANT_KERNELS=candle` (benchmarks compare the two that way, and it is the way out
+/// should a kernel ever be suspected).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::is_x86_feature_detected as has;
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::env::var("OURO_QUANT_KERNELS").map_or(true, |v| v != "candle")
+                && has!("avx512f")
+                && has!("avx512bw")
+                && has!("avx512vnni")
+                && has!("avx2")
+                && has!("fma")
+                && has!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A Q8_0, Q4_K or Q6_K projection `[rows, cols]` on the CPU.
+pub struct QuantMatrix {
+    pub kind: QKind,
+    pub rows: usize,
+    pub cols: usize,
+    q: Arc<QTensor>,
+}
+
+impl QuantMatrix {
+    /// `None` when the tensor is not a 2-D CPU Q8_0/Q4_K/Q6_K tensor with whole blocks (pairs of
+    /// blocks for Q8_0) per row, or this CPU lacks the features: the caller then uses candle.
+    pub fn new(q: Arc<QTensor>) -> Option<Self> {
+        let kind = QKind::of(q.dtype())?;
+        let (rows, cols) = q.shape().dims2().ok()?;
+        if !available() || !q.device().is_cpu() || cols % kind.row_multiple() != 0 {
+            return None;
+        }
+        Some(QuantMatrix { kind, rows, cols, q })
+    }
+
+    /// candle's matmul of the same tensor (for comparisons).
+    pub fn candle(&self) -> CResult<QMatMul> {
+        QMatMul::from_arc(self.q.clone())
+    }
+
+    /// `x [n, cols] -> [n, rows]`.
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let (n, k) = x.dims2()?;
+        if k != self.cols {
+            candle_core::bail!(
+                "linear: input has {k} columns, weight {}x{}",
+                self.rows,
+                self.cols
+            );
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let acts: Vec<Acts> = xs.chunks_exact(k).map(|x| self.activations(x)).collect();
+        let data = self.q.data()?;
+        let mut out = vec![0f32; n * self.rows];
+        self.matmul(&data, &acts, &mut out);
+        Tensor::from_vec(out, (n, self.rows), x.device())
+    }
+
+    /// One activation row quantized and laid out for this matrix's kernel.
+    fn activations(&self, x: &[f32]) -> Acts {
+        match self.kind {
+            QKind::Q8_0 => Acts::q8_0(x),
+            QKind::Q4K => Acts::q8k(x).in_nibble_order(),
+            QKind::Q6K => Acts::q8k(x),
+        }
+    }
+
+    /// `out [n, rows]`: every weight row against every quantized activation row, tasks of
+    /// [`ROWS_PER_TASK`] weight rows spread over candle's CPU worker pool (the one its own
+    /// quantized matmuls use: the calling thread takes part and idle workers spin briefly before
+    /// sleeping, where rayon's hand-off cost about 20% of decode speed on the 1.4B shapes).
+    fn matmul(&self, data: &[u8], acts: &[Acts], out: &mut [f32]) {
+        let small = self.rows * self.cols * acts.len() < SERIAL_BELOW;
+        self.matmul_on(data, acts, out, &|tasks, task| {
+            if small {
+                (0..tasks).for_each(task)
+            } else {
+                candle_core::utils::barrier_pool().execute_chunked(tasks, |r| r.for_each(task))
+            }
+        })
+    }
+
+    /// [`Self::matmul`] with the tasks run by `run(number of tasks, task)`.
+    fn matmul_on(&self, data: &[u8], acts: &[Acts], out: &mut [f32], run: &Runner<'_>) {
+        let rb = self.cols / self.kind.block_len() * self.kind.block_bytes();
+        assert_eq!(data.len(), rb * self.rows, "{:?} tensor bytes", self.kind);
+        assert_eq!(out.len(), acts.len() * self.rows);
+        let rows = self.rows;
+        let dot = kernel(self.kind);
+        struct Out(*mut f32);
+        // Safety: each task writes only the columns of its own weight rows.
+        unsafe impl Sync for Out {}
+        let dst = Out(out.as_mut_ptr());
+        let dst = &dst;
+        let task = |t: usize| {
+            let r0 = t * ROWS_PER_TASK;
+            let r1 = (r0 + ROWS_PER_TASK).min(rows);
+            let w = &data[r0 * rb..r1 * rb];
+            let mut o = [0f32; ROWS_PER_TASK * ACTS_PER_PASS];
+            for (p, pass) in acts.chunks(ACTS_PER_PASS).enumerate() {
+                let o = &mut o[..pass.len() * (r1 - r0)];
+                dot(w, pass, o);
+                for (i, o) in o.chunks_exact(r1 - r0).enumerate() {
+                    let row0 = (p * ACTS_PER_PASS + i) * rows + r0;
+                    for (r, v) in o.iter().enumerate() {
+                        unsafe { *dst.0.add(row0 + r) = *v };
+                    }
+                }
+            }
+        };
+        run(rows.div_ceil(ROWS_PER_TASK), &task);
+    }
+}
+
+/// Runs `task(0..tasks)`: `run(tasks, task)`.
+type Runner<'a> = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + 'a;
+
+/// One activation row quantized for the kernels, as ggml does for these weight types: `Q8_K` for
+/// Q4_K/Q6_K (per block of 256 an int8 code per value, the scale, and the sums of each 16 codes),
+/// `Q8_0` for Q8_0 (per block of 32 the codes and the scale; no sums).
+pub struct Acts {
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    bsums: Vec<i16>,
+}
+
+impl Acts {
+    /// As candle's `BlockActs::from_float`: the block's value of largest magnitude (the first one)
+    /// maps to -127, codes rounded half away from zero and clamped to [-128, 127].
+    pub fn q8k(x: &[f32]) -> Acts {
+        assert_eq!(x.len() % QK, 0);
+        let nb = x.len() / QK;
+        let mut q = Acts {
+            qs: vec![0; x.len()],
+            d: vec![0.0; nb],
+            bsums: vec![0; x.len() / 16],
+        };
+        for (b, xb) in x.chunks_exact(QK).enumerate() {
+            let (mut amax, mut max) = (0f32, 0f32);
+            for &v in xb {
+                if amax < v.abs() {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            if amax == 0.0 {
+                continue;
+            }
+            let iscale = -127f32 / max;
+            let qs = &mut q.qs[b * QK..(b + 1) * QK];
+            for (o, &v) in qs.iter_mut().zip(xb) {
+                *o = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+            }
+            for (s, c) in q.bsums[b * 16..(b + 1) * 16]
+                .iter_mut()
+                .zip(qs.chunks_exact(16))
+            {
+                *s = c.iter().map(|&v| v as i16).sum();
+            }
+            q.d[b] = 1.0 / iscale;
+        }
+        q
+    }
+
+    /// As candle's `BlockQ8_0::from_float`: scale = largest magnitude / 127, rounded to f16 as
+    /// ggml stores it; codes = value / unrounded scale, rounded half away from zero.
+    pub fn q8_0(x: &[f32]) -> Acts {
+        assert_eq!(x.len() % 32, 0);
+        let mut q = Acts {
+            qs: vec![0; x.len()],
+            d: vec![0.0; x.len() / 32],
+            bsums: vec![],
+        };
+        for ((xb, qs), d) in x.chunks_exact(32).zip(q.qs.chunks_exact_mut(32)).zip(&mut q.d) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            for (o, &v) in qs.iter_mut().zip(xb) {
+                *o = (v * inv).round() as i8;
+            }
+            *d = half::f16::from_f32(scale).to_f32();
+        }
+        q
+    }
+
+    /// The codes reordered for Q4_K's nibble layout: in each 128, values 32..64 and 64..96 swap
+    /// places, so the 64 low nibbles of 64 bytes (weights 0..32 and 64..96 of the 128) meet their
+    /// activations in one 64-byte load, and the high nibbles theirs in the next.
+    fn in_nibble_order(mut self) -> Acts {
+        for g in self.qs.chunks_exact_mut(128) {
+            let (a, b) = g[32..96].split_at_mut(32);
+            a.swap_with_slice(b);
+        }
+        self
+    }
+
+    /// The values the codes stand for (`d * q`).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.qs
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| self.d[i / (self.qs.len() / self.d.len())] * v as f32)
+            .collect()
+    }
+}
+
+/// The dot products of whole weight rows (their block bytes) with quantized activation rows:
+/// `out[i * rows + r]` for activation `i` and weight row `r`.
+type Dot = fn(&[u8], &[Acts], &mut [f32]);
+
+fn kernel(kind: QKind) -> Dot {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        return match kind {
+            QKind::Q8_0 => vnni::q8_0,
+            QKind::Q4K => vnni::q4k,
+            QKind::Q6K => vnni::q6k,
+        };
+    }
+    let _ = kind;
+    unreachable!("QuantMatrix::new checks available()")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{Acts, QK};
+    use std::arch::x86_64::*;
+
+    /// Lane `i` of 32 16-bit lanes takes scale `base + i / per` (a permute index).
+    const fn spread(base: u16, per: u16) -> [u16; 32] {
+        let mut a = [0u16; 32];
+        let mut i = 0;
+        while i < 32 {
+            a[i] = base + i as u16 / per;
+            i += 1;
+        }
+        a
+    }
+
+    /// Lanes 0..16 take scale `a`, lanes 16..32 scale `b`.
+    const fn two(a: u16, b: u16) -> [u16; 32] {
+        let mut v = [a; 32];
+        let mut i = 16;
+        while i < 32 {
+            v[i] = b;
+            i += 1;
+        }
+        v
+    }
+
+    /// Q4_K: in half `h` (128 weights, 64 bytes), the low nibbles are sub-blocks 4h and 4h + 2,
+    /// the high nibbles 4h + 1 and 4h + 3.
+    static Q4K_SCALE_IDX: [[u16; 32]; 4] = [two(0, 2), two(1, 3), two(4, 6), two(5, 7)];
+    /// Q6_K: half `n`, part `p` (64 weights) is sub-blocks 8n + 4p .. + 4, 16 weights each.
+    static Q6K_SCALE_IDX: [[u16; 32]; 4] = [spread(0, 8), spread(4, 8), spread(8, 8), spread(12, 8)];
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_idx(a: &[u16; 32]) -> __m512i {
+        _mm512_loadu_si512(a.as_ptr() as *const _)
+    }
+
+    /// `acc + ` pairwise products of 16-bit lanes. LLVM splits the intrinsic into `vpmaddwd` +
+    /// `vpaddd` (two instructions); the instruction itself is one.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+        let mut acc = acc;
+        std::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        acc
+    }
+
+    /// Bytes ahead of the current block that are prefetched: rows are contiguous, so this runs
+    /// into the following rows (a prefetch past the end of the matrix does not fault).
+    const PREFETCH: usize = 4096;
+
+    /// Prefetches the cache lines of the block `PREFETCH` bytes after the one at `p`.
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8, block: usize) {
+        let mut o = 0;
+        while o < block {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + o) as *const i8);
+            o += 64;
+        }
+    }
+
+    /// Per 16-bit lane shift counts: `lo` in the lower half of the register, `hi` in the upper.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn counts(lo: i16, hi: i16) -> __m512i {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(lo)), _mm256_set1_epi16(hi))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[inline(always)]
+    unsafe fn read_u32(p: *const u8) -> u32 {
+        u32::from_le(std::ptr::read_unaligned(p as *const u32))
+    }
+
+    /// Activation rows per kernel call: each block's weights are unpacked once for all of them.
+    const ACTS: usize = 4;
+
+    /// Runs `kernel` over every weight row and every group of up to [`ACTS`] activations.
+    #[inline(always)]
+    fn each(
+        w: &[u8],
+        block: usize,
+        acts: &[Acts],
+        out: &mut [f32],
+        one: impl Fn(&[u8], [&Acts; 1]) -> [f32; 1],
+        four: impl Fn(&[u8], [&Acts; ACTS]) -> [f32; ACTS],
+    ) {
+        // blocks per row and bytes per row; every activation row has the same shape
+        let nb = acts.first().map_or(0, |a| a.d.len());
+        let rb = nb * block;
+        let (k, sums) = acts.first().map_or((0, 0), |a| (a.qs.len(), a.bsums.len()));
+        assert!(acts.iter().all(|a| a.d.len() == nb && a.qs.len() == k && a.bsums.len() == sums));
+        assert!(block == 34 && nb.is_multiple_of(2) || block != 34 && k == nb * QK && sums == nb * 16);
+        let rows = w.len().checked_div(rb).unwrap_or(0);
+        assert_eq!(w.len(), rb * rows);
+        assert_eq!(out.len(), rows * acts.len());
+        for (r, row) in w.chunks_exact(rb.max(1)).enumerate() {
+            let mut i = 0;
+            while i + ACTS <= acts.len() {
+                let v = four(row, std::array::from_fn(|k| &acts[i + k]));
+                for (k, v) in v.into_iter().enumerate() {
+                    out[(i + k) * rows + r] = v;
+                }
+                i += ACTS;
+            }
+            for i in i..acts.len() {
+                out[i * rows + r] = one(row, [&acts[i]])[0];
+            }
+        }
+    }
+
+    // Safety (both): `available()` was checked before these were handed out; `each` checks that
+    // every activation row has the weight rows' number of blocks.
+    pub fn q4k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 144, acts, out, |w, a| unsafe { q4k_impl(w, a) }, |w, a| unsafe { q4k_impl(w, a) })
+    }
+
+    pub fn q6k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 210, acts, out, |w, a| unsafe { q6k_impl(w, a) }, |w, a| unsafe { q6k_impl(w, a) })
+    }
+
+    pub fn q8_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 34, acts, out, |w, a| unsafe { q8_0_impl(w, a) }, |w, a| unsafe { q8_0_impl(w, a) })
+    }
+
+    /// Block: `d` (f16), 32 int8 weights. Two blocks (68 bytes, 64 weights) at a time: `|w|`
+    /// times the activations with `w`'s sign (`vpdpbusd` multiplies unsigned by signed bytes),
+    /// lanes 0-7 the first block's sums of 4, lanes 8-15 the second's, each scaled by its
+    /// `d_w * d_x`. Activation codes lie in [-127, 127], so the sign flip cannot overflow.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q8_0_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut acc = [_mm512_setzero_ps(); A];
+        for (b, pair) in w.chunks_exact(68).enumerate() {
+            let p = pair.as_ptr();
+            prefetch(p, 68);
+            let dw = (std::ptr::read_unaligned(p as *const u16) as i32)
+                | ((std::ptr::read_unaligned(p.add(34) as *const u16) as i32) << 16);
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(dw));
+            let wv = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_loadu_si256(p.add(2) as *const __m256i)),
+                _mm256_loadu_si256(p.add(36) as *const __m256i),
+            );
+            let aw = _mm512_abs_epi8(wv);
+            let negative = _mm512_movepi8_mask(wv);
+            for k in 0..A {
+                let x = _mm512_loadu_si512(a[k].qs.as_ptr().add(64 * b) as *const _);
+                let sx = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+                let dx = _mm_castpd_ps(_mm_load_sd(a[k].d.as_ptr().add(2 * b) as *const f64));
+                let scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[k]);
+            }
+        }
+        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]))
+    }
+
+    /// Block: `d` (f16), `dmin` (f16), 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32,
+    /// 128 bytes of nibbles (byte `32j + l`: weight `64j + l` low, `64j + 32 + l` high).
+    /// Weight = d * scale * q - dmin * min.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q4k_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        let nibble = _mm512_set1_epi8(0x0F);
+        let idx = [
+            load_idx(&Q4K_SCALE_IDX[0]),
+            load_idx(&Q4K_SCALE_IDX[1]),
+            load_idx(&Q4K_SCALE_IDX[2]),
+            load_idx(&Q4K_SCALE_IDX[3]),
+        ];
+        let mut acc = [_mm512_setzero_ps(); A];
+        let mut acc_min = [_mm256_setzero_ps(); A];
+        for (b, blk) in w.chunks_exact(144).enumerate() {
+            let p = blk.as_ptr();
+            prefetch(p, 144);
+            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(read_u32(p) as i32));
+            let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+            // 6-bit scales and mins: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and
+            // 4-7 (mins); 4-7 from the nibbles of bytes 8-11 and the top 2 bits of bytes 0-7
+            let (s0, s1, s2) = (read_u32(p.add(4)), read_u32(p.add(8)), read_u32(p.add(12)));
+            let sc_lo = s0 & 0x3f3f3f3f;
+            let m_lo = s1 & 0x3f3f3f3f;
+            let sc_hi = (s2 & 0x0f0f0f0f) | (((s0 >> 6) & 0x03030303) << 4);
+            let m_hi = ((s2 >> 4) & 0x0f0f0f0f) | (((s1 >> 6) & 0x03030303) << 4);
+            let scales = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc_hi as i32, sc_lo as i32)));
+            let mins = _mm_set_epi32(0, 0, m_hi as i32, m_lo as i32);
+            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+            let q = p.add(16);
+            // the block's 256 codes in 4 registers, in nibble order, and each one's scales
+            let mut codes = [_mm512_setzero_si512(); 4];
+            let mut sc = [_mm512_setzero_si512(); 4];
+            for h in 0..2 {
+                let raw = _mm512_loadu_si512(q.add(64 * h) as *const _);
+                codes[2 * h] = _mm512_and_si512(raw, nibble);
+                codes[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
+                sc[2 * h] = _mm512_permutexvar_epi16(idx[2 * h], scales);
+                sc[2 * h + 1] = _mm512_permutexvar_epi16(idx[2 * h + 1], scales);
+            }
+            for k in 0..A {
+                let xd = *a[k].d.get_unchecked(b);
+                // sum over sub-blocks of min * (sum of its 32 activation codes)
+                let bsums = _mm256_loadu_si256(a[k].bsums.as_ptr().add(b * 16) as *const __m256i);
+                acc_min[k] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums)),
+                    _mm256_set1_ps(dmin * xd),
+                    acc_min[k],
+                );
+                // activations in nibble order (`Acts::in_nibble_order`)
+                let x = a[k].qs.as_ptr().add(b * QK);
+                let mut isum = _mm512_setzero_si512();
+                for c in 0..4 {
+                    let xs = _mm512_loadu_si512(x.add(64 * c) as *const _);
+                    isum = dpwssd(isum, _mm512_maddubs_epi16(codes[c], xs), sc[c]);
+                }
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * xd), acc[k]);
+            }
+        }
+        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]) - hsum256(acc_min[k]))
+    }
+
+    /// Block: 128 bytes of low nibbles (`ql`), 64 bytes of 2-bit highs (`qh`), 16 int8 scales
+    /// (sub-blocks of 16), `d` (f16). In half `n` (128 weights): weight `l` (l < 64) is the low
+    /// nibble of `ql[64n + l]`, weight `64 + l` its high nibble; the high bits of weight `32s + l`
+    /// (l < 32) are bits `2s, 2s + 1` of `qh[32n + l]`. Weight = d * scale * (q - 32).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q6k_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        let nibble = _mm512_set1_epi8(0x0F);
+        let high = _mm512_set1_epi8(0x30);
+        // weights 0-31 take qh bits 0-1 (<< 4), 32-63 bits 2-3 (<< 2), 64-95 bits 4-5, 96-127 bits 6-7 (>> 2)
+        let left = counts(4, 2);
+        let right = counts(0, 2);
+        let idx = [
+            load_idx(&Q6K_SCALE_IDX[0]),
+            load_idx(&Q6K_SCALE_IDX[1]),
+            load_idx(&Q6K_SCALE_IDX[2]),
+            load_idx(&Q6K_SCALE_IDX[3]),
+        ];
+        let mut acc = [_mm512_setzero_ps(); A];
+        let mut acc_off = [_mm256_setzero_ps(); A];
+        for (b, blk) in w.chunks_exact(210).enumerate() {
+            let p = blk.as_ptr();
+            prefetch(p, 210);
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                u16::from_le(std::ptr::read_unaligned(p.add(208) as *const u16)) as i32,
+            )));
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const __m128i));
+            let scales = _mm512_zextsi256_si512(sc16);
+            // the block's 256 codes (0..63) in 4 registers, in order, and each one's scales
+            let mut codes = [_mm512_setzero_si512(); 4];
+            let mut sc = [_mm512_setzero_si512(); 4];
+            for n in 0..2 {
+                let ql = _mm512_loadu_si512(p.add(64 * n) as *const _);
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i));
+                let lo = _mm512_and_si512(ql, nibble);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(ql), nibble);
+                // (shifted qh & 0x30) | nibbles
+                codes[2 * n] = _mm512_ternarylogic_epi32::<0xEA>(_mm512_sllv_epi16(qh, left), high, lo);
+                codes[2 * n + 1] = _mm512_ternarylogic_epi32::<0xEA>(_mm512_srlv_epi16(qh, right), high, hi);
+                sc[2 * n] = _mm512_permutexvar_epi16(idx[2 * n], scales);
+                sc[2 * n + 1] = _mm512_permutexvar_epi16(idx[2 * n + 1], scales);
+            }
+            for k in 0..A {
+                let dx = d * *a[k].d.get_unchecked(b);
+                // the -32 offset: 32 * sum over sub-blocks of scale * (sum of its 16 codes)
+                let bsums = _mm256_loadu_si256(a[k].bsums.as_ptr().add(b * 16) as *const __m256i);
+                acc_off[k] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(sc16, bsums)),
+                    _mm256_set1_ps(dx),
+                    acc_off[k],
+                );
+                let x = a[k].qs.as_ptr().add(b * QK);
+                let mut isum = _mm512_setzero_si512();
+                for c in 0..4 {
+                    let xs = _mm512_loadu_si512(x.add(64 * c) as *const _);
+                    isum = dpwssd(isum, _mm512_maddubs_epi16(codes[c], xs), sc[c]);
+                }
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx), acc[k]);
+            }
+        }
+        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]) - 32.0 * hsum256(acc_off[k]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    fn lcg(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    /// Weights with outliers and a zero row, quantized by candle.
+    fn weights(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> Arc<QTensor> {
+        let mut w = lcg(seed, rows * cols);
+        for (i, v) in w.iter_mut().enumerate() {
+            if i % 97 == 5 {
+                *v *= 20.0;
+            }
+        }
+        w[cols..2 * cols].fill(0.0);
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        Arc::new(QTensor::quantize(&t, dtype).unwrap())
+    }
+
+    /// Activations with an all-zero block, an all-negative one and a large outlier.
+    fn activations(n: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut x = lcg(seed, n * cols);
+        x[..QK.min(cols)].fill(0.0);
+        if cols >= 2 * QK {
+            for v in &mut x[QK..2 * QK] {
+                *v = -v.abs() - 0.1;
+            }
+        }
+        x[cols / 2] = 300.0;
+        x
+    }
+
+    fn skip() -> bool {
+        if !available() {
+            eprintln!("this CPU lacks AVX-512 VNNI: the k-quant kernels are not used here, nothing to test");
+        }
+        !available()
+    }
+
+    /// Every output against an f64 dot product of candle's dequantized weights with the values the
+    /// quantized activations stand for, and close to candle's own quantized matmul. The tolerance
+    /// is relative to the sum of the terms' magnitudes: a Q4_K weight is `d*sc*q - dmin*m`, a
+    /// difference of two rounded products, and both sides sum in f32 (seen: 3e-6 against the f64
+    /// sum, 1.6e-6 against candle). A wrong nibble, scale or min is off by whole weights.
+    #[test]
+    fn kernels_match_dequantized_f64_and_candle() {
+        if skip() {
+            return;
+        }
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            for &(rows, cols, n) in &[(3usize, 256usize, 1usize), (70, 512, 1), (130, 2048, 3), (65, 768, 11)] {
+                let q = weights(dtype, rows, cols, rows as u64 + cols as u64);
+                let m = QuantMatrix::new(q.clone()).expect("Q4K/Q6K CPU tensor");
+                let dense = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+                let xs = activations(n, cols, 7 + n as u64);
+                let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
+                let got = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                let candle = m.candle().unwrap().forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                for i in 0..n {
+                    let xi = &xs[i * cols..(i + 1) * cols];
+                    let a = if dtype == GgmlDType::Q8_0 { Acts::q8_0(xi) } else { Acts::q8k(xi) }.dequantize();
+                    for r in 0..rows {
+                        let terms = dense[r].iter().zip(&a).map(|(w, x)| *w as f64 * *x as f64);
+                        let exact: f64 = terms.clone().sum();
+                        let scale: f64 = terms.map(f64::abs).sum::<f64>().max(1e-3);
+                        let g = got[i][r] as f64;
+                        assert!(
+                            (g - exact).abs() <= 1e-5 * scale,
+                            "{dtype:?} {rows}x{cols} x{i} row {r}: {g} vs exact {exact} (scale {scale})"
+                        );
+                        let c = candle[i][r] as f64;
+                        assert!(
+                            (g - c).abs() <= 1e-5 * scale,
+                            "{dtype:?} {rows}x{cols} x{i} row {r}: {g} vs candle {c}"
+                        );
+                    }
+                }
+                // the zero weight row gives exactly zero
+                assert!(got.iter().all(|o| o[1] == 0.0));
+            }
+        }
+    }
+
+    /// Activation codes: the block's largest magnitude maps to -127, every value is within half a
+    /// step, sums of 16 are the codes' sums, and a zero block has scale 0.
+    #[test]
+    fn q8k_quantization() {
+        let x = activations(1, 1024, 3);
+        let q = Acts::q8k(&x);
+        assert_eq!(q.d[0], 0.0);
+        for b in 1..4 {
+            let xb = &x[b * QK..(b + 1) * QK];
+            let imax = (0..QK).fold(0, |m, i| if xb[i].abs() > xb[m].abs() { i } else { m });
+            assert_eq!(q.qs[b * QK + imax], -127, "block {b}");
+            for (i, &v) in xb.iter().enumerate() {
+                let back = q.d[b] * q.qs[b * QK + i] as f32;
+                assert!((back - v).abs() <= q.d[b].abs() * 0.5001, "block {b} value {i}");
+            }
+        }
+        for (j, s) in q.bsums.iter().enumerate() {
+            assert_eq!(*s as i32, q.qs[j * 16..(j + 1) * 16].iter().map(|&v| v as i32).sum::<i32>());
+        }
+    }
+
+    /// Results do not depend on the thread count, on being run on the calling thread, or on how
+    /// many activation rows come together.
+    #[test]
+    fn bits_do_not_depend_on_threads_or_batch() {
+        if skip() {
+            return;
+        }
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let (rows, cols) = (600, 2048);
+            assert!(rows * cols >= SERIAL_BELOW);
+            let m = QuantMatrix::new(weights(dtype, rows, cols, 1)).unwrap();
+            let n = ACTS_PER_PASS + 3;
+            let xs = activations(n, cols, 2);
+            let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
+            // candle's pool (as used), and rayon pools of several sizes with one-row tasks
+            let run = |t: usize| {
+                if t == 0 {
+                    return m.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                }
+                let acts: Vec<Acts> = xs.chunks_exact(cols).map(|x| m.activations(x)).collect();
+                let data = m.q.data().unwrap();
+                let mut out = vec![0f32; n * rows];
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+                pool.install(|| {
+                    m.matmul_on(&data, &acts, &mut out, &|tasks, task| {
+                        use rayon::prelude::*;
+                        (0..tasks).into_par_iter().with_max_len(1).for_each(task)
+                    })
+                });
+                out
+            };
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let all = bits(&run(0));
+            for t in [1, 2, 5] {
+                assert_eq!(all, bits(&run(t)), "{dtype:?} {t} threads");
+            }
+            for i in [0, n - 1] {
+                let one = Tensor::from_vec(xs[i * cols..(i + 1) * cols].to_vec(), (1, cols), &Device::Cpu).unwrap();
+                let alone = m.forward(&one).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(bits(&alone), all[i * rows..(i + 1) * rows], "{dtype:?} activation row {i}");
+            }
+            // a matrix below SERIAL_BELOW (done on the calling thread) gives the same rows
+            let few = 100;
+            let kind = QKind::of(dtype).unwrap();
+            let small_data = m.q.data().unwrap()[..few * cols / kind.block_len() * kind.block_bytes()].to_vec();
+            let small = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &small_data, vec![few, cols], &Device::Cpu).unwrap();
+            let small = QuantMatrix::new(Arc::new(small)).unwrap();
+            assert!(few * cols < SERIAL_BELOW);
+            let x1 = Tensor::from_vec(xs[..cols].to_vec(), (1, cols), &Device::Cpu).unwrap();
+            let o = small.forward(&x1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(bits(&o), all[..few]);
+        }
+    }
+
+    #[test]
+    fn other_types_and_shapes_stay_with_candle() {
+        let t = Tensor::from_vec(lcg(1, 4 * 256), (4, 256), &Device::Cpu).unwrap();
+        let q5 = Arc::new(QTensor::quantize(&t, GgmlDType::Q5K).unwrap());
+        assert!(QuantMatrix::new(q5).is_none());
+        // Q8_0 rows must hold whole pairs of blocks
+        let t96 = Tensor::from_vec(lcg(1, 4 * 96), (4, 96), &Device::Cpu).unwrap();
+        let q8 = Arc::new(QTensor::quantize(&t96, GgmlDType::Q8_0).unwrap());
+        assert!(QuantMatrix::new(q8).is_none());
+        let q4 = Arc::new(QTensor::quantize(&t, GgmlDType::Q4K).unwrap());
+        assert_eq!(QuantMatrix::new(q4).is_some(), available());
+    }
+}
