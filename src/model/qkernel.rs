@@ -145,8 +145,7 @@ impl QuantMatrix {
                 self.cols
             );
         }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let acts: Vec<Acts> = xs.chunks_exact(k).map(|x| self.activations(x)).collect();
+        let acts: Vec<Acts> = with_f32(x, |xs| xs.chunks_exact(k).map(|x| self.activations(x)).collect())?;
         let data = self.q.data()?;
         let mut out = vec![0f32; n * self.rows];
         self.matmul(&data, &acts, &mut out);
@@ -209,6 +208,19 @@ impl QuantMatrix {
     }
 }
 
+/// `f` of a CPU f32 tensor's values: its storage when contiguous, else a copy.
+fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            if let Ok(v) = cpu.as_slice::<f32>() {
+                return Ok(f(&v[start..end]));
+            }
+        }
+    }
+    Ok(f(&x.flatten_all()?.to_vec1::<f32>()?))
+}
+
 /// Runs `task(0..tasks)`: `run(tasks, task)`.
 type Runner<'a> = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + 'a;
 
@@ -225,6 +237,18 @@ impl Acts {
     /// As candle's `BlockActs::from_float`: the block's value of largest magnitude (the first one)
     /// maps to -127, codes rounded half away from zero and clamped to [-128, 127].
     pub fn q8k(x: &[f32]) -> Acts {
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // Safety: the features were detected.
+            return unsafe { vnni::q8k(x) };
+        }
+        Self::q8k_portable(x)
+    }
+
+    /// [`Self::q8k`]'s code, compiled for the CPU's features by its caller (with SSE4.1 and up,
+    /// `round` becomes two vector instructions instead of a libm call per value).
+    #[inline(always)]
+    fn q8k_portable(x: &[f32]) -> Acts {
         assert_eq!(x.len() % QK, 0);
         let nb = x.len() / QK;
         let mut q = Acts {
@@ -233,16 +257,18 @@ impl Acts {
             bsums: vec![0; x.len() / 16],
         };
         for (b, xb) in x.chunks_exact(QK).enumerate() {
-            let (mut amax, mut max) = (0f32, 0f32);
-            for &v in xb {
-                if amax < v.abs() {
-                    amax = v.abs();
-                    max = v;
+            // the largest magnitude, then the first value that has it (16 lanes, so it vectorizes)
+            let lanes = xb.chunks_exact(16).fold([0f32; 16], |mut m, c| {
+                for (m, v) in m.iter_mut().zip(c) {
+                    *m = m.max(v.abs());
                 }
-            }
+                m
+            });
+            let amax = lanes.iter().fold(0f32, |m, v| m.max(*v));
             if amax == 0.0 {
                 continue;
             }
+            let max = *xb.iter().find(|v| v.abs() == amax).expect("amax is one of the values");
             let iscale = -127f32 / max;
             let qs = &mut q.qs[b * QK..(b + 1) * QK];
             for (o, &v) in qs.iter_mut().zip(xb) {
@@ -452,6 +478,11 @@ mod vnni {
 
     pub fn q6k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
         each(w, 210, acts, out, |w, a| unsafe { q6k_impl(w, a) }, |w, a| unsafe { q6k_impl(w, a) })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn q8k(x: &[f32]) -> Acts {
+        Acts::q8k_portable(x)
     }
 
     pub fn q8_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
