@@ -1119,7 +1119,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::json!({"model": loaded.description, "text": text, "tokens": g.tokens, "stats": s}));
     } else {
         eprintln!(
-            "prefill {} tokens at {:.1} tok/s; decode {} tokens at {:.1} tok/s; {:.2} loops/token; weights {}; KV {} ({:?}); stopped by {}",
+            "prefill {} tokens at {:.1} tok/s; decode {} tokens at {:.1} tok/s; {:.2} loops/token; weights {}; KV {} ({:?}); stopped by {}; projections: {}",
             s.prompt_tokens,
             s.prefill_tokens_per_s,
             s.generated_tokens,
@@ -1128,7 +1128,8 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
             inspect::human_bytes(s.weight_bytes),
             inspect::human_bytes(s.kv_bytes),
             a.kv.kv,
-            s.stopped_by
+            s.stopped_by,
+            s.kernels.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
         );
     }
     Ok(ExitCode::SUCCESS)

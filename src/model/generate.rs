@@ -45,6 +45,8 @@ pub struct GenerateStats {
     pub weight_bytes: u64,
     pub kv_bytes: u64,
     pub stopped_by: String,
+    /// Projections per kernel that multiplies them.
+    pub kernels: std::collections::BTreeMap<String, usize>,
 }
 
 /// The token ids generated and the figures.
@@ -217,6 +219,7 @@ pub fn generate(
                 loops_total as f64 / steps as f64
             },
             weight_bytes: model.weight_bytes,
+            kernels: model.kernels(),
             kv_bytes: cache.bytes(),
             stopped_by,
         },

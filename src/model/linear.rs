@@ -51,6 +51,15 @@ impl Linear {
             Linear::Quant(m) => m.forward(x),
         }
     }
+
+    /// What multiplies this projection (reported by `run`).
+    pub fn kernel(&self) -> &'static str {
+        match self {
+            Linear::Candle(_) => "candle",
+            Linear::Float(_) => "float at stored width",
+            Linear::Quant(_) => "quantized, AVX-512 VNNI",
+        }
+    }
 }
 
 /// The element type of a [`FloatMatrix`].

@@ -155,6 +155,22 @@ pub struct OuroModel {
     pub lm_head_bytes: u64,
 }
 
+impl OuroModel {
+    /// How many projections each kernel multiplies ([`Linear::kernel`]).
+    pub fn kernels(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut k = std::collections::BTreeMap::new();
+        let linears = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .chain([&self.lm_head]);
+        for l in linears {
+            *k.entry(l.kernel().to_string()).or_insert(0) += 1;
+        }
+        k
+    }
+}
+
 /// What the full cache holds for a (loop, layer) slot that a token skipped by exiting early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 pub enum SkipFill {

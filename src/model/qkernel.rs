@@ -6,8 +6,10 @@
 //! (always) and Q6_K (more than one input row) through a second, repacked copy of the weights that
 //! it builds on first use and keeps beside the original (`repacked_qs`): a Q4_K_M 1.4B model held
 //! 1.95 GB of anonymous memory instead of 0.95 GB, and Q4_K decode read the repacked tiles (0.75
-//! bytes per weight instead of 0.5625). Its compact-block kernels for the rest are ports of ggml's
-//! AVX2 ones.
+//! bytes per weight instead of 0.5625). Its repacked Q8_0 path also quantizes the activations per
+//! 256 values instead of ggml's 32 (on the trained fixture its logits end further from the f32
+//! result than ours: 0.22 against 0.18). Its compact-block kernels for the rest are ports of
+//! ggml's AVX2 ones.
 //!
 //! How: 64 Q4_K weights are one 64-byte load (128 nibbles: two halves of 64), a mask and a shift;
 //! `vpmaddubsw` multiplies 64 codes by 64 int8 activations into 32 pair sums and `vpdpwssd`
