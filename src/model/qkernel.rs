@@ -236,7 +236,7 @@ pub struct Acts {
 }
 
 impl Acts {
-    /// As candle's `BlockActs::from_float`: the block's value of largest magnitude (the first one)
+    /// As candle's `BlockQ8K::from_float`: the block's value of largest magnitude (the first one)
     /// maps to -127, codes rounded half away from zero and clamped to [-128, 127].
     pub fn q8k(x: &[f32]) -> Acts {
         #[cfg(target_arch = "x86_64")]
@@ -453,7 +453,8 @@ mod vnni {
         let rb = nb * block;
         let (k, sums) = acts.first().map_or((0, 0), |a| (a.qs.len(), a.bsums.len()));
         assert!(acts.iter().all(|a| a.d.len() == nb && a.qs.len() == k && a.bsums.len() == sums));
-        assert!(block == 34 && nb.is_multiple_of(2) || block != 34 && k == nb * QK && sums == nb * 16);
+        // the kernels index the activations by block without bounds checks
+        assert!(if block == 34 { nb.is_multiple_of(2) && k == nb * 32 } else { k == nb * QK && sums == nb * 16 });
         let rows = w.len().checked_div(rb).unwrap_or(0);
         assert_eq!(w.len(), rb * rows);
         assert_eq!(out.len(), rows * acts.len());
