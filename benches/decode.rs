@@ -6,6 +6,8 @@
 //! The bound: decode must read every projection once per loop (and the lm_head once per token), so
 //! tokens/s <= memcpy bandwidth / those bytes.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -37,22 +39,6 @@ fn memcpy_bandwidth() -> f64 {
     2.0 * n as f64 / best
 }
 
-/// Bytes read per second by a parallel sum over 1 GiB of f32 (read-only traffic, for context:
-/// decoding only reads weights), best of 5.
-fn read_bandwidth() -> f64 {
-    use rayon::prelude::*;
-    let n = 1usize << 28;
-    let src = vec![1f32; n];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let s: f32 = src.par_chunks(1 << 16).map(|c| c.chunks_exact(32).fold([0f32; 32], |mut a, v| { for (a, v) in a.iter_mut().zip(v) { *a += v; } a }).iter().sum::<f32>()).sum();
-        best = best.min(t.elapsed().as_secs_f64());
-        std::hint::black_box(s);
-    }
-    4.0 * n as f64 / best
-}
-
 fn main() -> anyhow::Result<()> {
     let model_dir = match arg("--model") {
         Some(p) => PathBuf::from(p),
@@ -76,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
 
     let bw = memcpy_bandwidth();
-    println!("threads: {} (rayon); memcpy bandwidth (read + write) {:.2} GB/s; read-only {:.2} GB/s", rayon::current_num_threads(), bw / 1e9, read_bandwidth() / 1e9);
+    println!("threads: {} (rayon); memcpy bandwidth (read + write) {:.2} GB/s; read-only {:.2} GB/s", rayon::current_num_threads(), bw / 1e9, common::read_bandwidth() / 1e9);
     let mut sources: Vec<PathBuf> = vec![model_dir];
     if let Some(g) = arg("--gguf") {
         sources.extend(g.split(',').map(PathBuf::from));

@@ -6,6 +6,8 @@
 //!
 //! GB/s is weight bytes read per second (one token through one projection, in a loop).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,34 +68,6 @@ fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize) -> anyhow::Result<Q
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu)?)
 }
 
-/// Bytes read per second by a parallel sum over 1 GiB of f32, best of 3.
-fn read_bandwidth() -> f64 {
-    use rayon::prelude::*;
-    let n = 1usize << 28;
-    let src = vec![1f32; n];
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let s: f32 = src
-            .par_chunks(1 << 16)
-            .map(|c| {
-                c.chunks_exact(32)
-                    .fold([0f32; 32], |mut a, v| {
-                        for (a, v) in a.iter_mut().zip(v) {
-                            *a += v;
-                        }
-                        a
-                    })
-                    .iter()
-                    .sum::<f32>()
-            })
-            .sum();
-        best = best.min(t.elapsed().as_secs_f64());
-        std::hint::black_box(s);
-    }
-    4.0 * n as f64 / best
-}
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let reps: usize = args.iter().position(|a| a == "--reps").map_or(Ok(3), |i| args[i + 1].parse())?;
@@ -101,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         "threads: {} (rayon); our kernels available: {}; read-only memory bandwidth {:.1} GB/s",
         rayon::current_num_threads(),
         qkernel::available(),
-        read_bandwidth() / 1e9
+        common::read_bandwidth() / 1e9
     );
     println!("| type | rows x cols | weight MB | candle GB/s | ours GB/s | ours / candle |");
     println!("|---|---|---|---|---|---|");

@@ -538,17 +538,7 @@ pub fn float_linear(
 mod tests {
     use super::*;
 
-    fn lcg(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::model::test_values as lcg;
 
     fn matrix(kind: FloatKind, w: &[f32], rows: usize, cols: usize) -> FloatMatrix {
         let bytes: Vec<u8> = match kind {

@@ -27,6 +27,18 @@ pub use linear::Linear;
 use crate::checkpoint::OuroConfig;
 use source::WeightSource;
 
+/// Deterministic test values in [-2, 2) (a 64-bit LCG), shared by the model's unit tests.
+#[cfg(test)]
+pub(crate) fn test_values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        })
+        .collect()
+}
+
 /// Errors of the model are candle's, with context added by callers.
 pub type CResult<T> = candle_core::Result<T>;
 

@@ -29,7 +29,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 
 use super::CResult;
@@ -133,8 +133,9 @@ impl QuantMatrix {
     }
 
     /// candle's matmul of the same tensor (for comparisons).
-    pub fn candle(&self) -> CResult<QMatMul> {
-        QMatMul::from_arc(self.q.clone())
+    #[cfg(test)]
+    pub fn candle(&self) -> CResult<candle_core::quantized::QMatMul> {
+        candle_core::quantized::QMatMul::from_arc(self.q.clone())
     }
 
     /// `x [n, cols] -> [n, rows]`.
@@ -381,8 +382,8 @@ mod vnni {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     #[inline]
-    unsafe fn load_idx(a: &[u16; 32]) -> __m512i {
-        _mm512_loadu_si512(a.as_ptr() as *const _)
+    unsafe fn load_idx(t: &[[u16; 32]; 4]) -> [__m512i; 4] {
+        t.map(|a| _mm512_loadu_si512(a.as_ptr() as *const _))
     }
 
     /// `acc + ` pairwise products of 16-bit lanes. LLVM splits the intrinsic into `vpmaddwd` +
@@ -530,12 +531,7 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     unsafe fn q4k_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
         let nibble = _mm512_set1_epi8(0x0F);
-        let idx = [
-            load_idx(&Q4K_SCALE_IDX[0]),
-            load_idx(&Q4K_SCALE_IDX[1]),
-            load_idx(&Q4K_SCALE_IDX[2]),
-            load_idx(&Q4K_SCALE_IDX[3]),
-        ];
+        let idx = load_idx(&Q4K_SCALE_IDX);
         let mut acc = [_mm512_setzero_ps(); A];
         let mut acc_min = [_mm256_setzero_ps(); A];
         for (b, blk) in w.chunks_exact(144).enumerate() {
@@ -597,12 +593,7 @@ mod vnni {
         // weights 0-31 take qh bits 0-1 (<< 4), 32-63 bits 2-3 (<< 2), 64-95 bits 4-5, 96-127 bits 6-7 (>> 2)
         let left = counts(4, 2);
         let right = counts(0, 2);
-        let idx = [
-            load_idx(&Q6K_SCALE_IDX[0]),
-            load_idx(&Q6K_SCALE_IDX[1]),
-            load_idx(&Q6K_SCALE_IDX[2]),
-            load_idx(&Q6K_SCALE_IDX[3]),
-        ];
+        let idx = load_idx(&Q6K_SCALE_IDX);
         let mut acc = [_mm512_setzero_ps(); A];
         let mut acc_off = [_mm256_setzero_ps(); A];
         for (b, blk) in w.chunks_exact(210).enumerate() {
@@ -654,17 +645,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Module};
 
-    fn lcg(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::model::test_values as lcg;
 
     /// Weights with outliers and a zero row, quantized by candle.
     fn weights(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> Arc<QTensor> {
