@@ -174,7 +174,16 @@ impl QuantMatrix {
             if small {
                 (0..tasks).for_each(task)
             } else {
-                candle_core::utils::barrier_pool().execute_chunked(tasks, |r| r.for_each(task))
+                // one task per grab: `execute_chunked` hands out n / (8 * threads) at a time,
+                // up to 3072 rows of the lm_head, and the calling thread waited for the last
+                let next = std::sync::atomic::AtomicUsize::new(0);
+                candle_core::utils::barrier_pool().execute(|_| loop {
+                    let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if t >= tasks {
+                        break;
+                    }
+                    task(t);
+                })
             }
         })
     }
@@ -248,9 +257,7 @@ impl Acts {
         Self::q8k_portable(x)
     }
 
-    /// [`Self::q8k`]'s code, compiled for the CPU's features by its caller (with SSE4.1 and up,
-    /// `round` becomes two vector instructions instead of a libm call per value).
-    #[inline(always)]
+    /// [`Self::q8k`] in plain Rust: the definition the AVX-512 version is tested against.
     fn q8k_portable(x: &[f32]) -> Acts {
         assert_eq!(x.len() % QK, 0);
         let nb = x.len() / QK;
@@ -484,9 +491,57 @@ mod vnni {
         each(w, 210, acts, out, |w, a| unsafe { q6k_impl(w, a) }, |w, a| unsafe { q6k_impl(w, a) })
     }
 
+    /// [`Acts::q8k_portable`] in AVX-512, value for value (the compiler turned the portable
+    /// loop's `as i8` into one scalar conversion and insert per value: 3% of decode time).
+    /// Rounding half away from zero is `trunc(v + copysign(0.5 - 2^-25, v))`: the sum rounds up
+    /// to the next integer exactly when `v`'s fraction is at least one half.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn q8k(x: &[f32]) -> Acts {
-        Acts::q8k_portable(x)
+        assert_eq!(x.len() % QK, 0);
+        let nb = x.len() / QK;
+        let mut q = Acts {
+            qs: vec![0; x.len()],
+            d: vec![0.0; nb],
+            bsums: vec![0; x.len() / 16],
+        };
+        let sign = _mm512_set1_ps(-0.0);
+        let half = _mm512_set1_ps(0.5 - 1.0 / (1u32 << 25) as f32);
+        let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+        for b in 0..nb {
+            let xb = x.as_ptr().add(b * QK);
+            let mut m = _mm512_setzero_ps();
+            for c in 0..16 {
+                // NaN lanes leave `m` as it was, as `f32::max` ignores NaN
+                m = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(xb.add(16 * c))), m);
+            }
+            let amax = _mm512_reduce_max_ps(m);
+            if amax == 0.0 {
+                continue;
+            }
+            let am = _mm512_set1_ps(amax);
+            let first = (0..16)
+                .find_map(|c| {
+                    let v = _mm512_loadu_ps(xb.add(16 * c));
+                    let hit = _mm512_cmpeq_ps_mask(_mm512_andnot_ps(sign, v), am);
+                    (hit != 0).then(|| 16 * c + hit.trailing_zeros() as usize)
+                })
+                .expect("amax is one of the values");
+            let iscale = -127f32 / *xb.add(first);
+            let s = _mm512_set1_ps(iscale);
+            let qs = q.qs.as_mut_ptr().add(b * QK);
+            for c in 0..16 {
+                let v = _mm512_mul_ps(s, _mm512_loadu_ps(xb.add(16 * c)));
+                let r = _mm512_add_ps(v, _mm512_or_ps(half, _mm512_and_ps(v, sign)));
+                let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(r);
+                let r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+                // NaN converts to 0, as `as i8` does
+                let i = _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), r);
+                _mm_storeu_si128(qs.add(16 * c) as *mut __m128i, _mm512_cvtepi32_epi8(i));
+                q.bsums[b * 16 + c] = _mm512_reduce_add_epi32(i) as i16;
+            }
+            q.d[b] = 1.0 / iscale;
+        }
+        q
     }
 
     pub fn q8_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
@@ -743,6 +798,51 @@ mod tests {
         for (j, s) in q.bsums.iter().enumerate() {
             assert_eq!(*s as i32, q.qs[j * 16..(j + 1) * 16].iter().map(|&v| v as i32).sum::<i32>());
         }
+    }
+
+    /// The AVX-512 activation quantization gives the portable one's codes, scales and sums bit for
+    /// bit: on values whose scaled value ends exactly on .5 or next to it (rounding half away from
+    /// zero), on ±127, on zero, NaN and infinite values, and on many random
+    /// blocks.
+    #[test]
+    fn q8k_vector_equals_portable() {
+        if skip() {
+            return;
+        }
+        // a block whose largest magnitude is -127 (scale exactly -1), so the codes are the values:
+        // every half-integer in range, and its float neighbours
+        let mut edge = vec![-127.0f32];
+        for k in -127..127 {
+            let h = k as f32 + 0.5;
+            edge.extend([h, f32::from_bits(h.to_bits() + 1), f32::from_bits(h.to_bits() - 1)]);
+        }
+        edge.extend([0.0, -0.0, 126.99999, -127.0, 0.49999997, -0.49999997, 1e-30]);
+        edge.resize(edge.len().next_multiple_of(QK), 3.0);
+        let mut special = lcg(9, QK);
+        special[5] = f32::NAN;
+        let mut inf = lcg(10, QK);
+        inf[77] = f32::NEG_INFINITY;
+        let mut all_nan = vec![f32::NAN; QK];
+        all_nan[3] = 0.0;
+        let mut x: Vec<f32> = [edge, special, inf, all_nan, vec![0.0; QK]].concat();
+        for seed in 0..64 {
+            // scales from tiny to huge, ties of the largest magnitude
+            let e = (seed as i32 - 32) * 3;
+            let mut b: Vec<f32> = lcg(100 + seed, QK).iter().map(|v| v * 2f32.powi(e)).collect();
+            if seed % 4 == 0 {
+                b[200] = -b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                b[201] = -b[200];
+            }
+            x.extend(b);
+        }
+        let v = Acts::q8k(&x);
+        let p = Acts::q8k_portable(&x);
+        assert_eq!(v.qs, p.qs);
+        assert_eq!(v.bsums, p.bsums);
+        let bits = |d: &[f32]| d.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&v.d), bits(&p.d));
+        // the edge block really holds ties: codes ±k.5 went away from zero
+        assert_eq!(&p.qs[1..7], &[-127, -127, -126, -126, -126, -125]);
     }
 
     /// Results do not depend on the thread count, on being run on the calling thread, or on how
