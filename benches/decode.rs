@@ -1,10 +1,14 @@
 //! Prefill and decode speed of the runner beside the memory-bandwidth bound measured in the same
 //! run, on a `synth --preset ouro-1.4b` checkpoint (made under target/bench/ if no model is given).
 //!
-//! cargo bench --bench decode -- [--model DIR] [--gguf A.gguf,B.gguf] [--prompt N] [--decode N] [--thresholds 0.5,0.9]
+//! cargo bench --bench decode -- [--model DIR] [--gguf A.gguf,B.gguf] [--skip-hf] [--prompt N] [--decode N]
+//!                                [--thresholds 0.5,0.9] [--repeat N]
 //!
 //! The bound: decode must read every projection once per loop (and the lm_head once per token), so
-//! tokens/s <= memcpy bandwidth / those bytes.
+//! tokens/s <= memcpy bandwidth / those bytes. The memory bandwidth of a shared machine drifts
+//! (this VM's memcpy moved between 33 and 45 GB/s within an hour), so each run's bound is the
+//! memcpy bandwidth measured just before it, and `--repeat N` runs each row N times and reports
+//! the median with the range of the percentages.
 
 mod common;
 
@@ -23,18 +27,16 @@ fn arg(name: &str) -> Option<String> {
 
 /// Memory traffic per second (bytes read + bytes written) of a 1 GiB memcpy spread over the rayon
 /// threads, best of 5.
-fn memcpy_bandwidth() -> f64 {
+fn memcpy_bandwidth(src: &[u8], dst: &mut [u8]) -> f64 {
     use rayon::prelude::*;
-    let n = 1usize << 30;
-    let src = vec![1u8; n];
-    let mut dst = vec![0u8; n];
+    let n = src.len();
     let chunk = n / rayon::current_num_threads().max(1);
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();
         dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
         best = best.min(t.elapsed().as_secs_f64());
-        std::hint::black_box(&dst);
+        std::hint::black_box(&*dst);
     }
     2.0 * n as f64 / best
 }
@@ -61,24 +63,28 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
 
-    let bw = memcpy_bandwidth();
+    let repeat: usize = arg("--repeat").map_or(Ok(1), |s| s.parse())?;
+    let (src_buf, mut dst_buf) = (vec![1u8; 1 << 30], vec![0u8; 1 << 30]);
+    let bw = memcpy_bandwidth(&src_buf, &mut dst_buf);
     println!("threads: {} (rayon); memcpy bandwidth (read + write) {:.2} GB/s; read-only {:.2} GB/s", rayon::current_num_threads(), bw / 1e9, common::read_bandwidth() / 1e9);
-    let mut sources: Vec<PathBuf> = vec![model_dir];
+    let mut sources: Vec<PathBuf> = vec![];
+    if !std::env::args().any(|a| a == "--skip-hf") {
+        sources.push(model_dir);
+    }
     if let Some(g) = arg("--gguf") {
         sources.extend(g.split(',').map(PathBuf::from));
     }
     let prompt: Vec<u32> = (0..prompt_len).map(|i| (3 + i * 7919 % 40000) as u32).collect();
-    println!("| weights | exit | prefill tok/s | decode tok/s | % of bound | loops/token | GB read per token |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| weights | exit | prefill tok/s | decode tok/s | % of bound | loops/token | GB read per token | memcpy GB/s |");
+    println!("|---|---|---|---|---|---|---|---|");
     for src in sources {
         let t = Instant::now();
         let loaded = ouro_quant::model::source::load(&src, &Device::Cpu)?;
         let model = loaded.model;
         eprintln!("{} loaded in {:.1} s", loaded.description, t.elapsed().as_secs_f64());
         let bytes_per_token = (model.layer_bytes * model.dims.loops as u64 + model.lm_head_bytes) as f64;
-        let bound = bw / bytes_per_token;
         let label = if src.is_dir() { "HF bf16".to_string() } else { src.file_name().unwrap().to_string_lossy().into_owned() };
-        let run = |q: Option<f32>| -> anyhow::Result<()> {
+        let mut run = |q: Option<f32>| -> anyhow::Result<()> {
             let opts = GenerateOptions {
                 max_tokens: decode_len + 1,
                 sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
@@ -88,16 +94,30 @@ fn main() -> anyhow::Result<()> {
                 kv_dtype: candle_core::DType::F32,
                 stop_ids: vec![],
             };
-            let g = generate(&model, &prompt, &opts, &mut |_| {})?;
-            let s = g.stats;
+            // per run: (prefill, decode, % of the bound measured just before, memcpy, loops)
+            let mut runs = vec![];
+            for _ in 0..repeat {
+                let bw = memcpy_bandwidth(&src_buf, &mut dst_buf);
+                let s = generate(&model, &prompt, &opts, &mut |_| {})?.stats;
+                let pct = 100.0 * s.decode_tokens_per_s * bytes_per_token / bw;
+                runs.push((s.prefill_tokens_per_s, s.decode_tokens_per_s, pct, bw / 1e9, s.mean_loops_per_token));
+            }
+            let median = |f: &dyn Fn(&(f64, f64, f64, f64, f64)) -> f64| {
+                let mut v: Vec<f64> = runs.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                (v[v.len() / 2], v[0], v[v.len() - 1])
+            };
+            let (pct, lo, hi) = median(&|r| r.2);
+            let range = if repeat > 1 { format!(" ({lo:.0}-{hi:.0}%)") } else { String::new() };
             println!(
-                "| {label} | {} | {:.2} | {:.3} | {:.0}% | {:.2} | {:.2} |",
+                "| {label} | {} | {:.2} | {:.3} | {:.0}%{range} | {:.2} | {:.2} | {:.1} |",
                 q.map_or("all loops".to_string(), |q| format!("q={q}")),
-                s.prefill_tokens_per_s,
-                s.decode_tokens_per_s,
-                100.0 * s.decode_tokens_per_s / bound,
-                s.mean_loops_per_token,
-                bytes_per_token / 1e9
+                median(&|r| r.0).0,
+                median(&|r| r.1).0,
+                pct,
+                median(&|r| r.4).0,
+                bytes_per_token / 1e9,
+                median(&|r| r.3).0,
             );
             Ok(())
         };
