@@ -340,10 +340,10 @@ pub enum LoopControl {
     AdaptiveExit(f32),
 }
 
+/// RMS norm of each row of `x` (f32) times `w`: candle-nn's fused op (CPU, CUDA and Metal
+/// kernels), one pass instead of six tensor operations.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(w)
+    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
 }
 
 fn softmax_last(x: &Tensor) -> CResult<Tensor> {
@@ -419,35 +419,30 @@ impl OuroModel {
         &self.device
     }
 
-    /// cos and sin tables `[n, head_dim]` for positions `start..start+n` (rotate-half layout).
+    /// cos and sin tables `[n, head_dim / 2]` for positions `start..start+n` (each value serves
+    /// both halves of the rotate-half layout).
     fn rope_tables(&self, start: usize, n: usize) -> CResult<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(n * 2 * half);
-        let mut sin = Vec::with_capacity(n * 2 * half);
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
         for p in start..start + n {
-            for _ in 0..2 {
-                for &f in &self.inv_freq {
-                    // torch computes freqs = position * inv_freq in f32
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
+            for &f in &self.inv_freq {
+                // torch computes freqs = position * inv_freq in f32
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
             }
         }
-        let shape = (n, 2 * half);
         Ok((
-            Tensor::from_vec(cos, shape, &self.device)?,
-            Tensor::from_vec(sin, shape, &self.device)?,
+            Tensor::from_vec(cos, (n, half), &self.device)?,
+            Tensor::from_vec(sin, (n, half), &self.device)?,
         ))
     }
 
-    /// Rotates `x` `[heads, n, d]` by the rope tables.
+    /// Rotates `x` `[heads, n, d]` by the rope tables (rotate-half: `x1 cos - x2 sin`,
+    /// `x2 cos + x1 sin`, as upstream): candle-nn's fused op.
     fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
-        let d = x.dim(D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+        candle_nn::rotary_emb::rope(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)
     }
 
     /// Embeds token ids: `[n, hidden]`.
