@@ -1,6 +1,9 @@
 //! Matrix-vector products of the Ouro-1.4B projection shapes: this crate's kernels (Q8_0, Q4_K,
 //! Q6_K) against candle's, same tensors, same process, and the read-only memory bandwidth beside
-//! them. The last shape of each type (over 500 MB) streams from memory; the others stay in cache.
+//! them. The first shape of each type (256 rows, under a MiB) is below the size where ours are
+//! spread over threads: it measures one thread's compute speed from its L2 cache (the steadiest
+//! figure for work on the kernels themselves; candle's may still use its threads). The last shape
+//! (over 500 MB) streams from memory; the others are the model's and stay in the L3 cache.
 //!
 //! cargo bench --bench matvec [-- --reps N]
 //!
@@ -80,8 +83,9 @@ fn main() -> anyhow::Result<()> {
     println!("| type | rows x cols | weight MB | candle GB/s | ours GB/s | ours / candle |");
     println!("|---|---|---|---|---|---|");
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
-        // the model's shapes (in cache), then one 2048-column matrix larger than the L3 cache
-        for (rows, cols) in [(2048usize, 2048usize), (5632, 2048), (2048, 5632), (1 << 19, 2048)] {
+        // one thread in L2, the model's shapes (in cache), then one 2048-column matrix larger than
+        // the L3 cache
+        for (rows, cols) in [(256usize, 2048usize), (2048, 2048), (5632, 2048), (2048, 5632), (1 << 19, 2048)] {
             let q = Arc::new(if rows * cols > 1 << 26 {
                 random_blocks(dtype, rows, cols)?
             } else {
@@ -104,7 +108,7 @@ fn main() -> anyhow::Result<()> {
                 None => "- | -".into(),
             };
             println!(
-                "| {dtype:?} | {rows} x {cols} | {:.0} | {:.1} | {ours} |",
+                "| {dtype:?} | {rows} x {cols} | {:.1} | {:.1} | {ours} |",
                 bytes as f64 / 1e6,
                 bytes as f64 / tc / 1e9
             );
