@@ -237,7 +237,8 @@ fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
 type Runner<'a> = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + 'a;
 
 /// One activation row quantized for the kernels, as ggml does for these weight types: `Q8_K` for
-/// Q4_K/Q6_K (per block of 256 an int8 code per value, the scale, and the sums of each 16 codes),
+/// Q4_K/Q6_K (per block of 256 an int8 code per value, the scale, and the sums of each 16 codes;
+/// of each 32 for Q4_K, [`Acts::in_nibble_order`]),
 /// `Q8_0` for Q8_0 (per block of 32 the codes and the scale; no sums).
 pub struct Acts {
     qs: Vec<i8>,
@@ -319,11 +320,15 @@ impl Acts {
     /// The codes reordered for Q4_K's nibble layout: in each 128, values 32..64 and 64..96 swap
     /// places, so the 64 low nibbles of 64 bytes (weights 0..32 and 64..96 of the 128) meet their
     /// activations in one 64-byte load, and the high nibbles theirs in the next.
+    ///
+    /// The sums become sums of 32 (Q4_K's sub-blocks; at most 32 * 128 in magnitude), so that the
+    /// kernel multiplies each min once.
     fn in_nibble_order(mut self) -> Acts {
         for g in self.qs.chunks_exact_mut(128) {
             let (a, b) = g[32..96].split_at_mut(32);
             a.swap_with_slice(b);
         }
+        self.bsums = self.bsums.chunks_exact(2).map(|p| p[0] + p[1]).collect();
         self
     }
 
@@ -433,7 +438,12 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     #[inline]
     unsafe fn hsum256(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum128(s: __m128) -> f32 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
@@ -462,7 +472,11 @@ mod vnni {
         let (k, sums) = acts.first().map_or((0, 0), |a| (a.qs.len(), a.bsums.len()));
         assert!(acts.iter().all(|a| a.d.len() == nb && a.qs.len() == k && a.bsums.len() == sums));
         // the kernels index the activations by block without bounds checks
-        assert!(if block == 34 { nb.is_multiple_of(2) && k == nb * 32 } else { k == nb * QK && sums == nb * 16 });
+        assert!(match block {
+            34 => nb.is_multiple_of(2) && k == nb * 32,
+            144 => k == nb * QK && sums == nb * 8,
+            _ => k == nb * QK && sums == nb * 16,
+        });
         let rows = w.len().checked_div(rb).unwrap_or(0);
         assert_eq!(w.len(), rb * rows);
         assert_eq!(out.len(), rows * acts.len());
@@ -588,7 +602,7 @@ mod vnni {
         let nibble = _mm512_set1_epi8(0x0F);
         let idx = load_idx(&Q4K_SCALE_IDX);
         let mut acc = [_mm512_setzero_ps(); A];
-        let mut acc_min = [_mm256_setzero_ps(); A];
+        let mut acc_min = [_mm_setzero_ps(); A];
         for (b, blk) in w.chunks_exact(144).enumerate() {
             let p = blk.as_ptr();
             prefetch(p, 144);
@@ -601,9 +615,10 @@ mod vnni {
             let m_lo = s1 & 0x3f3f3f3f;
             let sc_hi = (s2 & 0x0f0f0f0f) | (((s0 >> 6) & 0x03030303) << 4);
             let m_hi = ((s2 >> 4) & 0x0f0f0f0f) | (((s1 >> 6) & 0x03030303) << 4);
-            let scales = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc_hi as i32, sc_lo as i32)));
-            let mins = _mm_set_epi32(0, 0, m_hi as i32, m_lo as i32);
-            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+            // one 64-bit move each into a vector register (the 32-bit insert cost two more uops)
+            let sc = sc_lo as u64 | (sc_hi as u64) << 32;
+            let scales = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((m_lo as u64 | (m_hi as u64) << 32) as i64));
             let q = p.add(16);
             // the block's 256 codes in 4 registers, in nibble order, and each one's scales
             let mut codes = [_mm512_setzero_si512(); 4];
@@ -618,12 +633,8 @@ mod vnni {
             for k in 0..A {
                 let xd = *a[k].d.get_unchecked(b);
                 // sum over sub-blocks of min * (sum of its 32 activation codes)
-                let bsums = _mm256_loadu_si256(a[k].bsums.as_ptr().add(b * 16) as *const __m256i);
-                acc_min[k] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums)),
-                    _mm256_set1_ps(dmin * xd),
-                    acc_min[k],
-                );
+                let bsums = _mm_loadu_si128(a[k].bsums.as_ptr().add(b * 8) as *const __m128i);
+                acc_min[k] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, bsums)), _mm_set1_ps(dmin * xd), acc_min[k]);
                 // activations in nibble order (`Acts::in_nibble_order`)
                 let x = a[k].qs.as_ptr().add(b * QK);
                 let mut isum = _mm512_setzero_si512();
@@ -634,7 +645,7 @@ mod vnni {
                 acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * xd), acc[k]);
             }
         }
-        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]) - hsum256(acc_min[k]))
+        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]) - hsum128(acc_min[k]))
     }
 
     /// Block: 128 bytes of low nibbles (`ql`), 64 bytes of 2-bit highs (`qh`), 16 int8 scales
