@@ -606,8 +606,8 @@ mod vnni {
         for (b, blk) in w.chunks_exact(144).enumerate() {
             let p = blk.as_ptr();
             prefetch(p, 144);
-            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(read_u32(p) as i32));
-            let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+            // d and dmin (f16) widened straight from memory
+            let dd = _mm_cvtph_ps(_mm_loadu_si32(p));
             // 6-bit scales and mins: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and
             // 4-7 (mins); 4-7 from the nibbles of bytes 8-11 and the top 2 bits of bytes 0-7
             let (s0, s1, s2) = (read_u32(p.add(4)), read_u32(p.add(8)), read_u32(p.add(12)));
@@ -631,10 +631,15 @@ mod vnni {
                 sc[2 * h + 1] = _mm512_permutexvar_epi16(idx[2 * h + 1], scales);
             }
             for k in 0..A {
-                let xd = *a[k].d.get_unchecked(b);
+                // [d * xd, dmin * xd, ..]
+                let dx = _mm_mul_ps(dd, _mm_broadcast_ss(a[k].d.get_unchecked(b)));
                 // sum over sub-blocks of min * (sum of its 32 activation codes)
                 let bsums = _mm_loadu_si128(a[k].bsums.as_ptr().add(b * 8) as *const __m128i);
-                acc_min[k] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, bsums)), _mm_set1_ps(dmin * xd), acc_min[k]);
+                acc_min[k] = _mm_fmadd_ps(
+                    _mm_cvtepi32_ps(_mm_madd_epi16(mins, bsums)),
+                    _mm_shuffle_ps::<0x55>(dx, dx),
+                    acc_min[k],
+                );
                 // activations in nibble order (`Acts::in_nibble_order`)
                 let x = a[k].qs.as_ptr().add(b * QK);
                 let mut isum = _mm512_setzero_si512();
@@ -642,7 +647,7 @@ mod vnni {
                     let xs = _mm512_loadu_si512(x.add(64 * c) as *const _);
                     isum = dpwssd(isum, _mm512_maddubs_epi16(codes[c], xs), sc[c]);
                 }
-                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * xd), acc[k]);
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_broadcastss_ps(dx), acc[k]);
             }
         }
         std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]) - hsum128(acc_min[k]))
