@@ -437,12 +437,6 @@ mod vnni {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     #[inline]
-    unsafe fn hsum256(v: __m256) -> f32 {
-        hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)))
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    #[inline]
     unsafe fn hsum128(s: __m128) -> f32 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -666,13 +660,11 @@ mod vnni {
         let right = counts(0, 2);
         let idx = load_idx(&Q6K_SCALE_IDX);
         let mut acc = [_mm512_setzero_ps(); A];
-        let mut acc_off = [_mm256_setzero_ps(); A];
         for (b, blk) in w.chunks_exact(210).enumerate() {
             let p = blk.as_ptr();
             prefetch(p, 210);
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                u16::from_le(std::ptr::read_unaligned(p.add(208) as *const u16)) as i32,
-            )));
+            // d (f16) widened straight from memory, in lane 0
+            let d = _mm_cvtph_ps(_mm_loadu_si16(p.add(208)));
             let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const __m128i));
             let scales = _mm512_zextsi256_si512(sc16);
             // the block's 256 codes (0..63) in 4 registers, in order, and each one's scales
@@ -690,24 +682,22 @@ mod vnni {
                 sc[2 * n + 1] = _mm512_permutexvar_epi16(idx[2 * n + 1], scales);
             }
             for k in 0..A {
-                let dx = d * *a[k].d.get_unchecked(b);
-                // the -32 offset: 32 * sum over sub-blocks of scale * (sum of its 16 codes)
+                let dx = _mm_mul_ss(d, _mm_load_ss(a[k].d.get_unchecked(b)));
+                // the -32 offset: 32 * sum over sub-blocks of scale * (sum of its 16 codes),
+                // taken from the integer sum (both at most 2^28 in magnitude)
                 let bsums = _mm256_loadu_si256(a[k].bsums.as_ptr().add(b * 16) as *const __m256i);
-                acc_off[k] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_madd_epi16(sc16, bsums)),
-                    _mm256_set1_ps(dx),
-                    acc_off[k],
-                );
+                let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bsums));
                 let x = a[k].qs.as_ptr().add(b * QK);
                 let mut isum = _mm512_setzero_si512();
                 for c in 0..4 {
                     let xs = _mm512_loadu_si512(x.add(64 * c) as *const _);
                     isum = dpwssd(isum, _mm512_maddubs_epi16(codes[c], xs), sc[c]);
                 }
-                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx), acc[k]);
+                let isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(off));
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_broadcastss_ps(dx), acc[k]);
             }
         }
-        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]) - 32.0 * hsum256(acc_off[k]))
+        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]))
     }
 }
 
