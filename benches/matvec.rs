@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         // one thread in L2, the model's shapes (in cache), then one 2048-column matrix larger than
         // the L3 cache
-        for (rows, cols) in [(256usize, 2048usize)] {
+        for (rows, cols) in [(256usize, 2048usize), (2048, 2048), (5632, 2048), (2048, 5632), (1 << 19, 2048)] {
             let q = Arc::new(if rows * cols > 1 << 26 {
                 random_blocks(dtype, rows, cols)?
             } else {
