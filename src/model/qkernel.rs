@@ -808,8 +808,7 @@ mod tests {
 
     /// The AVX-512 activation quantization gives the portable one's codes, scales and sums bit for
     /// bit: on values whose scaled value ends exactly on .5 or next to it (rounding half away from
-    /// zero), on ±127, on zero, NaN and infinite values, and on many random
-    /// blocks.
+    /// zero), on ±127, on zero, NaN and infinite values, and on random blocks of many magnitudes.
     #[test]
     fn q8k_vector_equals_portable() {
         if skip() {
