@@ -607,7 +607,13 @@ impl OuroModel {
             scores = scores.broadcast_add(&m)?;
         }
         let probs = softmax_last(&scores)?;
-        let o = probs.matmul(&v_all.contiguous()?)?; // [heads, n, d]
+        // [heads, n, d]; the cache's narrowed view multiplies in place where the backend takes
+        // its strides (CPU does): a contiguous copy of every past V per layer and loop made each
+        // decoded token cost more as the context grew
+        let o = match probs.matmul(&v_all) {
+            Ok(o) => o,
+            Err(_) => probs.matmul(&v_all.contiguous()?)?,
+        };
         let o = o.transpose(0, 1)?.reshape((n, d.heads * d.head_dim))?;
         Ok((layer.o.forward(&o)?, k, v))
     }
