@@ -155,25 +155,18 @@ impl FloatMatrix {
 
     /// `x [n, cols] -> [n, rows]` (CPU tensors).
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let (n, k) = x.dims2()?;
-        if k != self.cols {
-            candle_core::bail!(
-                "linear: input has {k} columns, weight {}x{}",
-                self.rows,
-                self.cols
-            );
-        }
-        let device = x.device();
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let n = input_rows(x, self.rows, self.cols)?;
         let mut out = vec![0f32; n * self.rows];
-        if n > MATVEC_MAX_ROWS {
-            self.matmul(&xs, n, &mut out);
-        } else {
-            for (xr, or) in xs.chunks_exact(k).zip(out.chunks_exact_mut(self.rows)) {
-                self.matvec(xr, or);
+        with_f32(x, |xs| {
+            if n > MATVEC_MAX_ROWS {
+                self.matmul(xs, n, &mut out);
+            } else {
+                for (xr, or) in xs.chunks_exact(self.cols).zip(out.chunks_exact_mut(self.rows)) {
+                    self.matvec(xr, or);
+                }
             }
-        }
-        Tensor::from_vec(out, (n, self.rows), device)
+        })?;
+        Tensor::from_vec(out, (n, self.rows), x.device())
     }
 
     /// `out [n, rows] = x [n, cols] W^T` for many input rows: blocks of [`GEMM_BLOCK`] weight rows
@@ -532,6 +525,29 @@ pub fn float_linear(
     }
     let t = Tensor::from_vec(m.to_f32(), (rows, cols), device)?;
     Ok((Linear::Candle(QMatMul::Tensor(t)), (rows * cols * 4) as u64))
+}
+
+/// The rows of a projection's input `x [n, cols]` for a `[rows, cols]` weight, or an error naming
+/// both shapes.
+pub(super) fn input_rows(x: &Tensor, rows: usize, cols: usize) -> CResult<usize> {
+    let (n, k) = x.dims2()?;
+    if k != cols {
+        candle_core::bail!("linear: input has {k} columns, weight {rows}x{cols}");
+    }
+    Ok(n)
+}
+
+/// `f` of a CPU f32 tensor's values: its storage when contiguous (no copy), else a copy.
+pub(super) fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            if let Ok(v) = cpu.as_slice::<f32>() {
+                return Ok(f(&v[start..end]));
+            }
+        }
+    }
+    Ok(f(&x.flatten_all()?.to_vec1::<f32>()?))
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 
+use super::linear::{input_rows, with_f32};
 use super::CResult;
 
 /// Weights per block (`QK_K`).
@@ -140,15 +141,8 @@ impl QuantMatrix {
 
     /// `x [n, cols] -> [n, rows]`.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let (n, k) = x.dims2()?;
-        if k != self.cols {
-            candle_core::bail!(
-                "linear: input has {k} columns, weight {}x{}",
-                self.rows,
-                self.cols
-            );
-        }
-        let acts: Vec<Acts> = with_f32(x, |xs| xs.chunks_exact(k).map(|x| self.activations(x)).collect())?;
+        let n = input_rows(x, self.rows, self.cols)?;
+        let acts: Vec<Acts> = with_f32(x, |xs| xs.chunks_exact(self.cols).map(|x| self.activations(x)).collect())?;
         let data = self.q.data()?;
         let mut out = vec![0f32; n * self.rows];
         self.matmul(&data, &acts, &mut out);
@@ -220,19 +214,6 @@ impl QuantMatrix {
     }
 }
 
-/// `f` of a CPU f32 tensor's values: its storage when contiguous, else a copy.
-fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
-    {
-        let (storage, layout) = x.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
-            if let Ok(v) = cpu.as_slice::<f32>() {
-                return Ok(f(&v[start..end]));
-            }
-        }
-    }
-    Ok(f(&x.flatten_all()?.to_vec1::<f32>()?))
-}
-
 /// Runs `task(0..tasks)`: `run(tasks, task)`.
 type Runner<'a> = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + 'a;
 
@@ -258,15 +239,15 @@ impl Acts {
         Self::q8k_portable(x)
     }
 
+    /// An all-zero `Q8_K` row of `len` values (a zero block stays so: scale 0, codes and sums 0).
+    fn q8k_zeroed(len: usize) -> Acts {
+        Acts { qs: vec![0; len], d: vec![0.0; len / QK], bsums: vec![0; len / 16] }
+    }
+
     /// [`Self::q8k`] in plain Rust: the definition the AVX-512 version is tested against.
     fn q8k_portable(x: &[f32]) -> Acts {
         assert_eq!(x.len() % QK, 0);
-        let nb = x.len() / QK;
-        let mut q = Acts {
-            qs: vec![0; x.len()],
-            d: vec![0.0; nb],
-            bsums: vec![0; x.len() / 16],
-        };
+        let mut q = Acts::q8k_zeroed(x.len());
         for (b, xb) in x.chunks_exact(QK).enumerate() {
             // the largest magnitude, then the first value that has it (16 lanes, so it vectorizes)
             let lanes = xb.chunks_exact(16).fold([0f32; 16], |mut m, c| {
@@ -507,11 +488,7 @@ mod vnni {
     pub unsafe fn q8k(x: &[f32]) -> Acts {
         assert_eq!(x.len() % QK, 0);
         let nb = x.len() / QK;
-        let mut q = Acts {
-            qs: vec![0; x.len()],
-            d: vec![0.0; nb],
-            bsums: vec![0; x.len() / 16],
-        };
+        let mut q = Acts::q8k_zeroed(x.len());
         let sign = _mm512_set1_ps(-0.0);
         let half = _mm512_set1_ps(0.5 - 1.0 / (1u32 << 25) as f32);
         let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
