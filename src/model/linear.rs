@@ -230,39 +230,48 @@ impl FloatMatrix {
         }
     }
 
-    /// `out[r] = dot(W[r], x)` for every row, in parallel over row blocks.
+    /// `out[r] = dot(W[r], x)` for every row, in parallel over blocks of [`ROWS_PER_TASK`] rows
+    /// ([`parallel`]).
     pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        // A small matrix is done on this thread: handing it to the pool and waiting costs more
+        // than the work (each row is computed the same way either way).
+        let small = self.rows * self.cols < SERIAL_BELOW;
+        self.matvec_on(x, out, &|tasks, task| {
+            if small {
+                (0..tasks).for_each(task)
+            } else {
+                parallel(tasks, task)
+            }
+        })
+    }
+
+    /// [`Self::matvec`] with the tasks run by `run(number of tasks, task)`.
+    fn matvec_on(&self, x: &[f32], out: &mut [f32], run: &Runner<'_>) {
         assert_eq!(x.len(), self.cols);
         assert_eq!(out.len(), self.rows);
         let c = self.cols;
         let k = kernel();
-        // A small matrix is done on this thread: handing it to the pool and waiting costs more
-        // than the work (each row is computed the same way either way).
-        if self.rows * self.cols < SERIAL_BELOW {
-            return match &self.data {
-                FloatData::F32(w) => (k.f32)(w, x, out),
-                FloatData::Half(FloatKind::Bf16, w) => (k.bf16)(w, x, out),
-                FloatData::Half(_, w) => (k.f16)(w, x, out),
-            };
-        }
-        match &self.data {
-            FloatData::F32(w) => out
-                .par_chunks_mut(ROWS_PER_TASK)
-                .zip(w.par_chunks(ROWS_PER_TASK * c))
-                .for_each(|(o, w)| (k.f32)(w, x, o)),
-            FloatData::Half(kind, w) => {
-                let f = if *kind == FloatKind::Bf16 {
-                    k.bf16
-                } else {
-                    k.f16
-                };
-                out.par_chunks_mut(ROWS_PER_TASK)
-                    .zip(w.par_chunks(ROWS_PER_TASK * c))
-                    .for_each(|(o, w)| f(w, x, o))
+        struct Out(*mut f32);
+        // Safety: task `t` writes only its own rows `out[r0..r1]`.
+        unsafe impl Sync for Out {}
+        let dst = Out(out.as_mut_ptr());
+        let dst = &dst;
+        let task = |t: usize| {
+            let r0 = t * ROWS_PER_TASK;
+            let r1 = (r0 + ROWS_PER_TASK).min(self.rows);
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r0), r1 - r0) };
+            match &self.data {
+                FloatData::F32(w) => (k.f32)(&w[r0 * c..r1 * c], x, o),
+                FloatData::Half(FloatKind::Bf16, w) => (k.bf16)(&w[r0 * c..r1 * c], x, o),
+                FloatData::Half(_, w) => (k.f16)(&w[r0 * c..r1 * c], x, o),
             }
-        }
+        };
+        run(self.rows.div_ceil(ROWS_PER_TASK), &task);
     }
 }
+
+/// Runs `task(0..tasks)`: `run(tasks, task)`.
+pub(super) type Runner<'a> = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + 'a;
 
 impl FloatKind {
     pub fn size(self) -> usize {
@@ -537,6 +546,23 @@ pub(super) fn input_rows(x: &Tensor, rows: usize, cols: usize) -> CResult<usize>
     Ok(n)
 }
 
+/// Runs `task(0..tasks)` on candle's CPU worker pool (the one its quantized matmuls use): the
+/// calling thread takes part, each grab takes one task, and idle workers spin briefly before
+/// sleeping, where rayon's hand-off cost about 20% of decode speed on the 1.4B shapes. Which
+/// thread runs a task never changes what it computes.
+pub(super) fn parallel(tasks: usize, task: &(dyn Fn(usize) + Sync)) {
+    // one task per grab: `execute_chunked` hands out n / (8 * threads) at a time, up to 3072
+    // rows of the lm_head, and the calling thread waited for the last
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    candle_core::utils::barrier_pool().execute(|_| loop {
+        let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if t >= tasks {
+            break;
+        }
+        task(t);
+    })
+}
+
 /// `f` of a CPU f32 tensor's values: its storage when contiguous (no copy), else a copy.
 pub(super) fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
     {
@@ -659,16 +685,24 @@ mod tests {
         let w = lcg(9, rows * cols);
         let m = matrix(FloatKind::Bf16, &w, rows, cols);
         let x = lcg(10, cols);
+        // candle's pool (as used: t = 0), and rayon pools of several sizes with one-task grabs
         let run = |t: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .unwrap();
             let mut o = vec![0f32; rows];
-            pool.install(|| m.matvec(&x, &mut o));
+            if t == 0 {
+                m.matvec(&x, &mut o);
+            } else {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+                pool.install(|| {
+                    m.matvec_on(&x, &mut o, &|tasks, task| {
+                        use rayon::prelude::*;
+                        (0..tasks).into_par_iter().with_max_len(1).for_each(task)
+                    })
+                });
+            }
             o.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
-        assert_eq!(run(1), run(3));
+        assert_eq!(run(0), run(1));
+        assert_eq!(run(0), run(3));
         let n = 9;
         let xs = lcg(11, n * cols);
         let run_mm = |t: usize| {

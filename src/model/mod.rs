@@ -13,6 +13,7 @@
 //! float weights in their stored width (HF checkpoints, F16/BF16 GGUF tensors; [`linear`]), candle
 //! quantized tensors (GGUF) or dense f32 tensors (MLX, and float weights on GPUs).
 
+pub mod attend;
 pub mod exit;
 pub mod dump;
 pub mod generate;
@@ -20,7 +21,7 @@ pub mod qkernel;
 pub mod linear;
 pub mod source;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 pub use linear::Linear;
 
@@ -192,37 +193,6 @@ pub enum SkipFill {
     Mask,
 }
 
-/// Keys or values `[heads, len, d]` (a view of a slot's buffer) as f32. An f16 view on the CPU is
-/// widened per head with the `half` crate's vector conversion: candle's `to_dtype` converts one
-/// value at a time in software, which made `--kv-dtype f16` decode at a 512-token context 2.5x
-/// slower than f32 (1.6 against 4.1 tok/s, Q4_K_M 1.4B). Other dtypes and devices: `to_dtype`.
-fn widen(t: &Tensor) -> CResult<Tensor> {
-    use half::slice::HalfFloatSliceExt;
-    if t.dtype() != DType::F16 || !t.device().is_cpu() {
-        return t.to_dtype(DType::F32);
-    }
-    let (h, len, d) = t.dims3()?;
-    let mut out = vec![0f32; h * len * d];
-    {
-        let (storage, layout) = t.storage_and_layout();
-        let stride = layout.stride();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            unreachable!("checked to be on the CPU")
-        };
-        // each head's positions are contiguous in the buffer
-        if stride[2] != 1 || (len > 1 && stride[1] != d) {
-            drop(storage);
-            return t.to_dtype(DType::F32);
-        }
-        let src = cpu.as_slice::<half::f16>()?;
-        for (i, o) in out.chunks_exact_mut((len * d).max(1)).enumerate() {
-            let start = layout.start_offset() + i * stride[0];
-            src[start..start + len * d].convert_to_f32_slice(o);
-        }
-    }
-    Tensor::from_vec(out, (h, len, d), t.device())
-}
-
 /// One slot's keys and values: buffers `[kv_heads, capacity, head_dim]` written in place, of which
 /// the first `len` positions are held. Appending a token writes only that token (no copy of the
 /// past, which `Tensor::cat` made for every token: quadratic over a long generation); a full
@@ -285,18 +255,6 @@ impl KvCache {
         self
     }
 
-    /// The additive attention mask `[1, past + n]` of a slot holding `past` entries, if any of
-    /// them is masked (`masked` only grows when an entry is masked; later positions are unmasked).
-    fn skip_mask(&self, slot: usize, past: usize, n: usize, device: &Device) -> CResult<Option<Tensor>> {
-        let m = &self.masked[slot];
-        if !m.iter().any(|&x| x) {
-            return Ok(None);
-        }
-        let v: Vec<f32> = (0..past + n).map(|p| if m.get(p) == Some(&true) { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let len = v.len();
-        Ok(Some(Tensor::from_vec(v, (1, len), device)?))
-    }
-
     pub fn policy(&self) -> KvPolicy {
         self.policy
     }
@@ -319,6 +277,17 @@ impl KvCache {
             None => Ok(None),
             Some(s) => Ok(Some((s.k.narrow(1, 0, s.len)?, s.v.narrow(1, 0, s.len)?))),
         }
+    }
+
+    /// Replaces the last `n` positions of a slot (the current tokens') with `k`, `v` `[kv_heads, n,
+    /// head_dim]`.
+    fn overwrite_last(&mut self, slot: usize, k: &Tensor, v: &Tensor) -> CResult<()> {
+        let (k, v) = (k.to_dtype(self.dtype)?.contiguous()?, v.to_dtype(self.dtype)?.contiguous()?);
+        let n = k.dim(1)?;
+        let s = self.slots[slot].as_ref().expect("written in the first loop");
+        s.k.slice_set(&k, 1, s.len - n)?;
+        s.v.slice_set(&v, 1, s.len - n)?;
+        Ok(())
     }
 
     fn append(&mut self, slot: usize, k: &Tensor, v: &Tensor) -> CResult<()> {
@@ -375,13 +344,6 @@ pub enum LoopControl {
 /// kernels), one pass instead of six tensor operations.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
     candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
-}
-
-fn softmax_last(x: &Tensor) -> CResult<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
 }
 
 impl OuroModel {
@@ -492,24 +454,20 @@ impl OuroModel {
         let n = tokens.len();
         let start = cache.len;
         let (cos, sin) = self.rope_tables(start, n)?;
-        let mask = if n > 1 { Some(self.causal_mask(start, n)?) } else { None };
+        // the general attention path's causal mask (the CPU path needs none)
+        let mask = if n > 1 && !self.device.is_cpu() { Some(attend::causal_mask(start, n, &self.device)?) } else { None };
         let dims = &self.dims;
         let mut h = self.embed(tokens)?;
         let mut out = ForwardOut {
             hidden: vec![],
             gate_logits: vec![],
         };
-        // K/V of this call's tokens for the shared-last policy, per layer, from the latest loop.
-        let mut last_kv: Vec<Option<(Tensor, Tensor)>> = vec![None; dims.layers];
         let mut gates_seen: Vec<f32> = vec![];
         for t in 0..dims.loops {
             for (i, layer) in self.layers.iter().enumerate() {
                 let x = rms_norm(&h, &layer.n_in, dims.eps)?;
-                // (the full cache's slot receives this call's K/V inside `attention`)
-                let (attn, k, v) = self.attention(layer, &x, &cos, &sin, mask.as_ref(), cache, t, i)?;
-                if cache.policy == KvPolicy::SharedLast {
-                    last_kv[i] = Some((k, v));
-                }
+                // (the slot receives this call's K/V inside `attention`)
+                let attn = self.attention(layer, &x, &cos, &sin, mask.as_ref(), cache, t, i)?;
                 h = (h + rms_norm(&attn, &layer.n_in2, dims.eps)?)?;
                 let x = rms_norm(&h, &layer.n_post, dims.eps)?;
                 let m = layer
@@ -529,12 +487,6 @@ impl OuroModel {
                         break;
                     }
                 }
-            }
-        }
-        if cache.policy == KvPolicy::SharedLast {
-            for (i, kv) in last_kv.iter().enumerate() {
-                let (k, v) = kv.as_ref().expect("every layer ran");
-                cache.append(i, k, v)?;
             }
         }
         cache.len += n;
@@ -570,17 +522,10 @@ impl OuroModel {
         Ok(())
     }
 
-    /// Additive causal mask `[n, start + n]` for new queries at positions `start..start+n`.
-    fn causal_mask(&self, start: usize, n: usize) -> CResult<Tensor> {
-        let s = start + n;
-        let m: Vec<f32> = (0..n)
-            .flat_map(|j| (0..s).map(move |k| if k <= start + j { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        Tensor::from_vec(m, (n, s), &self.device)
-    }
-
-    /// Self-attention of layer `i` in loop `t`; returns the output `[n, hidden]` and this call's
-    /// keys and values `[kv_heads, n, d]` (after rope).
+    /// Self-attention of layer `i` in loop `t`: writes this call's keys and values (after rope)
+    /// into the layer's slot (full: its own slot; shared-last: the layer's slot, appended in the
+    /// first loop and overwritten in place by each later one, so that it ends holding the last
+    /// loop computed) and returns the output `[n, hidden]`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -592,7 +537,7 @@ impl OuroModel {
         cache: &mut KvCache,
         t: usize,
         i: usize,
-    ) -> CResult<(Tensor, Tensor, Tensor)> {
+    ) -> CResult<Tensor> {
         let d = &self.dims;
         let n = x.dim(0)?;
         let heads = |y: Tensor, h: usize| -> CResult<Tensor> { y.reshape((n, h, d.head_dim))?.transpose(0, 1)?.contiguous() };
@@ -603,50 +548,14 @@ impl OuroModel {
             KvPolicy::Full => t * d.layers + i,
             KvPolicy::SharedLast => i,
         };
-        let (k_all, v_all) = match cache.policy {
-            // written into the slot, then read back with the past as one view
-            KvPolicy::Full => {
-                cache.append(slot, &k, &v)?;
-                let (ka, va) = cache.get(slot)?.expect("just written");
-                (widen(&ka)?, widen(&va)?)
-            }
-            // the slot holds earlier tokens' last loops; this call's K/V join it after the pass
-            KvPolicy::SharedLast => match cache.get(slot)? {
-                Some((pk, pv)) => (
-                    Tensor::cat(&[&widen(&pk)?, &k], 1)?,
-                    Tensor::cat(&[&widen(&pv)?, &v], 1)?,
-                ),
-                None => (k.clone(), v.clone()),
-            },
-        };
-        let rep = d.heads / d.kv_heads;
-        let expand = |y: &Tensor| -> CResult<Tensor> {
-            if rep == 1 {
-                return Ok(y.clone());
-            }
-            let (kvh, s, hd) = y.dims3()?;
-            y.unsqueeze(1)?.expand((kvh, rep, s, hd))?.reshape((kvh * rep, s, hd))
-        };
-        let (k_all, v_all) = (expand(&k_all)?, expand(&v_all)?);
-        let scale = 1.0 / (d.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
+        if cache.policy == KvPolicy::SharedLast && t > 0 {
+            cache.overwrite_last(slot, &k, &v)?;
+        } else {
+            cache.append(slot, &k, &v)?;
         }
-        let past = k_all.dim(1)? - n;
-        if let Some(m) = cache.skip_mask(slot, past, n, &self.device)? {
-            scores = scores.broadcast_add(&m)?;
-        }
-        let probs = softmax_last(&scores)?;
-        // [heads, n, d]; the cache's narrowed view multiplies in place where the backend takes
-        // its strides (CPU does): a contiguous copy of every past V per layer and loop made each
-        // decoded token cost more as the context grew
-        let o = match probs.matmul(&v_all) {
-            Ok(o) => o,
-            Err(_) => probs.matmul(&v_all.contiguous()?)?,
-        };
-        let o = o.transpose(0, 1)?.reshape((n, d.heads * d.head_dim))?;
-        Ok((layer.o.forward(&o)?, k, v))
+        let (k_all, v_all) = cache.get(slot)?.expect("just written");
+        let o = attend::attend(&q, &k_all, &v_all, &cache.masked[slot], mask)?;
+        layer.o.forward(&o)
     }
 
     /// Full-sequence forward without cache (all loops).
@@ -753,34 +662,3 @@ impl OuroModel {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `widen` gives `to_dtype`'s values bit for bit on the views attention reads: a narrowed
-    /// f16 buffer (several heads, positions below capacity), a whole one, one position, none,
-    /// and a non-f16 tensor.
-    #[test]
-    fn widen_equals_to_dtype() {
-        let (h, cap, d) = (3, 10, 8);
-        let buf = Tensor::from_vec(test_values(1, h * cap * d), (h, cap, d), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F16)
-            .unwrap();
-        let bits = |t: &Tensor| {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        };
-        for len in [0, 1, 7, cap] {
-            let view = buf.narrow(1, 0, len).unwrap();
-            let w = widen(&view).unwrap();
-            assert_eq!(w.dims(), &[h, len, d]);
-            assert_eq!(w.dtype(), DType::F32);
-            assert_eq!(bits(&w), bits(&view.to_dtype(DType::F32).unwrap()), "len {len}");
-        }
-        // a view not starting at position 0 (attention never makes one) still converts right
-        let mid = buf.narrow(1, 2, 5).unwrap();
-        assert_eq!(bits(&widen(&mid).unwrap()), bits(&mid.to_dtype(DType::F32).unwrap()));
-        let f = buf.to_dtype(DType::F32).unwrap();
-        assert_eq!(bits(&widen(&f).unwrap()), bits(&f));
-    }
-}

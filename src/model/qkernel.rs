@@ -32,7 +32,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 
-use super::linear::{input_rows, with_f32};
+use super::linear::{input_rows, with_f32, Runner};
 use super::CResult;
 
 /// Weights per block (`QK_K`).
@@ -159,25 +159,14 @@ impl QuantMatrix {
     }
 
     /// `out [n, rows]`: every weight row against every quantized activation row, tasks of
-    /// [`ROWS_PER_TASK`] weight rows spread over candle's CPU worker pool (the one its own
-    /// quantized matmuls use: the calling thread takes part and idle workers spin briefly before
-    /// sleeping, where rayon's hand-off cost about 20% of decode speed on the 1.4B shapes).
+    /// [`ROWS_PER_TASK`] weight rows spread over candle's CPU worker pool ([`super::linear::parallel`]).
     fn matmul(&self, data: &[u8], acts: &[Acts], out: &mut [f32]) {
         let small = self.rows * self.cols * acts.len() < SERIAL_BELOW;
         self.matmul_on(data, acts, out, &|tasks, task| {
             if small {
                 (0..tasks).for_each(task)
             } else {
-                // one task per grab: `execute_chunked` hands out n / (8 * threads) at a time,
-                // up to 3072 rows of the lm_head, and the calling thread waited for the last
-                let next = std::sync::atomic::AtomicUsize::new(0);
-                candle_core::utils::barrier_pool().execute(|_| loop {
-                    let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if t >= tasks {
-                        break;
-                    }
-                    task(t);
-                })
+                super::linear::parallel(tasks, task)
             }
         })
     }
@@ -213,9 +202,6 @@ impl QuantMatrix {
         run(rows.div_ceil(ROWS_PER_TASK), &task);
     }
 }
-
-/// Runs `task(0..tasks)`: `run(tasks, task)`.
-type Runner<'a> = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + 'a;
 
 /// One activation row quantized for the kernels, as ggml does for these weight types: `Q8_K` for
 /// Q4_K/Q6_K (per block of 256 an int8 code per value, the scale, and the sums of each 16 codes;
