@@ -24,7 +24,7 @@ const BLOCK: usize = 64;
 
 /// Below this many multiply-adds (`heads * n * len * head_dim`) the rows are computed on the
 /// calling thread: handing them to the pool costs more than the work.
-const SERIAL_BELOW: usize = 1 << 18;
+const SERIAL_BELOW: usize = 1 << 15;
 
 /// `q [heads, n, d]` (f32) attending over `k`, `v` `[kv_heads, len, d]`: returns `[n, heads * d]`
 /// (the heads of each query side by side, as the output projection reads them). `masked[p]`
