@@ -638,10 +638,9 @@ fn perplexity_cmd(
     let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?.get_ids().to_vec();
     let spans = ouro_quant::eval::scored_chunks(ids.len(), ctx, chunks).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
     let m = &loaded.model;
-    let mut runs = vec![ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, None, kv, kv_fill, kv_dtype)?];
-    for &q in thresholds {
-        runs.push(ouro_quant::eval::decode_eval(m, &ids, ctx, chunks, Some(q), kv, kv_fill, kv_dtype)?);
-    }
+    // every threshold in turn on each chunk: speeds compared seconds apart, chunk by chunk
+    let qs: Vec<Option<f32>> = std::iter::once(None).chain(thresholds.iter().map(|&q| Some(q))).collect();
+    let runs = ouro_quant::eval::decode_evals(m, &ids, ctx, chunks, &qs, kv, kv_fill, kv_dtype)?;
     let base = runs[0].clone();
     if json {
         let v = serde_json::json!({
@@ -651,7 +650,7 @@ fn perplexity_cmd(
             "chunks": spans.len(),
             "runs": runs,
             "ppl_rise_pct": runs.iter().map(|r| 100.0 * (r.ppl / base.ppl - 1.0)).collect::<Vec<_>>(),
-            "speedup": runs.iter().map(|r| r.decode_tokens_per_s / base.decode_tokens_per_s).collect::<Vec<_>>(),
+            "speedup": runs.iter().map(|r| r.speedup_over(&base)).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -667,7 +666,7 @@ fn perplexity_cmd(
             100.0 * (r.ppl / base.ppl - 1.0),
             r.mean_loops_per_token,
             r.decode_tokens_per_s,
-            r.decode_tokens_per_s / base.decode_tokens_per_s
+            r.speedup_over(&base)
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -110,6 +110,13 @@ fn adaptive_exit_while_decoding_keeps_quality_at_high_q() {
     assert!(q99.mean_loops_per_token < 3.0, "q=0.99 ran {} loops per token", q99.mean_loops_per_token);
     assert!(q99.ppl < all.ppl * 1.01, "q=0.99: ppl {} vs {} with all loops", q99.ppl, all.ppl);
     let q50 = decode_eval(m, &ids, 128, chunks, Some(0.5), KvPolicy::Full, SkipFill::Copy, candle_core::DType::F32).unwrap();
+    // the thresholds taken in turn on each chunk (the `perplexity` command's way, for timing)
+    // score exactly what separate runs score
+    let together = ouro_quant::eval::decode_evals(m, &ids, 128, chunks, &[None, Some(0.99), Some(0.5)], KvPolicy::Full, SkipFill::Copy, candle_core::DType::F32).unwrap();
+    for (a, b) in together.iter().zip([&all, &q99, &q50]) {
+        assert_eq!((a.ppl.to_bits(), &a.loops_histogram), (b.ppl.to_bits(), &b.loops_histogram), "q {:?}", a.exit_threshold);
+        assert_eq!(a.step_seconds.len(), 8);
+    }
     assert!(q50.mean_loops_per_token < 1.5, "q=0.5 ran {} loops per token", q50.mean_loops_per_token);
     // the measured cost of filling skipped slots from the exit loop when most tokens exit at loop 1
     assert!(q50.ppl > all.ppl * 1.05, "q=0.5: ppl {} vs {}", q50.ppl, all.ppl);

@@ -256,6 +256,31 @@ mod tests {
         // unigram: tokens a a b, scored [b] -> p(b) = 1/3
         assert!((unigram_perplexity(&[7, 7, 9], &[2]) - 3.0).abs() < 1e-12);
     }
+
+    /// `speedup_over` compares the two runs chunk by chunk: a chunk where both were slow (the
+    /// machine busy) does not count against either, as a ratio of overall rates would.
+    #[test]
+    fn speedup_is_the_median_chunk_ratio() {
+        let run = |secs: Vec<f64>| DecodeEval {
+            exit_threshold: None,
+            kv: KvPolicy::Full,
+            kv_fill: crate::model::SkipFill::Copy,
+            kv_dtype: "F32".into(),
+            scored_tokens: 0,
+            ppl: 1.0,
+            ppl_se: 0.0,
+            mean_loops_per_token: 4.0,
+            loops_histogram: vec![],
+            decode_tokens_per_s: 0.0,
+            step_seconds: secs,
+        };
+        let base = run(vec![1.0, 1.0, 10.0, 1.0, 1.2]);
+        let fast = run(vec![0.5, 0.5, 8.0, 0.4, 0.6]);
+        assert_eq!(fast.speedup_over(&base), 2.0);
+        assert_eq!(base.speedup_over(&base), 1.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0, 10.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
 }
 
 /// Perplexity measured the way a decoder runs: each chunk's first half is prefilled in one pass,
@@ -277,8 +302,13 @@ pub struct DecodeEval {
     pub mean_loops_per_token: f64,
     /// Tokens exiting after each loop (index 0 = loop 1).
     pub loops_histogram: Vec<usize>,
-    /// Decode steps per second (the prefill of each chunk's first half excluded).
+    /// Decode steps per second (the prefill of each chunk's first half excluded): the median over
+    /// chunks of each chunk's rate, so that the first chunk's warm-up and a moment's interference
+    /// from other processes do not move it.
     pub decode_tokens_per_s: f64,
+    /// Mean seconds per decode step, per chunk.
+    #[serde(skip)]
+    pub step_seconds: Vec<f64>,
 }
 
 /// Runs [`DecodeEval`] over `tokens` in chunks of `ctx` (the second half of each scored, as in
@@ -294,40 +324,95 @@ pub fn decode_eval(
     kv_fill: crate::model::SkipFill,
     kv_dtype: candle_core::DType,
 ) -> anyhow::Result<DecodeEval> {
+    let mut runs = decode_evals(model, tokens, ctx, max_chunks, &[exit_threshold], kv, kv_fill, kv_dtype)?;
+    Ok(runs.remove(0))
+}
+
+/// [`decode_eval`] for several exit thresholds, taken in turn on each chunk (all of them on
+/// chunk 1, then on chunk 2, ...), so that their speeds are measured seconds apart on the same
+/// tokens and [`DecodeEval::speedup_over`] compares them chunk by chunk.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_evals(
+    model: &OuroModel,
+    tokens: &[u32],
+    ctx: usize,
+    max_chunks: Option<usize>,
+    exit_thresholds: &[Option<f32>],
+    kv: KvPolicy,
+    kv_fill: crate::model::SkipFill,
+    kv_dtype: candle_core::DType,
+) -> anyhow::Result<Vec<DecodeEval>> {
     use crate::model::{KvCache, LoopControl};
     let spans = scored_chunks(tokens.len(), ctx, max_chunks)?;
-    let control = exit_threshold.map_or(LoopControl::All, LoopControl::AdaptiveExit);
-    let mut nll = vec![];
-    let mut hist = vec![0usize; model.dims.loops];
-    let mut seconds = 0.0;
+    struct Acc {
+        nll: Vec<f32>,
+        hist: Vec<usize>,
+        seconds: Vec<f64>,
+    }
+    let mut accs: Vec<Acc> = exit_thresholds
+        .iter()
+        .map(|_| Acc {
+            nll: vec![],
+            hist: vec![0; model.dims.loops],
+            seconds: vec![],
+        })
+        .collect();
     for (start, len) in spans {
         let chunk = &tokens[start..start + len];
-        let mut cache = KvCache::new(&model.dims, kv).with_skip_fill(kv_fill).with_dtype(kv_dtype).with_capacity(len);
-        let half = len / 2;
-        model.forward(&chunk[..half], &mut cache, LoopControl::All)?;
-        let t0 = std::time::Instant::now();
-        for j in half..len - 1 {
-            let out = model.forward(&chunk[j..j + 1], &mut cache, control)?;
-            let loops = out.loops_run();
-            let logits = model.logits(out.hidden.last().expect("a loop ran"))?.flatten_all()?.to_vec1::<f32>()?;
-            nll.push(-log_prob(&logits, chunk[j + 1] as usize) as f32);
-            hist[loops - 1] += 1;
+        for (acc, q) in accs.iter_mut().zip(exit_thresholds) {
+            let control = q.map_or(LoopControl::All, LoopControl::AdaptiveExit);
+            let mut cache = KvCache::new(&model.dims, kv).with_skip_fill(kv_fill).with_dtype(kv_dtype).with_capacity(len);
+            let half = len / 2;
+            model.forward(&chunk[..half], &mut cache, LoopControl::All)?;
+            let t0 = std::time::Instant::now();
+            for j in half..len - 1 {
+                let out = model.forward(&chunk[j..j + 1], &mut cache, control)?;
+                let loops = out.loops_run();
+                let logits = model.logits(out.hidden.last().expect("a loop ran"))?.flatten_all()?.to_vec1::<f32>()?;
+                acc.nll.push(-log_prob(&logits, chunk[j + 1] as usize) as f32);
+                acc.hist[loops - 1] += 1;
+            }
+            acc.seconds.push(t0.elapsed().as_secs_f64().max(1e-9) / (len - 1 - half) as f64);
         }
-        seconds += t0.elapsed().as_secs_f64();
     }
-    let (ppl, ppl_se) = perplexity(&nll);
-    let n = nll.len();
-    let loops: usize = hist.iter().enumerate().map(|(i, c)| (i + 1) * c).sum();
-    Ok(DecodeEval {
-        exit_threshold,
-        kv,
-        kv_fill,
-        kv_dtype: format!("{kv_dtype:?}"),
-        scored_tokens: n,
-        ppl,
-        ppl_se,
-        mean_loops_per_token: loops as f64 / n.max(1) as f64,
-        loops_histogram: hist,
-        decode_tokens_per_s: n as f64 / seconds.max(1e-9),
-    })
+    Ok(accs
+        .into_iter()
+        .zip(exit_thresholds)
+        .map(|(acc, &exit_threshold)| {
+            let (ppl, ppl_se) = perplexity(&acc.nll);
+            let n = acc.nll.len();
+            let loops: usize = acc.hist.iter().enumerate().map(|(i, c)| (i + 1) * c).sum();
+            let rates: Vec<f64> = acc.seconds.iter().map(|s| 1.0 / s).collect();
+            DecodeEval {
+                exit_threshold,
+                kv,
+                kv_fill,
+                kv_dtype: format!("{kv_dtype:?}"),
+                scored_tokens: n,
+                ppl,
+                ppl_se,
+                mean_loops_per_token: loops as f64 / n.max(1) as f64,
+                loops_histogram: acc.hist,
+                decode_tokens_per_s: median(rates),
+                step_seconds: acc.seconds,
+            }
+        })
+        .collect())
 }
+
+/// The median (0 for none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        k if k % 2 == 1 => v[k / 2],
+        k => (v[k / 2 - 1] + v[k / 2]) / 2.0,
+    }
+}
+
+impl DecodeEval {
+    /// How many times faster this run decoded than `base` (run by the same [`decode_evals`]
+    /// call): the median over chunks of the ratio of their mean step times on that chunk.
+    pub fn speedup_over(&self, base: &DecodeEval) -> f64 {
+        median(base.step_seconds.iter().zip(&self.step_seconds).map(|(b, s)| b / s).collect())
+    }}

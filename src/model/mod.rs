@@ -385,7 +385,7 @@ impl OuroModel {
         let bytes = bytes.get();
         let embed = src.embedding(device)?;
         let norm = src.vector("model.norm.weight", device)?;
-        let gate_w = src.vector("model.early_exit_gate.weight", device)?.reshape((dims.hidden, 1))?;
+        let gate_w = src.vector("model.early_exit_gate.weight", device)?.reshape((1, dims.hidden))?;
         let gate_b = src.vector("model.early_exit_gate.bias", device)?;
         let small = embed.bytes() + ((4 * dims.layers + 2) * dims.hidden + 1) as u64 * 4;
         let inv_freq = (0..dims.head_dim / 2)
@@ -476,7 +476,9 @@ impl OuroModel {
                 h = (h + rms_norm(&m, &layer.n_post2, dims.eps)?)?;
             }
             h = rms_norm(&h, &self.norm, dims.eps)?;
-            let g = h.matmul(&self.gate_w)?.broadcast_add(&self.gate_b)?.squeeze(1)?;
+            // a product and a row sum rather than candle's matmul, which on the CPU reads
+            // /proc/cpuinfo on every call (a tenth of the fixture's decode step)
+            let g = h.broadcast_mul(&self.gate_w)?.sum_keepdim(1)?.broadcast_add(&self.gate_b)?.squeeze(1)?;
             out.hidden.push(h.clone());
             out.gate_logits.push(g.clone());
             if let LoopControl::AdaptiveExit(q) = control {
