@@ -638,7 +638,7 @@ fn perplexity_cmd(
     let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?.get_ids().to_vec();
     let spans = ouro_quant::eval::scored_chunks(ids.len(), ctx, chunks).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
     let m = &loaded.model;
-    // every threshold in turn on each chunk: speeds compared seconds apart, chunk by chunk
+    // every threshold in turn on each chunk: speeds compared moments apart, chunk by chunk
     let qs: Vec<Option<f32>> = std::iter::once(None).chain(thresholds.iter().map(|&q| Some(q))).collect();
     let runs = ouro_quant::eval::decode_evals(m, &ids, ctx, chunks, &qs, kv, kv_fill, kv_dtype)?;
     let base = runs[0].clone();

@@ -329,7 +329,7 @@ pub fn decode_eval(
 }
 
 /// [`decode_eval`] for several exit thresholds, taken in turn on each chunk (all of them on
-/// chunk 1, then on chunk 2, ...), so that their speeds are measured seconds apart on the same
+/// chunk 1, then on chunk 2, ...), so that their speeds are measured moments apart on the same
 /// tokens and [`DecodeEval::speedup_over`] compares them chunk by chunk.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_evals(

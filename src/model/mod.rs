@@ -477,7 +477,7 @@ impl OuroModel {
             }
             h = rms_norm(&h, &self.norm, dims.eps)?;
             // a product and a row sum rather than candle's matmul, which on the CPU reads
-            // /proc/cpuinfo on every call (a tenth of the fixture's decode step)
+            // /proc/cpuinfo on every call (it asks for the CPU count each time)
             let g = h.broadcast_mul(&self.gate_w)?.sum_keepdim(1)?.broadcast_add(&self.gate_b)?.squeeze(1)?;
             out.hidden.push(h.clone());
             out.gate_logits.push(g.clone());
