@@ -97,6 +97,7 @@ impl FloatMatrix {
         let data = match kind {
             FloatKind::F32 => {
                 let mut v = vec![0f32; rows * cols];
+                super::pages::advise(v.as_ptr() as *const u8, v.len() * 4, false);
                 v.par_chunks_mut(CHUNK)
                     .zip(bytes.par_chunks(CHUNK * 4))
                     .for_each(|(o, b)| crate::checkpoint::decode_f32(crate::stfile::DType::F32, b, o));
@@ -104,6 +105,7 @@ impl FloatMatrix {
             }
             FloatKind::Bf16 | FloatKind::F16 => {
                 let mut v = vec![0u16; rows * cols];
+                super::pages::advise(v.as_ptr() as *const u8, v.len() * 2, false);
                 v.par_chunks_mut(CHUNK)
                     .zip(bytes.par_chunks(CHUNK * 2))
                     .for_each(|(o, b)| {

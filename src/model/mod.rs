@@ -19,6 +19,7 @@ pub mod dump;
 pub mod generate;
 pub mod qkernel;
 pub mod linear;
+pub mod pages;
 pub mod source;
 
 use candle_core::{DType, Device, Tensor};

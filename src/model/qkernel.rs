@@ -130,6 +130,10 @@ impl QuantMatrix {
         if !available() || !q.device().is_cpu() || cols % kind.row_multiple() != 0 {
             return None;
         }
+        // the blocks in huge pages (candle has written them already)
+        if let Ok(d) = q.data() {
+            super::pages::advise(d.as_ptr(), d.len(), true);
+        }
         Some(QuantMatrix { kind, rows, cols, q })
     }
 
