@@ -122,17 +122,14 @@ fn cpu_typed<T: Elem>(q: &Tensor, k: &Tensor, v: &Tensor, masked: &[bool], seria
     let kr = Rows { data: kc.as_slice::<T>()?, start: k0, head_stride: kstride };
     let vr = Rows { data: vc.as_slice::<T>()?, start: v0, head_stride: vstride };
     let mut out = vec![0f32; n * heads * d];
-    struct Out(*mut f32);
-    // Safety: task (h, j) writes only `out[j, h*d .. (h+1)*d]`.
-    unsafe impl Sync for Out {}
-    let dst = Out(out.as_mut_ptr());
-    let dst = &dst;
+    // task (h, j) writes only `out[j, h*d .. (h+1)*d]`
+    let dst = &super::linear::SharedOut::new(&mut out);
     let rep = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let task = |t: usize| {
         let (h, j) = (t / n, t % n);
         let seen = len - n + j + 1;
-        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((j * heads + h) * d), d) };
+        let o = unsafe { dst.slice((j * heads + h) * d, d) };
         row(
             &qv[(h * n + j) * d..(h * n + j + 1) * d],
             kr.head(h / rep, seen, d),
@@ -143,11 +140,7 @@ fn cpu_typed<T: Elem>(q: &Tensor, k: &Tensor, v: &Tensor, masked: &[bool], seria
         );
     };
     let tasks = heads * n;
-    if tasks * len * d < serial_below {
-        (0..tasks).for_each(task);
-    } else {
-        super::linear::parallel(tasks, &task);
-    }
+    super::linear::run_tasks(tasks, &task, tasks * len * d >= serial_below);
     drop((qs, ks, vs));
     Ok(Some(Tensor::from_vec(out, (n, heads * d), q.device())?))
 }

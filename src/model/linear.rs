@@ -185,11 +185,8 @@ impl FloatMatrix {
         let (rows, cols) = (self.rows, self.cols);
         assert_eq!(x.len(), n * cols);
         assert_eq!(out.len(), n * rows);
-        struct Out(*mut f32);
-        // Safety: each task writes only its own columns `r0..r0 + b` of `out`.
-        unsafe impl Sync for Out {}
-        let dst = Out(out.as_mut_ptr());
-        let dst = &dst;
+        // each task writes only its own columns `r0..r0 + b` of `out`
+        let dst = &SharedOut::new(out);
         let block = |buf: &mut Vec<f32>, blk: usize| {
             let r0 = blk * GEMM_BLOCK;
             let b = GEMM_BLOCK.min(rows - r0);
@@ -208,7 +205,7 @@ impl FloatMatrix {
                     n,
                     b,
                     cols,
-                    dst.0.add(r0),
+                    dst.ptr().add(r0),
                     1,
                     rows as isize,
                     false,
@@ -243,14 +240,8 @@ impl FloatMatrix {
     pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
         // A small matrix is done on this thread: handing it to the pool and waiting costs more
         // than the work (each row is computed the same way either way).
-        let small = self.rows * self.cols < SERIAL_BELOW;
-        self.matvec_on(x, out, &|tasks, task| {
-            if small {
-                (0..tasks).for_each(task)
-            } else {
-                parallel(tasks, task)
-            }
-        })
+        let on_pool = self.rows * self.cols >= SERIAL_BELOW;
+        self.matvec_on(x, out, &|tasks, task| run_tasks(tasks, task, on_pool))
     }
 
     /// [`Self::matvec`] with the tasks run by `run(number of tasks, task)`.
@@ -259,15 +250,12 @@ impl FloatMatrix {
         assert_eq!(out.len(), self.rows);
         let c = self.cols;
         let k = kernel();
-        struct Out(*mut f32);
-        // Safety: task `t` writes only its own rows `out[r0..r1]`.
-        unsafe impl Sync for Out {}
-        let dst = Out(out.as_mut_ptr());
-        let dst = &dst;
+        let dst = &SharedOut::new(out);
         let task = |t: usize| {
             let r0 = t * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(self.rows);
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r0), r1 - r0) };
+            // task `t` writes only its own rows
+            let o = unsafe { dst.slice(r0, r1 - r0) };
             match &self.data {
                 FloatData::F32(w) => (k.f32)(&w[r0 * c..r1 * c], x, o),
                 FloatData::Half(FloatKind::Bf16, w) => (k.bf16)(&w[r0 * c..r1 * c], x, o),
@@ -569,6 +557,42 @@ pub(super) fn parallel(tasks: usize, task: &(dyn Fn(usize) + Sync)) {
         }
         task(t);
     })
+}
+
+/// Runs `task(0..tasks)`: on the pool ([`parallel`]) when `on_pool`, else on the calling thread
+/// in order (for work smaller than the hand-off).
+pub(super) fn run_tasks(tasks: usize, task: &(dyn Fn(usize) + Sync), on_pool: bool) {
+    if on_pool {
+        parallel(tasks, task)
+    } else {
+        (0..tasks).for_each(task)
+    }
+}
+
+/// An output buffer that parallel tasks write, each to its own part.
+pub(super) struct SharedOut(*mut f32);
+
+// Safety: the tasks holding it write disjoint elements (each user says which are whose).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub(super) fn new(out: &mut [f32]) -> Self {
+        SharedOut(out.as_mut_ptr())
+    }
+
+    /// The buffer's start (for kernels that take a pointer and strides).
+    pub(super) fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+
+    /// `out[start .. start + len]`.
+    ///
+    /// # Safety
+    /// Inside the buffer, and no other task writes those elements while it is held.
+    #[allow(clippy::mut_from_ref)]
+    pub(super) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
 }
 
 /// `f` of a CPU f32 tensor's values: its storage when contiguous (no copy), else a copy.

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 
-use super::linear::{input_rows, with_f32, Runner};
+use super::linear::{input_rows, run_tasks, with_f32, Runner, SharedOut};
 use super::CResult;
 
 /// Weights per block (`QK_K`).
@@ -165,14 +165,8 @@ impl QuantMatrix {
     /// `out [n, rows]`: every weight row against every quantized activation row, tasks of
     /// [`ROWS_PER_TASK`] weight rows spread over candle's CPU worker pool ([`super::linear::parallel`]).
     fn matmul(&self, data: &[u8], acts: &[Acts], out: &mut [f32]) {
-        let small = self.rows * self.cols * acts.len() < SERIAL_BELOW;
-        self.matmul_on(data, acts, out, &|tasks, task| {
-            if small {
-                (0..tasks).for_each(task)
-            } else {
-                super::linear::parallel(tasks, task)
-            }
-        })
+        let on_pool = self.rows * self.cols * acts.len() >= SERIAL_BELOW;
+        self.matmul_on(data, acts, out, &|tasks, task| run_tasks(tasks, task, on_pool))
     }
 
     /// [`Self::matmul`] with the tasks run by `run(number of tasks, task)`.
@@ -182,11 +176,8 @@ impl QuantMatrix {
         assert_eq!(out.len(), acts.len() * self.rows);
         let rows = self.rows;
         let dot = kernel(self.kind);
-        struct Out(*mut f32);
-        // Safety: each task writes only the columns of its own weight rows.
-        unsafe impl Sync for Out {}
-        let dst = Out(out.as_mut_ptr());
-        let dst = &dst;
+        // each task writes only the columns of its own weight rows
+        let dst = &SharedOut::new(out);
         let task = |t: usize| {
             let r0 = t * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(rows);
@@ -197,9 +188,7 @@ impl QuantMatrix {
                 dot(w, pass, o);
                 for (i, o) in o.chunks_exact(r1 - r0).enumerate() {
                     let row0 = (p * ACTS_PER_PASS + i) * rows + r0;
-                    for (r, v) in o.iter().enumerate() {
-                        unsafe { *dst.0.add(row0 + r) = *v };
-                    }
+                    unsafe { dst.slice(row0, o.len()) }.copy_from_slice(o);
                 }
             }
         };
