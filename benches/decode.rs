@@ -1,8 +1,8 @@
 //! Prefill and decode speed of the runner beside the memory-bandwidth bound measured in the same
 //! run, on a `synth --preset ouro-1.4b` checkpoint (made under target/bench/ if no model is given).
 //!
-//! cargo bench --bench decode -- [--model DIR] [--gguf A.gguf,B.gguf] [--skip-hf] [--prompt N] [--decode N]
-//!                                [--thresholds 0.5,0.9] [--repeat N]
+//! cargo bench --bench decode -- [--model DIR] [--gguf A.gguf,B.gguf] [--mlx DIR,DIR] [--skip-hf]
+//!                                [--prompt N] [--decode N] [--thresholds 0.5,0.9] [--repeat N]
 //!
 //! The bound: decode must read every projection once per loop (and the lm_head once per token), so
 //! tokens/s <= memcpy bandwidth / those bytes. The memory bandwidth of a shared machine drifts
@@ -69,10 +69,12 @@ fn main() -> anyhow::Result<()> {
     println!("threads: {} (rayon); memcpy bandwidth (read + write) {:.2} GB/s; read-only {:.2} GB/s", rayon::current_num_threads(), bw / 1e9, common::read_bandwidth() / 1e9);
     let mut sources: Vec<PathBuf> = vec![];
     if !std::env::args().any(|a| a == "--skip-hf") {
-        sources.push(model_dir);
+        sources.push(model_dir.clone());
     }
-    if let Some(g) = arg("--gguf") {
-        sources.extend(g.split(',').map(PathBuf::from));
+    for list in ["--gguf", "--mlx"] {
+        if let Some(g) = arg(list) {
+            sources.extend(g.split(',').map(PathBuf::from));
+        }
     }
     let prompt: Vec<u32> = (0..prompt_len).map(|i| (3 + i * 7919 % 40000) as u32).collect();
     println!("| weights | exit | prefill tok/s | decode tok/s | % of bound | loops/token | GB read per token | memcpy GB/s |");
@@ -83,7 +85,13 @@ fn main() -> anyhow::Result<()> {
         let model = loaded.model;
         eprintln!("{} loaded in {:.1} s", loaded.description, t.elapsed().as_secs_f64());
         let bytes_per_token = (model.layer_bytes * model.dims.loops as u64 + model.lm_head_bytes) as f64;
-        let label = if src.is_dir() { "HF bf16".to_string() } else { src.file_name().unwrap().to_string_lossy().into_owned() };
+        let name = src.file_name().unwrap().to_string_lossy().into_owned();
+        let label = match () {
+            _ if src.is_file() => name,
+            _ if ouro_quant::mlx::read::is_mlx_dir(&src) => format!("MLX {name}"),
+            _ if src == model_dir => "HF bf16".to_string(),
+            _ => format!("HF {name}"),
+        };
         let mut run = |q: Option<f32>| -> anyhow::Result<()> {
             let opts = GenerateOptions {
                 max_tokens: decode_len + 1,
@@ -102,22 +110,23 @@ fn main() -> anyhow::Result<()> {
                 let pct = 100.0 * s.decode_tokens_per_s * bytes_per_token / bw;
                 runs.push((s.prefill_tokens_per_s, s.decode_tokens_per_s, pct, bw / 1e9, s.mean_loops_per_token));
             }
-            let median = |f: &dyn Fn(&(f64, f64, f64, f64, f64)) -> f64| {
+            // (median, min, max) of one figure over the runs
+            let spread = |f: &dyn Fn(&(f64, f64, f64, f64, f64)) -> f64| {
                 let mut v: Vec<f64> = runs.iter().map(f).collect();
                 v.sort_by(f64::total_cmp);
                 (v[v.len() / 2], v[0], v[v.len() - 1])
             };
-            let (pct, lo, hi) = median(&|r| r.2);
+            let (pct, lo, hi) = spread(&|r| r.2);
             let range = if repeat > 1 { format!(" ({lo:.0}-{hi:.0}%)") } else { String::new() };
             println!(
                 "| {label} | {} | {:.2} | {:.3} | {:.0}%{range} | {:.2} | {:.2} | {:.1} |",
                 q.map_or("all loops".to_string(), |q| format!("q={q}")),
-                median(&|r| r.0).0,
-                median(&|r| r.1).0,
+                spread(&|r| r.0).0,
+                spread(&|r| r.1).0,
                 pct,
-                median(&|r| r.4).0,
+                spread(&|r| r.4).0,
                 bytes_per_token / 1e9,
-                median(&|r| r.3).0,
+                spread(&|r| r.3).0,
             );
             Ok(())
         };

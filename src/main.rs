@@ -117,7 +117,7 @@ enum Command {
     },
     /// Generate text with a model, streaming it, and report speed, loops per token and memory.
     Run {
-        /// Model: an HF checkpoint directory or a GGUF file.
+        /// Model: an HF checkpoint directory, a GGUF file or an MLX directory.
         model: PathBuf,
         /// Raw prompt text (no template).
         #[arg(long, conflicts_with_all = ["chat", "prompt_tokens"], required_unless_present_any = ["chat", "prompt_tokens"])]
@@ -232,7 +232,7 @@ enum Command {
     /// Write every loop's hidden state, logits, gate logits and exit pdf for a token sequence
     /// (the tensors of the golden expected.safetensors).
     Logits {
-        /// Model: an HF checkpoint directory or a GGUF file.
+        /// Model: an HF checkpoint directory, a GGUF file or an MLX directory.
         model: PathBuf,
         /// Token ids, comma separated.
         #[arg(long, conflicts_with = "tokens_file", required_unless_present = "tokens_file")]
@@ -1041,15 +1041,17 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
     let kv_dtype = a.kv.dtype()?;
     let device = device(a.dev)?;
     if let Some(limit) = a.max_memory {
-        // Plan before loading: GGUF weights at their size in the file; HF weights at their stored
-        // width on the CPU (f32 on GPUs); MLX weights dequantized to f32.
+        // Plan before loading: GGUF weights at their size in the file; HF and MLX weights at their
+        // stored width on the CPU (MLX: the packed codes, scales and biases, about the size of its
+        // files), widened to f32 on GPUs.
         let (config, weights) = if a.model.is_file() {
             let g = source::GgufSource::open(&a.model)?;
             (g.config.clone(), g.file.file_len() as u64)
         } else if ouro_quant::mlx::read::is_mlx_dir(&a.model) {
-            // MLX weights are dequantized to f32 when loaded.
             let m = ouro_quant::mlx::read::MlxDir::open(&a.model)?;
-            (m.config.clone(), m.config.parameter_count() * 4)
+            let stored = m.weights.iter().map(|t| t.bytes.len() as u64).sum();
+            let bytes = if device.is_cpu() { stored } else { m.config.parameter_count() * 4 };
+            (m.config.clone(), bytes)
         } else {
             let ck = Checkpoint::open(&a.model)?;
             let width = if device.is_cpu() { ck.dtype().size() as u64 } else { 4 };

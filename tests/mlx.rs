@@ -206,6 +206,21 @@ fn mlx_lm_runs_our_unquantized_and_quantized_outputs_like_upstream_and_our_runne
             oracle(&["logits".as_ref(), out.as_os_str(), csv(&tokens).as_ref(), res.as_os_str()]);
             let mlx = SafetensorsFile::open(&res).unwrap();
             let (steps, def) = ours(&out, &tokens);
+            // the runner multiplied the stored codes (not a widened copy) and holds about the
+            // files' size: every tensor at its stored width, plus the f32 norms and gate
+            let m = source::load(&out, &Device::Cpu).unwrap().model;
+            // (a matrix whose columns are not whole groups stays float, as mlx-lm leaves it)
+            let kernels = m.kernels();
+            assert!(kernels.keys().all(|k| k == "float at stored width" || k == "MLX affine at stored width"), "{name} {label}: {kernels:?}");
+            assert_eq!(kernels.contains_key("MLX affine at stored width"), label != "float", "{name} {label}: {kernels:?}");
+            let files: u64 = std::fs::read_dir(&out)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .map(|p| std::fs::metadata(p).unwrap().len())
+                .sum();
+            let ratio = m.weight_bytes as f64 / files as f64;
+            assert!((0.9..1.1).contains(&ratio), "{name} {label}: {} bytes held for {files} bytes of files", m.weight_bytes);
             let mlx_steps = f32s(&mlx, "step_logits");
             let per = mlx_steps.len() / steps.len();
             for (t, s) in steps.iter().enumerate() {

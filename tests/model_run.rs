@@ -239,6 +239,24 @@ fn run_refuses_when_the_memory_plan_does_not_fit() {
     };
     assert_eq!(fits(file + 1_000_000), Some(0));
     assert_eq!(fits(file * 9 / 10), Some(2));
+
+    // an MLX 4-bit directory: planned, and held, at its stored size (not widened to f32)
+    let d = tempfile::tempdir().unwrap();
+    let mlx = d.path().join("q4");
+    bin().arg("convert").arg(fixtures().join("tiny-random")).args(["--format", "mlx", "--bits", "4", "-o"]).arg(&mlx).assert().success();
+    let file = std::fs::metadata(mlx.join("model.safetensors")).unwrap().len();
+    let run = |budget: u64| {
+        bin()
+            .arg("run").arg(&mlx)
+            .args(["--prompt-tokens", "1,2,3", "--max-tokens", "4", "--json", "--max-memory", &budget.to_string()])
+            .output().unwrap()
+    };
+    let ok = run(file + 1_000_000);
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    let held = v["stats"]["weight_bytes"].as_u64().unwrap();
+    assert!(held <= file && held * 10 >= file * 9, "{held} bytes held for a {file}-byte file");
+    assert_eq!(run(file * 9 / 10).status.code(), Some(2));
 }
 
 /// GGUF Q4_K_M and Q8_0 of the trained fixture through the whole runner: our quantized kernels

@@ -1,6 +1,7 @@
 //! Reads an MLX model directory (ours, or one in the same layout): the config, the shard index and
-//! the affine-quantized `weight`/`scales`/`biases` triples, dequantized with MLX's formula
-//! `scale * q + bias` (scale and bias widened to f32 from their stored dtype).
+//! the affine-quantized `weight`/`scales`/`biases` triples, as stored ([`MlxDir::stored`]) or
+//! dequantized with MLX's formula `scale * q + bias` (scale and bias widened to f32 from their
+//! stored dtype; [`MlxDir::tensor_f32`]).
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,21 @@ use crate::error::{Error, Result};
 use crate::stfile::DType;
 
 use super::affine;
+
+/// A tensor as an MLX directory stores it (little-endian bytes of the safetensors file).
+pub enum Stored<'a> {
+    Float { dtype: DType, bytes: &'a [u8], shape: Vec<usize> },
+    /// Affine-quantized: `shape` is the matrix's `[rows, cols]`; the words hold `bits` per weight,
+    /// scales and biases one per `group` weights, each with its own dtype.
+    Quantized {
+        shape: Vec<usize>,
+        bits: u32,
+        group: usize,
+        words: &'a [u8],
+        scales: (DType, &'a [u8]),
+        biases: (DType, &'a [u8]),
+    },
+}
 
 /// An MLX directory opened for reading.
 pub struct MlxDir {
@@ -120,40 +136,70 @@ impl MlxDir {
         Ok(Some((bits, gs)))
     }
 
-    /// The tensor as f32, dequantized if stored quantized, with its quantization if any.
-    pub fn tensor_f32(&self, hf_name: &str) -> Result<(Vec<f32>, Vec<usize>, Option<(u32, usize)>)> {
-        use rayon::prelude::*;
+    /// How a tensor the model needs is stored, without widening it: float bytes, or the packed
+    /// codes with their scales and biases (checked as [`MlxDir::open`] checks them).
+    pub fn stored(&self, hf_name: &str) -> Result<Stored<'_>> {
         let shape = expected_tensors(&self.config)
             .into_iter()
             .find(|e| e.name == hf_name)
             .map(|e| e.shape)
             .ok_or_else(|| Error::Usage(format!("internal: {hf_name} is not an Ouro tensor")))?;
         let q = self.matrix_info(hf_name, &shape)?;
-        let numel: usize = shape.iter().product();
-        let mut out = vec![0f32; numel];
         let w = self.weights.get(hf_name).expect("checked");
-        match q {
-            None => decode_f32(w.dtype(), w.bytes, &mut out),
-            Some((bits, gs)) => {
+        Ok(match q {
+            None => Stored::Float { dtype: w.dtype(), bytes: w.bytes, shape },
+            Some((bits, group)) => {
                 let module = hf_name.strip_suffix(".weight").unwrap_or(hf_name);
                 let s = self.weights.get(&format!("{module}.scales")).expect("checked");
                 let b = self.weights.get(&format!("{module}.biases")).expect("checked");
+                Stored::Quantized {
+                    shape,
+                    bits,
+                    group,
+                    words: w.bytes,
+                    scales: (s.dtype(), s.bytes),
+                    biases: (b.dtype(), b.bytes),
+                }
+            }
+        })
+    }
+
+    /// Lets the operating system drop the pages of a module's tensors (weight, scales, biases)
+    /// once they have been copied.
+    pub fn release(&self, hf_name: &str) {
+        let module = hf_name.strip_suffix(".weight").unwrap_or(hf_name);
+        self.weights.release(hf_name);
+        self.weights.release(&format!("{module}.scales"));
+        self.weights.release(&format!("{module}.biases"));
+    }
+
+    /// The tensor as f32, dequantized if stored quantized, with its quantization if any.
+    pub fn tensor_f32(&self, hf_name: &str) -> Result<(Vec<f32>, Vec<usize>, Option<(u32, usize)>)> {
+        use rayon::prelude::*;
+        Ok(match self.stored(hf_name)? {
+            Stored::Float { dtype, bytes, shape } => {
+                let mut out = vec![0f32; shape.iter().product()];
+                decode_f32(dtype, bytes, &mut out);
+                (out, shape, None)
+            }
+            Stored::Quantized { shape, bits, group: gs, words: w, scales: (sd, sb), biases: (bd, bb) } => {
                 let cols = shape[1];
+                let mut out = vec![0f32; shape[0] * cols];
                 let (wpr, gpr) = (cols * bits as usize / 32, cols / gs);
-                let (ss, bs) = (s.dtype().size(), b.dtype().size());
+                let (ss, bs) = (sd.size(), bd.size());
                 out.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
-                    let words: Vec<u32> = w.bytes[r * wpr * 4..(r + 1) * wpr * 4]
+                    let words: Vec<u32> = w[r * wpr * 4..(r + 1) * wpr * 4]
                         .chunks_exact(4)
                         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                         .collect();
                     let mut sc = vec![0f32; gpr];
                     let mut bi = vec![0f32; gpr];
-                    decode_f32(s.dtype(), &s.bytes[r * gpr * ss..(r + 1) * gpr * ss], &mut sc);
-                    decode_f32(b.dtype(), &b.bytes[r * gpr * bs..(r + 1) * gpr * bs], &mut bi);
+                    decode_f32(sd, &sb[r * gpr * ss..(r + 1) * gpr * ss], &mut sc);
+                    decode_f32(bd, &bb[r * gpr * bs..(r + 1) * gpr * bs], &mut bi);
                     affine::dequantize_row(&words, &sc, &bi, bits, gs, row);
                 });
+                (out, shape, Some((bits, gs)))
             }
-        }
-        Ok((out, shape, q))
+        })
     }
 }

@@ -29,7 +29,7 @@ const ROWS_PER_TASK: usize = 64;
 /// Matrices with fewer elements than this are multiplied on the calling thread (candle's pool
 /// hands work over in microseconds: from 2^16 elements, the trained fixture's 256 x 256, two
 /// threads decode it 1.5x faster than one; with rayon the threshold was 2^20).
-const SERIAL_BELOW: usize = 1 << 16;
+pub(super) const SERIAL_BELOW: usize = 1 << 16;
 
 /// Batched products ([`FloatMatrix::matmul`], prefill) with fewer multiply-adds than this are done
 /// on the calling thread.
@@ -46,6 +46,8 @@ pub enum Linear {
     Float(FloatMatrix),
     /// Q8_0/Q4_K/Q6_K blocks multiplied by this crate's AVX-512 VNNI kernels, on CPUs that have them.
     Quant(super::qkernel::QuantMatrix),
+    /// MLX affine-quantized weights at their stored width, on the CPU.
+    Affine(super::affine::AffineMatrix),
 }
 
 impl Linear {
@@ -55,6 +57,7 @@ impl Linear {
             Linear::Candle(m) => m.forward(x),
             Linear::Float(m) => m.forward(x),
             Linear::Quant(m) => m.forward(x),
+            Linear::Affine(m) => m.forward(x),
         }
     }
 
@@ -64,6 +67,7 @@ impl Linear {
             Linear::Candle(_) => "candle",
             Linear::Float(_) => "float at stored width",
             Linear::Quant(_) => "quantized, AVX-512 VNNI",
+            Linear::Affine(_) => "MLX affine at stored width",
         }
     }
 }
@@ -143,6 +147,19 @@ impl FloatMatrix {
         }
     }
 
+    /// Row `r` widened into `out` (`cols` values).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let c = self.cols;
+        match &self.data {
+            FloatData::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
+            FloatData::Half(k, v) => {
+                for (o, &h) in out.iter_mut().zip(&v[r * c..(r + 1) * c]) {
+                    *o = widen(*k, h);
+                }
+            }
+        }
+    }
+
     /// The whole matrix widened to f32 (a temporary for batched matmuls).
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
@@ -177,12 +194,59 @@ impl FloatMatrix {
         Tensor::from_vec(out, (n, self.rows), x.device())
     }
 
-    /// `out [n, rows] = x [n, cols] W^T` for many input rows: blocks of [`GEMM_BLOCK`] weight rows
-    /// are widened into a per-task f32 buffer and multiplied with the `gemm` crate (the kernel
-    /// candle's CPU matmul uses), one block per parallel task. The blocks are fixed, so the result
-    /// does not depend on the thread count.
+    /// `out [n, rows] = x [n, cols] W^T` for many input rows ([`widened_matmul`]).
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        let (rows, cols) = (self.rows, self.cols);
+        let cols = self.cols;
+        widened_matmul(self.rows, cols, x, n, out, &|r0, b, buf| match &self.data {
+            FloatData::F32(w) => buf.extend_from_slice(&w[r0 * cols..(r0 + b) * cols]),
+            FloatData::Half(kind, w) => buf.extend(w[r0 * cols..(r0 + b) * cols].iter().map(|&h| widen(*kind, h))),
+        });
+    }
+
+    /// `out[r] = dot(W[r], x)` for every row, in parallel over blocks of [`ROWS_PER_TASK`] rows
+    /// ([`parallel`]).
+    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        // A small matrix is done on this thread: handing it to the pool and waiting costs more
+        // than the work (each row is computed the same way either way).
+        let on_pool = self.rows * self.cols >= SERIAL_BELOW;
+        self.matvec_on(x, out, &|tasks, task| run_tasks(tasks, task, on_pool))
+    }
+
+    /// [`Self::matvec`] with the tasks run by `run(number of tasks, task)`.
+    fn matvec_on(&self, x: &[f32], out: &mut [f32], run: &Runner<'_>) {
+        assert_eq!(x.len(), self.cols);
+        assert_eq!(out.len(), self.rows);
+        let c = self.cols;
+        let k = kernel();
+        let dst = &SharedOut::new(out);
+        let task = |t: usize| {
+            let r0 = t * ROWS_PER_TASK;
+            let r1 = (r0 + ROWS_PER_TASK).min(self.rows);
+            // task `t` writes only its own rows
+            let o = unsafe { dst.slice(r0, r1 - r0) };
+            match &self.data {
+                FloatData::F32(w) => (k.f32)(&w[r0 * c..r1 * c], x, o),
+                FloatData::Half(FloatKind::Bf16, w) => (k.bf16)(&w[r0 * c..r1 * c], x, o),
+                FloatData::Half(_, w) => (k.f16)(&w[r0 * c..r1 * c], x, o),
+            }
+        };
+        run(self.rows.div_ceil(ROWS_PER_TASK), &task);
+    }
+}
+
+/// `out [n, rows] = x [n, cols] W^T` for many input rows: blocks of [`GEMM_BLOCK`] weight rows are
+/// widened by `widen_rows(first row, rows, buffer)` (appending `rows * cols` values) into a
+/// per-task f32 buffer and multiplied with the `gemm` crate (the kernel candle's CPU matmul uses),
+/// one block per parallel task. The blocks are fixed, so the result does not depend on the thread
+/// count.
+pub(super) fn widened_matmul(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    widen_rows: &(dyn Fn(usize, usize, &mut Vec<f32>) + Sync),
+) {
         assert_eq!(x.len(), n * cols);
         assert_eq!(out.len(), n * rows);
         // each task writes only its own columns `r0..r0 + b` of `out`
@@ -191,14 +255,8 @@ impl FloatMatrix {
             let r0 = blk * GEMM_BLOCK;
             let b = GEMM_BLOCK.min(rows - r0);
             buf.clear();
-            match &self.data {
-                FloatData::F32(w) => buf.extend_from_slice(&w[r0 * cols..(r0 + b) * cols]),
-                FloatData::Half(kind, w) => buf.extend(
-                    w[r0 * cols..(r0 + b) * cols]
-                        .iter()
-                        .map(|&h| widen(*kind, h)),
-                ),
-            }
+            widen_rows(r0, b, buf);
+            debug_assert_eq!(buf.len(), b * cols);
             // dst [n, b] (row stride `rows`) = x [n, cols] * block^T [cols, b]
             unsafe {
                 gemm::gemm(
@@ -235,41 +293,20 @@ impl FloatMatrix {
         }
     }
 
-    /// `out[r] = dot(W[r], x)` for every row, in parallel over blocks of [`ROWS_PER_TASK`] rows
-    /// ([`parallel`]).
-    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        // A small matrix is done on this thread: handing it to the pool and waiting costs more
-        // than the work (each row is computed the same way either way).
-        let on_pool = self.rows * self.cols >= SERIAL_BELOW;
-        self.matvec_on(x, out, &|tasks, task| run_tasks(tasks, task, on_pool))
-    }
-
-    /// [`Self::matvec`] with the tasks run by `run(number of tasks, task)`.
-    fn matvec_on(&self, x: &[f32], out: &mut [f32], run: &Runner<'_>) {
-        assert_eq!(x.len(), self.cols);
-        assert_eq!(out.len(), self.rows);
-        let c = self.cols;
-        let k = kernel();
-        let dst = &SharedOut::new(out);
-        let task = |t: usize| {
-            let r0 = t * ROWS_PER_TASK;
-            let r1 = (r0 + ROWS_PER_TASK).min(self.rows);
-            // task `t` writes only its own rows
-            let o = unsafe { dst.slice(r0, r1 - r0) };
-            match &self.data {
-                FloatData::F32(w) => (k.f32)(&w[r0 * c..r1 * c], x, o),
-                FloatData::Half(FloatKind::Bf16, w) => (k.bf16)(&w[r0 * c..r1 * c], x, o),
-                FloatData::Half(_, w) => (k.f16)(&w[r0 * c..r1 * c], x, o),
-            }
-        };
-        run(self.rows.div_ceil(ROWS_PER_TASK), &task);
-    }
-}
-
 /// Runs `task(0..tasks)`: `run(tasks, task)`.
 pub(super) type Runner<'a> = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + 'a;
 
 impl FloatKind {
+    /// The kind of a safetensors float dtype (`None` for other dtypes).
+    pub fn of_stored(dtype: crate::stfile::DType) -> Option<Self> {
+        match dtype {
+            crate::stfile::DType::F32 => Some(FloatKind::F32),
+            crate::stfile::DType::BF16 => Some(FloatKind::Bf16),
+            crate::stfile::DType::F16 => Some(FloatKind::F16),
+            _ => None,
+        }
+    }
+
     pub fn size(self) -> usize {
         match self {
             FloatKind::F32 => 4,

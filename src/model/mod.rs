@@ -10,9 +10,11 @@
 //! ```
 //!
 //! Activations are f32. Weights come from a [`source::WeightSource`] as [`Linear`] projections:
-//! float weights in their stored width (HF checkpoints, F16/BF16 GGUF tensors; [`linear`]), candle
-//! quantized tensors (GGUF) or dense f32 tensors (MLX, and float weights on GPUs).
+//! float weights in their stored width (HF checkpoints, F16/BF16 GGUF tensors, unquantized MLX;
+//! [`linear`]), GGUF blocks ([`qkernel`], or candle's quantized tensors), MLX affine codes
+//! ([`affine`]) on the CPU, or dense f32 tensors (float and MLX weights on GPUs).
 
+pub mod affine;
 pub mod attend;
 pub mod exit;
 pub mod dump;
@@ -109,22 +111,20 @@ pub enum Embedding {
         row_bytes: usize,
         hidden: usize,
     },
+    /// MLX affine-quantized rows (CPU), widened as tokens are looked up.
+    Affine(affine::AffineMatrix),
 }
 
 impl Embedding {
     fn lookup(&self, tokens: &[u32], device: &Device) -> CResult<Tensor> {
         match self {
             Embedding::Dense(t) => t.index_select(&Tensor::new(tokens, device)?, 0),
-            Embedding::Float(m) => {
-                let mut v = Vec::with_capacity(tokens.len() * m.cols);
-                for &t in tokens {
-                    if t as usize >= m.rows {
-                        candle_core::bail!("token id {t} is outside the vocabulary ({})", m.rows);
-                    }
-                    v.extend(m.row_f32(t as usize));
-                }
-                Tensor::from_vec(v, (tokens.len(), m.cols), device)
-            }
+            Embedding::Float(m) => Self::rows(tokens, m.rows, m.cols, |r| m.row_f32(r), device),
+            Embedding::Affine(m) => Self::rows(tokens, m.rows, m.cols, |r| {
+                let mut v = Vec::with_capacity(m.cols);
+                m.widen_row(r, &mut v);
+                v
+            }, device),
             Embedding::Quantized { dtype, bytes, row_bytes, hidden } => {
                 let rows = tokens
                     .iter()
@@ -140,10 +140,23 @@ impl Embedding {
         }
     }
 
+    /// The rows `row(t)` of the tokens, `[n, cols]`.
+    fn rows(tokens: &[u32], rows: usize, cols: usize, row: impl Fn(usize) -> Vec<f32>, device: &Device) -> CResult<Tensor> {
+        let mut v = Vec::with_capacity(tokens.len() * cols);
+        for &t in tokens {
+            if t as usize >= rows {
+                candle_core::bail!("token id {t} is outside the vocabulary ({rows})");
+            }
+            v.extend(row(t as usize));
+        }
+        Tensor::from_vec(v, (tokens.len(), cols), device)
+    }
+
     fn bytes(&self) -> u64 {
         match self {
             Embedding::Dense(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
             Embedding::Float(m) => m.bytes(),
+            Embedding::Affine(m) => m.bytes(),
             Embedding::Quantized { bytes, .. } => bytes.len() as u64,
         }
     }

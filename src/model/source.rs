@@ -45,11 +45,8 @@ impl WeightSource for HfSource {
             [r, c] => (*r, *c),
             s => anyhow::bail!("{}: tensor {hf_name} has shape {s:?}, expected a matrix", t.file.display()),
         };
-        let kind = match t.dtype() {
-            crate::stfile::DType::F32 => FloatKind::F32,
-            crate::stfile::DType::BF16 => FloatKind::Bf16,
-            crate::stfile::DType::F16 => FloatKind::F16,
-            other => anyhow::bail!("{}: tensor {hf_name} is {other}, not a float", t.file.display()),
+        let Some(kind) = FloatKind::of_stored(t.dtype()) else {
+            anyhow::bail!("{}: tensor {hf_name} is {}, not a float", t.file.display(), t.dtype())
         };
         let out = float_linear(kind, t.bytes, rows, cols, device)?;
         self.checkpoint.weights.release(hf_name);
@@ -288,8 +285,10 @@ impl WeightSource for GgufSource {
     }
 }
 
-/// Weights of an MLX directory: affine-quantized matrices are dequantized to f32 as each is loaded
-/// (MLX's formula, `scale * q + bias`), so the model multiplies exactly the weights mlx does.
+/// Weights of an MLX directory. On the CPU, affine-quantized matrices keep their packed codes and
+/// stored-width scales and biases ([`super::affine`]), float ones their stored width, so the model
+/// takes the directory's size in memory; elsewhere each is widened to f32 as it is loaded (MLX's
+/// formula, `scale * q + bias`).
 pub struct MlxSource {
     pub dir: crate::mlx::read::MlxDir,
 }
@@ -300,6 +299,36 @@ impl MlxSource {
         let bytes = v.len() as u64 * 4;
         Ok((Tensor::from_vec(v, shape, device)?, bytes))
     }
+
+    /// The matrix at its stored width (CPU only; `None` on other devices).
+    fn stored_width(&self, hf_name: &str, device: &Device) -> anyhow::Result<Option<StoredMatrix>> {
+        use crate::mlx::read::Stored;
+        if !device.is_cpu() {
+            return Ok(None);
+        }
+        let m = match self.dir.stored(hf_name)? {
+            Stored::Float { dtype, bytes, shape } => match (FloatKind::of_stored(dtype), shape.as_slice()) {
+                (Some(kind), &[rows, cols]) => StoredMatrix::Float(FloatMatrix::from_le_bytes(kind, bytes, rows, cols)),
+                _ => return Ok(None),
+            },
+            Stored::Quantized { shape, bits, group, words, scales, biases } => {
+                match (FloatKind::of_stored(scales.0), scales.0 == biases.0) {
+                    (Some(kind), true) => StoredMatrix::Affine(
+                        super::affine::AffineMatrix::from_le_bytes((shape[0], shape[1]), bits, group, words, (kind, scales.1, biases.1))
+                            .map_err(|e| anyhow::anyhow!("{}: {hf_name}: {e}", self.dir.dir.display()))?,
+                    ),
+                    _ => return Ok(None),
+                }
+            }
+        };
+        self.dir.release(hf_name);
+        Ok(Some(m))
+    }
+}
+
+enum StoredMatrix {
+    Float(FloatMatrix),
+    Affine(super::affine::AffineMatrix),
 }
 
 impl WeightSource for MlxSource {
@@ -307,15 +336,32 @@ impl WeightSource for MlxSource {
         &self.dir.config
     }
     fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
-        let (t, bytes) = self.dense(hf_name, device)?;
-        self.dir.weights.release(hf_name);
-        Ok((Linear::Candle(QMatMul::Tensor(t)), bytes))
+        match self.stored_width(hf_name, device)? {
+            Some(StoredMatrix::Float(m)) => {
+                let b = m.bytes();
+                Ok((Linear::Float(m), b))
+            }
+            Some(StoredMatrix::Affine(m)) => {
+                let b = m.bytes();
+                Ok((Linear::Affine(m), b))
+            }
+            None => {
+                let (t, bytes) = self.dense(hf_name, device)?;
+                self.dir.release(hf_name);
+                Ok((Linear::Candle(QMatMul::Tensor(t)), bytes))
+            }
+        }
     }
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
         Ok(self.dense(hf_name, device)?.0.flatten_all()?)
     }
     fn embedding(&self, device: &Device) -> anyhow::Result<super::Embedding> {
-        Ok(super::Embedding::Dense(self.dense("model.embed_tokens.weight", device)?.0))
+        let name = "model.embed_tokens.weight";
+        Ok(match self.stored_width(name, device)? {
+            Some(StoredMatrix::Float(m)) => super::Embedding::Float(m),
+            Some(StoredMatrix::Affine(m)) => super::Embedding::Affine(m),
+            None => super::Embedding::Dense(self.dense(name, device)?.0),
+        })
     }
 }
 
