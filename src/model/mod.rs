@@ -99,6 +99,14 @@ impl Dims {
     }
 }
 
+/// The block format of a quantized embedding's rows.
+pub enum RowFormat {
+    /// A type candle reads.
+    Candle(candle_core::quantized::GgmlDType),
+    /// IQ4_NL (widened by `quant::iq4nl`; candle has no such type).
+    Iq4Nl,
+}
+
 /// The token embedding: dense, or quantized rows dequantized as tokens are looked up (so a
 /// quantized file's embedding stays at its quantized size in memory).
 pub enum Embedding {
@@ -106,7 +114,7 @@ pub enum Embedding {
     /// Float rows in their stored width (CPU), widened as tokens are looked up.
     Float(linear::FloatMatrix),
     Quantized {
-        dtype: candle_core::quantized::GgmlDType,
+        format: RowFormat,
         bytes: Vec<u8>,
         row_bytes: usize,
         hidden: usize,
@@ -125,14 +133,25 @@ impl Embedding {
                 m.widen_row(r, &mut v);
                 v
             }, device),
-            Embedding::Quantized { dtype, bytes, row_bytes, hidden } => {
+            Embedding::Quantized { format, bytes, row_bytes, hidden } => {
+                let vocab = bytes.len() / row_bytes;
                 let rows = tokens
                     .iter()
                     .map(|&t| {
                         let r = t as usize;
+                        if r >= vocab {
+                            candle_core::bail!("token id {t} is outside the vocabulary ({vocab})");
+                        }
                         let raw = &bytes[r * row_bytes..(r + 1) * row_bytes];
-                        candle_core::quantized::ggml_file::qtensor_from_ggml(*dtype, raw, vec![1, *hidden], device)?
-                            .dequantize(device)
+                        match format {
+                            RowFormat::Candle(dtype) => candle_core::quantized::ggml_file::qtensor_from_ggml(*dtype, raw, vec![1, *hidden], device)?
+                                .dequantize(device),
+                            RowFormat::Iq4Nl => {
+                                let mut v = Vec::with_capacity(*hidden);
+                                crate::quant::iq4nl::dequantize_iq4_nl(raw, &mut v);
+                                Tensor::from_vec(v, (1, *hidden), device)
+                            }
+                        }
                     })
                     .collect::<CResult<Vec<_>>>()?;
                 Tensor::cat(&rows, 0)

@@ -1,6 +1,6 @@
-//! Q8_0, Q4_K and Q6_K weights times f32 activations on CPUs with AVX-512 VNNI, straight from
-//! the GGUF block bytes that candle's tensor holds: nothing is copied, widened or repacked, so a
-//! model takes its file's size in memory.
+//! Q8_0, Q4_K, Q6_K and IQ4_NL weights times f32 activations on CPUs with AVX-512 VNNI, straight
+//! from the GGUF block bytes that candle's tensor holds (IQ4_NL, which candle lacks, from our own
+//! buffer): nothing is copied, widened or repacked, so a model takes its file's size in memory.
 //!
 //! Why not candle's kernels: on this kind of CPU candle 0.11 multiplies Q4_K (always), Q8_0
 //! (always) and Q6_K (more than one input row) through a second, repacked copy of the weights that
@@ -15,13 +15,14 @@
 //! `vpmaddubsw` multiplies 64 codes by 64 int8 activations into 32 pair sums and `vpdpwssd`
 //! multiplies those by the sub-block scales (one permute spreads a block's scales over the lanes)
 //! and accumulates. Q6_K adds its two high bits with one shift and one ternary-logic instruction;
-//! Q8_0 uses `vpdpbusd` on `|w|` and the activations with `w`'s sign. Each block's weights are
+//! Q8_0 uses `vpdpbusd` on `|w|` and the activations with `w`'s sign; IQ4_NL too, after one
+//! `vpshufb` has looked its 4-bit indices up in the 16-entry table. Each block's weights are
 //! unpacked once for up to four activation rows (prefill), and the next blocks are prefetched
 //! 4 KiB ahead (the hardware prefetcher stops at page boundaries; without it a 600 MB Q4_K
 //! matrix streamed at 11 GB/s instead of 23).
 //!
 //! The arithmetic is ggml's: activations quantized to int8 per 256 with a float scale and sums of
-//! 16 (`Q8_K`) for the k-quants, per 32 (`Q8_0`) for Q8_0, with candle's rounding; exact integer
+//! 16 (`Q8_K`) for the k-quants, per 32 (`Q8_0`) for Q8_0 and IQ4_NL, with candle's rounding; exact integer
 //! dot products per block, one float multiply-add per block. Each row's result depends only on the
 //! row and the activations (blocks in order, lanes summed in a fixed order), so it does not depend
 //! on the thread count or on how many activation rows come together. Other CPUs, other devices and
@@ -53,6 +54,9 @@ pub enum QKind {
     Q8_0,
     Q4K,
     Q6K,
+    /// ggml's IQ4_NL (which candle cannot hold): per 32 weights an f16 scale and 16 bytes of
+    /// 4-bit indices into a fixed table of 16 int8 values.
+    IQ4NL,
 }
 
 impl QKind {
@@ -68,7 +72,7 @@ impl QKind {
     /// Weights per block.
     pub fn block_len(self) -> usize {
         match self {
-            QKind::Q8_0 => 32,
+            QKind::Q8_0 | QKind::IQ4NL => 32,
             QKind::Q4K | QKind::Q6K => QK,
         }
     }
@@ -77,15 +81,16 @@ impl QKind {
     pub fn block_bytes(self) -> usize {
         match self {
             QKind::Q8_0 => 34,
+            QKind::IQ4NL => 18,
             QKind::Q4K => 144,
             QKind::Q6K => 210,
         }
     }
 
-    /// Row lengths the kernels take (Q8_0 blocks go in pairs).
+    /// Row lengths the kernels take (Q8_0 and IQ4_NL blocks go in pairs).
     fn row_multiple(self) -> usize {
         match self {
-            QKind::Q8_0 => 64,
+            QKind::Q8_0 | QKind::IQ4NL => 64,
             QKind::Q4K | QKind::Q6K => QK,
         }
     }
@@ -113,12 +118,27 @@ pub fn available() -> bool {
     false
 }
 
-/// A Q8_0, Q4_K or Q6_K projection `[rows, cols]` on the CPU.
+/// A Q8_0, Q4_K, Q6_K or IQ4_NL projection `[rows, cols]` on the CPU.
 pub struct QuantMatrix {
     pub kind: QKind,
     pub rows: usize,
     pub cols: usize,
-    q: Arc<QTensor>,
+    q: Blocks,
+}
+
+/// Where a matrix's blocks live: in candle's tensor, or (for types candle lacks) in our buffer.
+enum Blocks {
+    Candle(Arc<QTensor>),
+    Own(Vec<u8>),
+}
+
+impl Blocks {
+    fn data(&self) -> CResult<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            Blocks::Candle(q) => q.data(),
+            Blocks::Own(v) => Ok(std::borrow::Cow::Borrowed(v)),
+        }
+    }
 }
 
 impl QuantMatrix {
@@ -134,13 +154,28 @@ impl QuantMatrix {
         if let Ok(d) = q.data() {
             super::pages::advise(d.as_ptr(), d.len(), true);
         }
-        Some(QuantMatrix { kind, rows, cols, q })
+        Some(QuantMatrix { kind, rows, cols, q: Blocks::Candle(q) })
+    }
+
+    /// An IQ4_NL matrix from its blocks (rows in order, as a GGUF file holds them). The blocks
+    /// come back when a row is not whole pairs of blocks or this CPU lacks the features: the
+    /// caller then multiplies a widened copy.
+    pub fn iq4_nl(blocks: Vec<u8>, rows: usize, cols: usize) -> Result<Self, Vec<u8>> {
+        let kind = QKind::IQ4NL;
+        if !available() || !cols.is_multiple_of(kind.row_multiple()) || blocks.len() != rows * cols / 32 * kind.block_bytes() {
+            return Err(blocks);
+        }
+        super::pages::advise(blocks.as_ptr(), blocks.len(), true);
+        Ok(QuantMatrix { kind, rows, cols, q: Blocks::Own(blocks) })
     }
 
     /// candle's matmul of the same tensor (for comparisons).
     #[cfg(test)]
     pub fn candle(&self) -> CResult<candle_core::quantized::QMatMul> {
-        candle_core::quantized::QMatMul::from_arc(self.q.clone())
+        match &self.q {
+            Blocks::Candle(q) => candle_core::quantized::QMatMul::from_arc(q.clone()),
+            Blocks::Own(_) => candle_core::bail!("candle has no {:?} tensor", self.kind),
+        }
     }
 
     /// `x [n, cols] -> [n, rows]`.
@@ -156,7 +191,7 @@ impl QuantMatrix {
     /// One activation row quantized and laid out for this matrix's kernel.
     fn activations(&self, x: &[f32]) -> Acts {
         match self.kind {
-            QKind::Q8_0 => Acts::q8_0(x),
+            QKind::Q8_0 | QKind::IQ4NL => Acts::q8_0(x),
             QKind::Q4K => Acts::q8k(x).in_nibble_order(),
             QKind::Q6K => Acts::q8k(x),
         }
@@ -313,6 +348,7 @@ fn kernel(kind: QKind) -> Dot {
             QKind::Q8_0 => vnni::q8_0,
             QKind::Q4K => vnni::q4k,
             QKind::Q6K => vnni::q6k,
+            QKind::IQ4NL => vnni::iq4_nl,
         };
     }
     let _ = kind;
@@ -427,7 +463,7 @@ mod vnni {
         assert!(acts.iter().all(|a| a.d.len() == nb && a.qs.len() == k && a.bsums.len() == sums));
         // the kernels index the activations by block without bounds checks
         assert!(match block {
-            34 => nb.is_multiple_of(2) && k == nb * 32,
+            34 | 18 => nb.is_multiple_of(2) && k == nb * 32,
             144 => k == nb * QK && sums == nb * 8,
             _ => k == nb * QK && sums == nb * 16,
         });
@@ -530,6 +566,48 @@ mod vnni {
                 _mm512_castsi256_si512(_mm256_loadu_si256(p.add(2) as *const __m256i)),
                 _mm256_loadu_si256(p.add(36) as *const __m256i),
             );
+            let aw = _mm512_abs_epi8(wv);
+            let negative = _mm512_movepi8_mask(wv);
+            for k in 0..A {
+                let x = _mm512_loadu_si512(a[k].qs.as_ptr().add(64 * b) as *const _);
+                let sx = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+                let dx = _mm_castpd_ps(_mm_load_sd(a[k].d.as_ptr().add(2 * b) as *const f64));
+                let scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[k]);
+            }
+        }
+        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]))
+    }
+
+    pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 18, acts, out, |w, a| unsafe { iq4_nl_impl(w, a) }, |w, a| unsafe { iq4_nl_impl(w, a) })
+    }
+
+    /// Block: `d` (f16), 16 bytes of indices into [`KVALUES`](crate::quant::iq4nl::KVALUES):
+    /// byte `j` holds weight `j` (low nibble) and `16 + j` (high). Two blocks (36 bytes) at a time:
+    /// the 64 indices in weight order, looked up in the table with one byte shuffle, then as Q8_0
+    /// (`|w|` times the activations with `w`'s sign, each block scaled by `d_w * d_x`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn iq4_nl_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let table = _mm512_broadcast_i32x4(_mm_loadu_si128(crate::quant::iq4nl::KVALUES.as_ptr() as *const __m128i));
+        let nibble = _mm_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); A];
+        for (b, pair) in w.chunks_exact(36).enumerate() {
+            let p = pair.as_ptr();
+            prefetch(p, 36);
+            let dw = (std::ptr::read_unaligned(p as *const u16) as i32)
+                | ((std::ptr::read_unaligned(p.add(18) as *const u16) as i32) << 16);
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(dw));
+            let half = |q: *const u8| {
+                let raw = _mm_loadu_si128(q as *const __m128i);
+                let lo = _mm_and_si128(raw, nibble);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), nibble);
+                _mm256_set_m128i(hi, lo)
+            };
+            let idx = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(half(p.add(2))), half(p.add(20)));
+            let wv = _mm512_shuffle_epi8(table, idx);
             let aw = _mm512_abs_epi8(wv);
             let negative = _mm512_movepi8_mask(wv);
             for k in 0..A {
@@ -677,6 +755,19 @@ mod tests {
         Arc::new(QTensor::quantize(&t, dtype).unwrap())
     }
 
+    /// The same weights as [`weights`] in IQ4_NL (our ggml-exact quantizer), and their
+    /// dequantized rows.
+    fn iq4_nl_weights(rows: usize, cols: usize, seed: u64) -> (QuantMatrix, Vec<Vec<f32>>) {
+        let q = weights(GgmlDType::F32, rows, cols, seed);
+        let w = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut blocks = vec![];
+        crate::quant::iq4nl::quantize_iq4_nl(&w, None, &mut blocks);
+        let mut dense = vec![];
+        crate::quant::iq4nl::dequantize_iq4_nl(&blocks, &mut dense);
+        let m = QuantMatrix::iq4_nl(blocks, rows, cols).ok().expect("whole pairs of blocks");
+        (m, dense.chunks_exact(cols).map(|r| r.to_vec()).collect())
+    }
+
     /// Activations with an all-zero block, an all-negative one and a large outlier.
     fn activations(n: usize, cols: usize, seed: u64) -> Vec<f32> {
         let mut x = lcg(seed, n * cols);
@@ -701,24 +792,31 @@ mod tests {
     /// quantized activations stand for, and close to candle's own quantized matmul. The tolerance
     /// is relative to the sum of the terms' magnitudes: a Q4_K weight is `d*sc*q - dmin*m`, a
     /// difference of two rounded products, and both sides sum in f32 (seen: 3e-6 against the f64
-    /// sum, 1.6e-6 against candle). A wrong nibble, scale or min is off by whole weights.
+    /// sum, 1.6e-6 against candle). A wrong nibble, scale or min is off by whole weights. IQ4_NL,
+    /// which candle lacks, against our dequantizer (ggml's table and layout) only.
     #[test]
     fn kernels_match_dequantized_f64_and_candle() {
         if skip() {
             return;
         }
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F32] {
             for &(rows, cols, n) in &[(3usize, 256usize, 1usize), (70, 512, 1), (130, 2048, 3), (65, 768, 11)] {
-                let q = weights(dtype, rows, cols, rows as u64 + cols as u64);
-                let m = QuantMatrix::new(q.clone()).expect("Q4K/Q6K CPU tensor");
-                let dense = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+                let seed = rows as u64 + cols as u64;
+                // (F32 stands for IQ4_NL here)
+                let (m, dense) = if dtype == GgmlDType::F32 {
+                    iq4_nl_weights(rows, cols, seed)
+                } else {
+                    let q = weights(dtype, rows, cols, seed);
+                    (QuantMatrix::new(q.clone()).expect("CPU tensor"), q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap())
+                };
                 let xs = activations(n, cols, 7 + n as u64);
                 let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
                 let got = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-                let candle = m.candle().unwrap().forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                let candle = m.candle().ok().map(|c| c.forward(&x).unwrap().to_vec2::<f32>().unwrap());
+                assert_eq!(candle.is_none(), dtype == GgmlDType::F32);
                 for i in 0..n {
                     let xi = &xs[i * cols..(i + 1) * cols];
-                    let a = if dtype == GgmlDType::Q8_0 { Acts::q8_0(xi) } else { Acts::q8k(xi) }.dequantize();
+                    let a = if matches!(m.kind, QKind::Q8_0 | QKind::IQ4NL) { Acts::q8_0(xi) } else { Acts::q8k(xi) }.dequantize();
                     for r in 0..rows {
                         let terms = dense[r].iter().zip(&a).map(|(w, x)| *w as f64 * *x as f64);
                         let exact: f64 = terms.clone().sum();
@@ -728,11 +826,13 @@ mod tests {
                             (g - exact).abs() <= 1e-5 * scale,
                             "{dtype:?} {rows}x{cols} x{i} row {r}: {g} vs exact {exact} (scale {scale})"
                         );
-                        let c = candle[i][r] as f64;
-                        assert!(
-                            (g - c).abs() <= 1e-5 * scale,
-                            "{dtype:?} {rows}x{cols} x{i} row {r}: {g} vs candle {c}"
-                        );
+                        if let Some(candle) = &candle {
+                            let c = candle[i][r] as f64;
+                            assert!(
+                                (g - c).abs() <= 1e-5 * scale,
+                                "{dtype:?} {rows}x{cols} x{i} row {r}: {g} vs candle {c}"
+                            );
+                        }
                     }
                 }
                 // the zero weight row gives exactly zero
@@ -813,10 +913,15 @@ mod tests {
         if skip() {
             return;
         }
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F32] {
             let (rows, cols) = (600, 2048);
             assert!(rows * cols >= SERIAL_BELOW);
-            let m = QuantMatrix::new(weights(dtype, rows, cols, 1)).unwrap();
+            // (F32 stands for IQ4_NL here)
+            let m = if dtype == GgmlDType::F32 {
+                iq4_nl_weights(rows, cols, 1).0
+            } else {
+                QuantMatrix::new(weights(dtype, rows, cols, 1)).unwrap()
+            };
             let n = ACTS_PER_PASS + 3;
             let xs = activations(n, cols, 2);
             let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
@@ -849,10 +954,14 @@ mod tests {
             }
             // a matrix below SERIAL_BELOW (done on the calling thread) gives the same rows
             let few = 100;
-            let kind = QKind::of(dtype).unwrap();
+            let kind = m.kind;
             let small_data = m.q.data().unwrap()[..few * cols / kind.block_len() * kind.block_bytes()].to_vec();
-            let small = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &small_data, vec![few, cols], &Device::Cpu).unwrap();
-            let small = QuantMatrix::new(Arc::new(small)).unwrap();
+            let small = if kind == QKind::IQ4NL {
+                QuantMatrix::iq4_nl(small_data, few, cols).ok().unwrap()
+            } else {
+                let t = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &small_data, vec![few, cols], &Device::Cpu).unwrap();
+                QuantMatrix::new(Arc::new(t)).unwrap()
+            };
             assert!(few * cols < SERIAL_BELOW);
             let x1 = Tensor::from_vec(xs[..cols].to_vec(), (1, cols), &Device::Cpu).unwrap();
             let o = small.forward(&x1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -216,8 +216,19 @@ impl WeightSource for GgufSource {
     fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
         let (info, order) = self.info(hf_name)?;
         if info.ggml_type == GgmlType::IQ4_NL {
-            // candle has no IQ4_NL kernel: widen with our dequantizer and multiply densely.
+            // candle has no IQ4_NL type: our kernel multiplies the blocks where the CPU has one,
+            // else a copy widened by our dequantizer is multiplied densely.
             let raw = self.hf_rows(info, order);
+            let cols = *info.shape.last().expect("2-D");
+            let bytes = raw.len() as u64;
+            let raw = if device.is_cpu() {
+                match super::qkernel::QuantMatrix::iq4_nl(raw, info.numel() / cols, cols) {
+                    Ok(m) => return Ok((Linear::Quant(m), bytes)),
+                    Err(raw) => raw,
+                }
+            } else {
+                raw
+            };
             let mut v = Vec::with_capacity(info.numel());
             crate::quant::iq4nl::dequantize_iq4_nl(&raw, &mut v);
             let bytes = (v.len() * 4) as u64;
@@ -268,16 +279,15 @@ impl WeightSource for GgufSource {
             _ => Ok(self.qtensor(hf_name, device)?.0.dequantize(device)?.flatten_all()?),
         }
     }
-    fn embedding(&self, device: &Device) -> anyhow::Result<super::Embedding> {
+    fn embedding(&self, _device: &Device) -> anyhow::Result<super::Embedding> {
         let (info, _) = self.info("model.embed_tokens.weight")?;
-        if info.ggml_type == GgmlType::IQ4_NL {
-            let mut v = Vec::with_capacity(info.numel());
-            crate::quant::iq4nl::dequantize_iq4_nl(self.file.tensor_bytes(info), &mut v);
-            return Ok(super::Embedding::Dense(Tensor::from_vec(v, info.shape.clone(), device)?));
-        }
+        let format = match info.ggml_type {
+            GgmlType::IQ4_NL => super::RowFormat::Iq4Nl,
+            t => super::RowFormat::Candle(candle_dtype(t)?),
+        };
         let cols = info.shape[1];
         Ok(super::Embedding::Quantized {
-            dtype: candle_dtype(info.ggml_type)?,
+            format,
             bytes: self.file.tensor_bytes(info).to_vec(),
             row_bytes: info.ggml_type.row_bytes(cols),
             hidden: cols,
