@@ -201,19 +201,8 @@ impl GgufSource {
         out
     }
 
-    fn qtensor(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QTensor, u64)> {
-        let (info, order) = self.info(hf_name)?;
-        let raw = self.hf_rows(info, order);
-        let q = qtensor_from_ggml(candle_dtype(info.ggml_type)?, &raw, info.shape.clone(), device)?;
-        Ok((q, raw.len() as u64))
-    }
-}
-
-impl WeightSource for GgufSource {
-    fn config(&self) -> &OuroConfig {
-        &self.config
-    }
-    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
+    /// A projection as the model multiplies it, and the bytes it holds.
+    fn matrix(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
         let (info, order) = self.info(hf_name)?;
         if info.ggml_type == GgmlType::IQ4_NL {
             // candle has no IQ4_NL type: our kernel multiplies the blocks where the CPU has one,
@@ -260,6 +249,25 @@ impl WeightSource for GgufSource {
         }
         Ok((Linear::Candle(QMatMul::from_arc(q)?), bytes))
     }
+
+    fn qtensor(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QTensor, u64)> {
+        let (info, order) = self.info(hf_name)?;
+        let raw = self.hf_rows(info, order);
+        let q = qtensor_from_ggml(candle_dtype(info.ggml_type)?, &raw, info.shape.clone(), device)?;
+        Ok((q, raw.len() as u64))
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn config(&self) -> &OuroConfig {
+        &self.config
+    }
+    fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
+        let out = self.matrix(hf_name, device)?;
+        // the model holds its own copy now: the file's pages need not stay resident beside it
+        self.file.release(self.info(hf_name)?.0);
+        Ok(out)
+    }
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
         let h = &self.file.header;
         match hf_name {
@@ -276,7 +284,11 @@ impl WeightSource for GgufSource {
                 };
                 Ok(Tensor::from_vec(v.clone(), v.len(), device)?)
             }
-            _ => Ok(self.qtensor(hf_name, device)?.0.dequantize(device)?.flatten_all()?),
+            _ => {
+                let v = self.qtensor(hf_name, device)?.0.dequantize(device)?.flatten_all()?;
+                self.file.release(self.info(hf_name)?.0);
+                Ok(v)
+            }
         }
     }
     fn embedding(&self, _device: &Device) -> anyhow::Result<super::Embedding> {
@@ -286,9 +298,11 @@ impl WeightSource for GgufSource {
             t => super::RowFormat::Candle(candle_dtype(t)?),
         };
         let cols = info.shape[1];
+        let bytes = self.file.tensor_bytes(info).to_vec();
+        self.file.release(info);
         Ok(super::Embedding::Quantized {
             format,
-            bytes: self.file.tensor_bytes(info).to_vec(),
+            bytes,
             row_bytes: info.ggml_type.row_bytes(cols),
             hidden: cols,
         })
