@@ -540,8 +540,9 @@ impl OuroModel {
             let len = k.dim(1)?;
             let k_new = k.narrow(1, len - 1, 1)?;
             let v_new = v.narrow(1, len - 1, 1)?;
+            // made contiguous once for all the deeper slots (each append would copy a view)
             let (k_new, v_new) = match cache.fill {
-                SkipFill::Copy => (k_new, v_new),
+                SkipFill::Copy => (k_new.contiguous()?, v_new.contiguous()?),
                 SkipFill::Mask => (k_new.zeros_like()?, v_new.zeros_like()?),
             };
             for t2 in t + 1..self.dims.loops {
