@@ -19,10 +19,10 @@
 //! Every row is summed in one fixed order (two 8-lane accumulators per group, the group's lanes
 //! scaled into the row's eight lanes, the lanes summed in order, then the bias terms), by the AVX2
 //! kernel and the portable one alike (both fuse each multiply-add), so results depend neither on
-//! the CPU nor on the thread count. The result differs from a product with the widened weights by float
-//! rounding only (the tests bound it). For more than [`MATVEC_MAX_ROWS`] input rows (prefill) rows
-//! are widened by blocks and multiplied by `gemm` ([`widened_matmul`]). Other devices get the
-//! widened f32 matrix (`source::MlxSource`).
+//! the CPU nor on the thread count. They differ from products with the widened weights by float
+//! rounding only (the tests bound it; the end-to-end tests compare with mlx-lm's logits). For more
+//! than [`MATVEC_MAX_ROWS`] input rows (prefill) rows are widened by blocks and multiplied by
+//! `gemm` ([`widened_matmul`]). Other devices get the widened f32 matrix (`source::MlxSource`).
 
 use candle_core::Tensor;
 
