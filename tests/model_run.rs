@@ -379,3 +379,29 @@ fn gguf_pages_are_released_as_tensors_are_loaded() {
         assert_eq!(mapped_pages(pages), 0, "{name}: {n} whole pages, still mapped after it was taken");
     }
 }
+
+/// A token id outside the vocabulary is an error naming it, whatever holds the embedding: quantized
+/// GGUF rows (a type candle reads, and IQ4_NL), MLX affine rows, float rows.
+#[test]
+fn embeddings_refuse_ids_outside_the_vocabulary() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixtures().join("ouro-tiny-trained");
+    let mut models = vec![src.clone()];
+    for ty in ["Q8_0", "IQ4_NL"] {
+        let out = d.path().join(format!("t-{ty}.gguf"));
+        bin().arg("convert").arg(&src).args(["--type", ty, "-o"]).arg(&out).assert().success();
+        models.push(out);
+    }
+    let mlx = d.path().join("mlx4");
+    bin().arg("convert").arg(&src).args(["--format", "mlx", "--bits", "4", "-o"]).arg(&mlx).assert().success();
+    models.push(mlx);
+    for path in models {
+        let m = ouro_quant::model::source::load(&path, &Device::Cpu).unwrap().model;
+        let vocab = m.config.vocab_size as u32;
+        let mut cache = KvCache::new(&m.dims, KvPolicy::Full);
+        assert!(m.forward(&[1, vocab - 1], &mut cache, LoopControl::All).is_ok(), "{}", path.display());
+        let mut cache = KvCache::new(&m.dims, KvPolicy::Full);
+        let e = m.forward(&[1, vocab], &mut cache, LoopControl::All).err().expect("an error").to_string();
+        assert!(e.contains(&format!("token id {vocab} is outside the vocabulary")), "{}: {e}", path.display());
+    }
+}

@@ -256,7 +256,8 @@ pub(super) fn widened_matmul(
             let b = GEMM_BLOCK.min(rows - r0);
             buf.clear();
             widen_rows(r0, b, buf);
-            debug_assert_eq!(buf.len(), b * cols);
+            // (gemm reads `b * cols` values from it)
+            assert_eq!(buf.len(), b * cols);
             // dst [n, b] (row stride `rows`) = x [n, cols] * block^T [cols, b]
             unsafe {
                 gemm::gemm(
