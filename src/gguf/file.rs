@@ -176,9 +176,15 @@ impl TensorInfo {
     }
     /// Bytes of the tensor's data (without padding).
     pub fn nbytes(&self) -> usize {
+        self.checked_nbytes().expect("a parsed header's tensor sizes fit in memory")
+    }
+
+    /// [`Self::nbytes`], or `None` if it does not fit a `usize` (a corrupt shape: the header
+    /// parser refuses those).
+    fn checked_nbytes(&self) -> Option<usize> {
         let cols = *self.shape.last().unwrap_or(&1);
-        let rows = self.numel() / cols.max(1);
-        rows * self.ggml_type.row_bytes(cols)
+        let rows = self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))? / cols.max(1);
+        self.ggml_type.checked_row_bytes(cols)?.checked_mul(rows)
     }
 }
 
@@ -477,13 +483,17 @@ pub fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
         if offset != expect {
             return Err(format!("tensor `{name}`: offset {offset} is not the running sum of padded sizes ({expect})"));
         }
-        expect = expect
-            .checked_add(pad(info.nbytes(), alignment) as u64)
+        // (bytes per value times values can overflow where the count alone did not)
+        expect = info
+            .checked_nbytes()
+            .and_then(|n| n.checked_next_multiple_of(alignment))
+            .and_then(|n| expect.checked_add(n as u64))
             .ok_or_else(|| format!("tensor `{name}`: size overflows"))?;
         tensors.push(info);
     }
     let data_start = pad(c.pos, alignment);
-    let need = data_start as u64 + tensors.last().map_or(0, |t| t.offset + t.nbytes() as u64);
+    // (offset + size of the last tensor is at most the checked running sum)
+    let need = (data_start as u64).saturating_add(tensors.last().map_or(0, |t| t.offset + t.nbytes() as u64));
     if need > buf.len() as u64 {
         return Err(format!("tensor data needs {need} bytes but the file has {}: truncated", buf.len()));
     }

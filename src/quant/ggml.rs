@@ -120,6 +120,11 @@ impl GgmlType {
         n / self.block_size() * self.block_bytes()
     }
 
+    /// [`Self::row_bytes`], or `None` if it does not fit a `usize` (a corrupt shape).
+    pub fn checked_row_bytes(self, n: usize) -> Option<usize> {
+        (n / self.block_size()).checked_mul(self.block_bytes())
+    }
+
     /// Bits per weight.
     pub fn bits_per_weight(self) -> f64 {
         self.block_bytes() as f64 * 8.0 / self.block_size() as f64
