@@ -548,24 +548,28 @@ mod vnni {
         each(w, 34, acts, out, |w, a| unsafe { q8_0_impl(w, a) }, |w, a| unsafe { q8_0_impl(w, a) })
     }
 
-    /// Block: `d` (f16), 32 int8 weights. Two blocks (68 bytes, 64 weights) at a time: `|w|`
-    /// times the activations with `w`'s sign (`vpdpbusd` multiplies unsigned by signed bytes),
-    /// lanes 0-7 the first block's sums of 4, lanes 8-15 the second's, each scaled by its
-    /// `d_w * d_x`. Activation codes lie in [-127, 127], so the sign flip cannot overflow.
+    /// Two blocks of 32 weights at a time, each block `d` (f16) and then its weights, `pair` bytes
+    /// for both: `weights(p)` gives the 64 int8 weights of the pair at `p` in order. `|w|` times the
+    /// activations with `w`'s sign (`vpdpbusd` multiplies unsigned by signed bytes), lanes 0-7 the
+    /// first block's sums of 4, lanes 8-15 the second's, each scaled by its `d_w * d_x`. Activation
+    /// codes lie in [-127, 127], so the sign flip cannot overflow.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    unsafe fn q8_0_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+    #[inline]
+    unsafe fn int8_pairs<const A: usize>(
+        w: &[u8],
+        a: [&Acts; A],
+        pair: usize,
+        weights: impl Fn(*const u8) -> __m512i,
+    ) -> [f32; A] {
         let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         let mut acc = [_mm512_setzero_ps(); A];
-        for (b, pair) in w.chunks_exact(68).enumerate() {
-            let p = pair.as_ptr();
-            prefetch(p, 68);
+        for (b, chunk) in w.chunks_exact(pair).enumerate() {
+            let p = chunk.as_ptr();
+            prefetch(p, pair);
             let dw = (std::ptr::read_unaligned(p as *const u16) as i32)
-                | ((std::ptr::read_unaligned(p.add(34) as *const u16) as i32) << 16);
+                | ((std::ptr::read_unaligned(p.add(pair / 2) as *const u16) as i32) << 16);
             let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(dw));
-            let wv = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_loadu_si256(p.add(2) as *const __m256i)),
-                _mm256_loadu_si256(p.add(36) as *const __m256i),
-            );
+            let wv = weights(p);
             let aw = _mm512_abs_epi8(wv);
             let negative = _mm512_movepi8_mask(wv);
             for k in 0..A {
@@ -578,6 +582,17 @@ mod vnni {
             }
         }
         std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]))
+    }
+
+    /// Block: `d` (f16), 32 int8 weights ([`int8_pairs`], 68 bytes a pair).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q8_0_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        int8_pairs(w, a, 68, |p| {
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_loadu_si256(p.add(2) as *const __m256i)),
+                _mm256_loadu_si256(p.add(36) as *const __m256i),
+            )
+        })
     }
 
     pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
@@ -585,41 +600,22 @@ mod vnni {
     }
 
     /// Block: `d` (f16), 16 bytes of indices into [`KVALUES`](crate::quant::iq4nl::KVALUES):
-    /// byte `j` holds weight `j` (low nibble) and `16 + j` (high). Two blocks (36 bytes) at a time:
-    /// the 64 indices in weight order, looked up in the table with one byte shuffle, then as Q8_0
-    /// (`|w|` times the activations with `w`'s sign, each block scaled by `d_w * d_x`).
+    /// byte `j` holds weight `j` (low nibble) and `16 + j` (high). A pair (36 bytes): the 64
+    /// indices in weight order, looked up in the table with one byte shuffle, then as Q8_0
+    /// ([`int8_pairs`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     unsafe fn iq4_nl_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
-        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         let table = _mm512_broadcast_i32x4(_mm_loadu_si128(crate::quant::iq4nl::KVALUES.as_ptr() as *const __m128i));
         let nibble = _mm_set1_epi8(0x0F);
-        let mut acc = [_mm512_setzero_ps(); A];
-        for (b, pair) in w.chunks_exact(36).enumerate() {
-            let p = pair.as_ptr();
-            prefetch(p, 36);
-            let dw = (std::ptr::read_unaligned(p as *const u16) as i32)
-                | ((std::ptr::read_unaligned(p.add(18) as *const u16) as i32) << 16);
-            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(dw));
-            let half = |q: *const u8| {
-                let raw = _mm_loadu_si128(q as *const __m128i);
-                let lo = _mm_and_si128(raw, nibble);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), nibble);
-                _mm256_set_m128i(hi, lo)
-            };
-            let idx = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(half(p.add(2))), half(p.add(20)));
-            let wv = _mm512_shuffle_epi8(table, idx);
-            let aw = _mm512_abs_epi8(wv);
-            let negative = _mm512_movepi8_mask(wv);
-            for k in 0..A {
-                let x = _mm512_loadu_si512(a[k].qs.as_ptr().add(64 * b) as *const _);
-                let sx = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
-                let dx = _mm_castpd_ps(_mm_load_sd(a[k].d.as_ptr().add(2 * b) as *const f64));
-                let scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
-                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[k]);
-            }
-        }
-        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]))
+        let half = |q: *const u8| {
+            let raw = _mm_loadu_si128(q as *const __m128i);
+            let lo = _mm_and_si128(raw, nibble);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), nibble);
+            _mm256_set_m128i(hi, lo)
+        };
+        int8_pairs(w, a, 36, |p| {
+            _mm512_shuffle_epi8(table, _mm512_inserti64x4::<1>(_mm512_castsi256_si512(half(p.add(2))), half(p.add(20))))
+        })
     }
 
     /// Block: `d` (f16), `dmin` (f16), 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32,
