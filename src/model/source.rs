@@ -202,8 +202,7 @@ impl GgufSource {
     }
 
     /// A projection as the model multiplies it, and the bytes it holds.
-    fn matrix(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
-        let (info, order) = self.info(hf_name)?;
+    fn matrix(&self, info: &TensorInfo, order: RowOrder, device: &Device) -> anyhow::Result<(Linear, u64)> {
         if info.ggml_type == GgmlType::IQ4_NL {
             // candle has no IQ4_NL type: our kernel multiplies the blocks where the CPU has one,
             // else a copy widened by our dequantizer is multiplied densely.
@@ -234,7 +233,7 @@ impl GgufSource {
             let raw = self.hf_rows(info, order);
             return Ok(float_linear(kind, &raw, info.numel() / cols, cols, device)?);
         }
-        let (q, bytes) = self.qtensor(hf_name, device)?;
+        let (q, bytes) = self.qtensor(info, order, device)?;
         // candle's Q4_1/Q5_0/Q5_1 dot products assume an even number of blocks per row (and
         // panic otherwise): multiply such rows densely.
         let blocks = info.shape[1] / info.ggml_type.block_size();
@@ -250,8 +249,7 @@ impl GgufSource {
         Ok((Linear::Candle(QMatMul::from_arc(q)?), bytes))
     }
 
-    fn qtensor(&self, hf_name: &str, device: &Device) -> anyhow::Result<(QTensor, u64)> {
-        let (info, order) = self.info(hf_name)?;
+    fn qtensor(&self, info: &TensorInfo, order: RowOrder, device: &Device) -> anyhow::Result<(QTensor, u64)> {
         let raw = self.hf_rows(info, order);
         let q = qtensor_from_ggml(candle_dtype(info.ggml_type)?, &raw, info.shape.clone(), device)?;
         Ok((q, raw.len() as u64))
@@ -263,9 +261,10 @@ impl WeightSource for GgufSource {
         &self.config
     }
     fn linear(&self, hf_name: &str, device: &Device) -> anyhow::Result<(Linear, u64)> {
-        let out = self.matrix(hf_name, device)?;
+        let (info, order) = self.info(hf_name)?;
+        let out = self.matrix(info, order, device)?;
         // the model holds its own copy now: the file's pages need not stay resident beside it
-        self.file.release(self.info(hf_name)?.0);
+        self.file.release(info);
         Ok(out)
     }
     fn vector(&self, hf_name: &str, device: &Device) -> anyhow::Result<Tensor> {
@@ -285,8 +284,9 @@ impl WeightSource for GgufSource {
                 Ok(Tensor::from_vec(v.clone(), v.len(), device)?)
             }
             _ => {
-                let v = self.qtensor(hf_name, device)?.0.dequantize(device)?.flatten_all()?;
-                self.file.release(self.info(hf_name)?.0);
+                let (info, order) = self.info(hf_name)?;
+                let v = self.qtensor(info, order, device)?.0.dequantize(device)?.flatten_all()?;
+                self.file.release(info);
                 Ok(v)
             }
         }
