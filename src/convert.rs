@@ -116,7 +116,8 @@ fn metadata(ck: &Checkpoint, opts: &GgufOptions, source_hash: &str) -> Result<Ve
         .tokenizer_json
         .as_ref()
         .ok_or_else(|| Error::file(&ck.dir, "no tokenizer.json: a GGUF file must carry the tokenizer"))?;
-    kv.extend(tokenizer_metadata(tj, cfg.vocab_size, ck.tokenizer.chat_template())?);
+    let (tok_kv, _) = tokenizer_metadata(tj, cfg.vocab_size, ck.tokenizer.config_with_template().as_ref())?;
+    kv.extend(tok_kv);
     let overrides: Vec<String> = opts
         .overrides
         .iter()

@@ -171,7 +171,7 @@ pub fn synth(opts: &SynthOptions, out: &Path, force: bool, progress: &dyn Fn(u64
 
     let cfg_text = serde_json::to_string_pretty(&cfg_json).expect("json") + "\n";
     std::fs::write(dir.join("config.json"), cfg_text).at(dir.join("config.json"))?;
-    write_tokenizer(&dir, cfg.vocab_size)?;
+    write_tokenizer(&dir, cfg.vocab_size, opts.preset)?;
 
     // Tensors sorted by name, as the reference writer orders tensors of one dtype.
     let mut specs: Vec<TensorSpec> = expected_tensors(&cfg)
@@ -271,16 +271,37 @@ Memory is precious on a small machine: eight bits per weight halves it, four bit
 <|im_start|>user\nWhat is two plus three?<|im_end|>\n<|im_start|>assistant\nTwo plus three is five.<|im_end|>\n";
 
 /// Trains a byte-level BPE on [`TOKENIZER_TEXT`] with the Ouro special tokens at ids 0, 1, 2, and
-/// writes `tokenizer.json` and `tokenizer_config.json`.
-fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
+/// writes `tokenizer.json` and `tokenizer_config.json`. The released presets get the structure of
+/// the released tokenizer (SmolLM2's: digits split one by one, then byte-level), `tiny` plain
+/// byte-level, so that both pre-tokenizers a GGUF file can name are exercised.
+fn write_tokenizer(dir: &Path, vocab_size: usize, preset: Preset) -> Result<()> {
     let lines: Vec<&str> = TOKENIZER_TEXT.split(". ").collect();
-    train_tokenizer(dir, vocab_size.min(3 + 256 + 400), &lines)
+    let style = match preset {
+        Preset::Tiny => TokenizerStyle::ByteLevel,
+        Preset::Ouro1_4b | Preset::Ouro2_6b => TokenizerStyle::SmolLm2,
+    };
+    train_tokenizer_styled(dir, vocab_size.min(3 + 256 + 400), &lines, style)
+}
+
+/// The pre-tokenizer structure of a trained tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerStyle {
+    /// `ByteLevel` with GPT-2's split (llama.cpp's `gpt-2`).
+    ByteLevel,
+    /// SmolLM2's, as the released Ouro checkpoints have it: `Sequence[Digits(individual_digits),
+    /// ByteLevel]` with a `ByteLevel` post-processor (llama.cpp's `smollm`).
+    SmolLm2,
 }
 
 /// Trains a byte-level BPE of `vocab_size` tokens on `lines` with the Ouro special tokens
 /// (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>` at ids 0, 1, 2), and writes `tokenizer.json` and a
 /// `tokenizer_config.json` with the ChatML template into `dir`.
 pub fn train_tokenizer(dir: &Path, vocab_size: usize, lines: &[&str]) -> Result<()> {
+    train_tokenizer_styled(dir, vocab_size, lines, TokenizerStyle::ByteLevel)
+}
+
+/// [`train_tokenizer`] with the given pre-tokenizer structure.
+pub fn train_tokenizer_styled(dir: &Path, vocab_size: usize, lines: &[&str], style: TokenizerStyle) -> Result<()> {
     use tokenizers::decoders::DecoderWrapper;
     use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
     use tokenizers::models::{ModelWrapper, TrainerWrapper};
@@ -311,7 +332,20 @@ pub fn train_tokenizer(dir: &Path, vocab_size: usize, lines: &[&str]) -> Result<
         DecoderWrapper,
     > =
         TokenizerImpl::new(ModelWrapper::BPE(BPE::default()));
-    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    match style {
+        TokenizerStyle::ByteLevel => {
+            tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        }
+        TokenizerStyle::SmolLm2 => {
+            use tokenizers::pre_tokenizers::digits::Digits;
+            use tokenizers::pre_tokenizers::sequence::Sequence;
+            tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ]))));
+            tok.with_post_processor(Some(ByteLevel::new(true, false, true)));
+        }
+    }
     tok.with_decoder(Some(ByteLevel::new(false, true, true)));
     let p = dir.join("tokenizer.json");
     tok.train(&mut trainer, lines.iter())

@@ -322,13 +322,29 @@ pub struct TokenizerFiles {
     pub tokenizer_json: Option<PathBuf>,
     /// Parsed `tokenizer_config.json`, kept whole for writers (chat template, special tokens).
     pub tokenizer_config: Option<serde_json::Map<String, Value>>,
+    /// `chat_template.jinja` (or `chat_template.json`'s template), where newer `transformers` saves
+    /// the template instead of in `tokenizer_config.json`.
+    pub chat_template_file: Option<String>,
     /// Files a writer copies byte for byte when present.
     pub extra_files: Vec<PathBuf>,
 }
 
 impl TokenizerFiles {
-    pub fn chat_template(&self) -> Option<&str> {
-        self.tokenizer_config.as_ref()?.get("chat_template")?.as_str()
+    /// `tokenizer_config.json` with its `chat_template` taken from `chat_template.jinja` when the
+    /// config has none (as `transformers` and llama.cpp's converter read them).
+    pub fn config_with_template(&self) -> Option<serde_json::Map<String, Value>> {
+        let mut cfg = self.tokenizer_config.clone();
+        if let Some(t) = &self.chat_template_file {
+            let c = cfg.get_or_insert_with(Default::default);
+            c.entry("chat_template").or_insert_with(|| Value::String(t.clone()));
+        }
+        cfg
+    }
+
+    /// The default chat template: the config's string, the `default` entry of its list form, or
+    /// `chat_template.jinja`.
+    pub fn chat_template(&self) -> Option<String> {
+        crate::gguf::tokenizer::chat_templates(self.config_with_template().as_ref()).0
     }
 
     /// Loads `tokenizer.json` with the `tokenizers` crate.
@@ -473,7 +489,7 @@ impl Checkpoint {
     }
 }
 
-fn read_tokenizer_files(dir: &Path, warnings: &mut Vec<String>) -> Result<TokenizerFiles> {
+pub(crate) fn read_tokenizer_files(dir: &Path, warnings: &mut Vec<String>) -> Result<TokenizerFiles> {
     let tj = dir.join("tokenizer.json");
     let tokenizer_json = if tj.is_file() {
         // Check it is a loadable tokenizer now, so that a broken file is reported at open.
@@ -507,9 +523,27 @@ fn read_tokenizer_files(dir: &Path, warnings: &mut Vec<String>) -> Result<Tokeni
     } else {
         None
     };
+    let jinja = dir.join("chat_template.jinja");
+    let ctjson = dir.join("chat_template.json");
+    let chat_template_file = if jinja.is_file() {
+        Some(std::fs::read_to_string(&jinja).at(&jinja)?)
+    } else if ctjson.is_file() {
+        let text = std::fs::read_to_string(&ctjson).at(&ctjson)?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&ctjson, format!("not valid JSON: {e}")))?;
+        Some(
+            v.get("chat_template")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::file(&ctjson, "no string `chat_template`"))?
+                .to_string(),
+        )
+    } else {
+        None
+    };
     let extra_files = [
         "tokenizer.json",
         "tokenizer_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
         "special_tokens_map.json",
         "vocab.json",
         "merges.txt",
@@ -522,6 +556,7 @@ fn read_tokenizer_files(dir: &Path, warnings: &mut Vec<String>) -> Result<Tokeni
     Ok(TokenizerFiles {
         tokenizer_json,
         tokenizer_config,
+        chat_template_file,
         extra_files,
     })
 }

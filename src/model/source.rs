@@ -408,10 +408,7 @@ pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedMod
         } else {
             None
         };
-        let chat_template = std::fs::read_to_string(path.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("chat_template").and_then(|c| c.as_str()).map(str::to_string));
+        let chat_template = crate::checkpoint::read_tokenizer_files(path, &mut vec![])?.chat_template();
         let q = dir.config.raw.get("quantization").cloned();
         let description = match q {
             Some(q) => format!("MLX {} ({}-bit, group size {})", path.display(), q["bits"], q["group_size"]),
@@ -426,7 +423,7 @@ pub fn load(path: &std::path::Path, device: &Device) -> anyhow::Result<LoadedMod
             Some(_) => Some(checkpoint.tokenizer.load()?),
             None => None,
         };
-        let chat_template = checkpoint.tokenizer.chat_template().map(str::to_string);
+        let chat_template = checkpoint.tokenizer.chat_template();
         let description = format!("HF checkpoint {} ({})", path.display(), checkpoint.dtype());
         let src = HfSource { checkpoint };
         return LoadedModel::new(&src, device, tokenizer, chat_template, description);
