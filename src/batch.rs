@@ -116,6 +116,29 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
             return Err(Error::config(path, format!("targets[{i}]"), why));
         }
     }
+    // Every output is a plain name inside output_dir, and no two jobs write the same one.
+    let mut outputs = std::collections::BTreeMap::new();
+    for j in jobs(&m) {
+        let plain = !j.output.is_empty()
+            && j.output != "."
+            && j.output != ".."
+            && !j.output.contains(['/', '\\', '\0'])
+            && !Path::new(&j.output).is_absolute();
+        if !plain {
+            return Err(Error::config(
+                path,
+                format!("targets (output {:?} of source {})", j.output, j.source),
+                "an output name must be a plain file name inside output_dir (no '/', '..' or absolute path)",
+            ));
+        }
+        if let Some(other) = outputs.insert(j.output.clone(), j.source.clone()) {
+            return Err(Error::config(
+                path,
+                format!("targets (output {:?})", j.output),
+                format!("two jobs would write this output (sources {other} and {}): give the targets distinct names", j.source),
+            ));
+        }
+    }
     Ok(m)
 }
 
@@ -314,7 +337,24 @@ pub type Progress<'a> = &'a (dyn Fn(usize, u64, u64, &str) + Sync);
 
 /// Runs the manifest. `jobs_n` conversions at a time within the memory budget.
 pub fn run(m: &Manifest, jobs_n: usize, force: bool, progress: Progress, started: &(dyn Fn(usize, &Job) + Sync), finished: &(dyn Fn(usize, &Outcome) + Sync)) -> Result<Vec<Outcome>> {
+    if jobs_n == 0 {
+        return Err(Error::Usage("--jobs must be at least 1".into()));
+    }
+    // Every output location is checked before any work: none is an input (the manifest, a source,
+    // the text), a link, a device or a directory this tool did not write. Whether an existing one
+    // is skipped, refused or replaced is decided per job (resume records, --force).
+    let dir_exists = m.output_dir.is_dir();
+    if !dir_exists && m.output_dir.parent().is_some_and(|p| p.as_os_str().is_empty() || p.is_dir()) {
+        crate::output::check_target(&m.output_dir, false, true)?;
+    }
     std::fs::create_dir_all(&m.output_dir).map_err(|e| Error::io(&m.output_dir, e))?;
+    for j in jobs(m) {
+        let is_dir = matches!(j.target, TargetKind::Mlx(_));
+        crate::output::check_target(&m.output_dir.join(&j.output), true, is_dir)?;
+    }
+    for name in [STATE_FILE, "SHA256SUMS", "summary.md", "summary.json"] {
+        crate::output::check_managed(&m.output_dir.join(name))?;
+    }
     let state_path = m.output_dir.join(STATE_FILE);
     let state: BTreeMap<String, Record> = match std::fs::read_to_string(&state_path) {
         Ok(t) => serde_json::from_str(&t).map_err(|e| Error::file(&state_path, format!("corrupt batch state: {e}")))?,
@@ -377,7 +417,7 @@ pub fn run(m: &Manifest, jobs_n: usize, force: bool, progress: Progress, started
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let p = crate::output::PendingOutput::file(path, true)?;
+    let p = crate::output::PendingOutput::managed_file(path)?;
     std::fs::write(p.path(), bytes).map_err(|e| Error::io(path, e))?;
     p.commit()?;
     Ok(())

@@ -298,12 +298,38 @@ fn device(d: DeviceArg) -> anyhow::Result<Device> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    ouro_quant::output::install_signal_cleanup();
+    register_inputs(&cli.command);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Records every path a command reads, so that no output of it can be, contain, or lie inside one
+/// (`output::check_target`). Batch sources are added once the manifest is read.
+fn register_inputs(cmd: &Command) {
+    use ouro_quant::output::register_input as r;
+    match cmd {
+        Command::Convert { model, validate, .. } => {
+            r(model);
+            validate.iter().for_each(r);
+        }
+        Command::Validate(a) => {
+            r(&a.reference);
+            r(&a.candidate);
+            r(&a.text);
+            a.reference_logits.iter().for_each(r);
+        }
+        Command::Batch { manifest, .. } => r(manifest),
+        Command::Logits { model, tokens_file, .. } => {
+            r(model);
+            tokens_file.iter().for_each(r);
+        }
+        _ => {}
     }
 }
 
@@ -410,6 +436,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             validate_ctx,
             ..
         } => {
+            if let (Some(text), false) = (&validate, dry_run) {
+                check_validation_text(&model, text, validate_ctx)?;
+            }
             let out = convert_gguf(model.clone(), &file_type, &type_override, output, dry_run, force, json)?;
             match (validate, out) {
                 (Some(text), Some(out)) => validate_into_card(&model, &out, &text, validate_ctx),
@@ -431,6 +460,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             validate_ctx,
             ..
         } => {
+            if let (Some(text), false) = (&validate, dry_run) {
+                check_validation_text(&model, text, validate_ctx)?;
+            }
             let code = convert_mlx(model.clone(), bits, group_size, recipe, shard_bytes, output.clone(), dry_run, force, json)?;
             match (validate, output) {
                 (Some(text), Some(out)) if !dry_run => validate_into_card(&model, &out, &text, validate_ctx),
@@ -442,6 +474,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Batch { manifest, jobs, dry_run, force, json } => {
             use ouro_quant::batch;
             let m = batch::read_manifest(&manifest)?;
+            for j in batch::jobs(&m) {
+                ouro_quant::output::register_input(&j.source_path);
+            }
+            if let Some(v) = &m.validate {
+                ouro_quant::output::register_input(&v.text);
+            }
             if dry_run {
                 let list = batch::jobs(&m);
                 if json {
@@ -532,6 +570,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, Some(m)) => (m, format!("{} budget", inspect::human_bytes(m))),
                 (None, None) => unreachable!("clap requires one"),
             };
+            anyhow::ensure!(
+                ctx <= cfg.max_position_embeddings,
+                "--ctx {ctx}: longer than the model's context of {} tokens (max_position_embeddings)",
+                cfg.max_position_embeddings
+            );
             let shared = kv == KvPolicy::SharedLast;
             let rows = plan::plan(&cfg, budget, ctx, shared, kv_dtype);
             if json {
@@ -571,6 +614,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, None) => unreachable!("clap requires one"),
             };
             let ids = dump::parse_token_list(&text)?;
+            ouro_quant::output::check_target(&output, force, false)?;
+            let limit = model_context(&model)?;
+            anyhow::ensure!(ids.len() <= limit, "{} tokens: more than the model's context of {limit} (max_position_embeddings)", ids.len());
             let loaded = source::load(&model, &Device::Cpu)?;
             let path = dump::write_logits(&loaded.model, &ids, &output, force)?;
             println!("wrote {} ({} tokens, {} loops)", path.display(), ids.len(), loaded.model.dims.loops);
@@ -629,6 +675,7 @@ fn perplexity_cmd(
         anyhow::ensure!((0.0..=1.0).contains(q), "--exit-threshold: {q} is not in [0, 1]");
     }
     anyhow::ensure!(ctx >= 8, "--ctx {ctx}: at least 8 tokens (the second half of each chunk is scored)");
+    check_ctx("--ctx", ctx, &[model])?;
     let body = std::fs::read_to_string(text).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
     let loaded = source::load(model, &Device::Cpu)?;
     let tok = loaded
@@ -748,6 +795,54 @@ fn convert_gguf(
         );
     }
     Ok(Some(out))
+}
+
+/// The context a model was trained for (max_position_embeddings; a GGUF's `ouro.context_length`),
+/// read without loading the weights.
+fn model_context(path: &std::path::Path) -> anyhow::Result<usize> {
+    if path.is_file() {
+        let g = ouro_quant::gguf::file::GgufFile::open(path)?;
+        return match g.header.get("ouro.context_length") {
+            Some(ouro_quant::gguf::file::Value::U32(n)) => Ok(*n as usize),
+            _ => anyhow::bail!("{}: no UINT32 ouro.context_length", path.display()),
+        };
+    }
+    let p = path.join("config.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", p.display()))?;
+    v.get("max_position_embeddings")
+        .and_then(|n| n.as_u64())
+        .map(|n| n as usize)
+        .ok_or_else(|| anyhow::anyhow!("{}: no integer max_position_embeddings", p.display()))
+}
+
+/// Refuses a context longer than any of `models` was made for (the positions past it would be
+/// scored as if they were valid).
+fn check_ctx(flag: &str, ctx: usize, models: &[&std::path::Path]) -> anyhow::Result<()> {
+    for m in models {
+        let limit = model_context(m)?;
+        anyhow::ensure!(
+            ctx <= limit,
+            "{flag} {ctx}: longer than the context of {} ({limit} tokens, max_position_embeddings)",
+            m.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checks, before a conversion starts, that `--validate TEXT` can be honoured afterwards: the text
+/// reads and tokenizes (with the source's tokenizer) to at least one chunk of `ctx` tokens.
+fn check_validation_text(model: &std::path::Path, text: &std::path::Path, ctx: usize) -> anyhow::Result<()> {
+    let t = std::fs::read_to_string(text).map_err(|e| anyhow::anyhow!("--validate {}: {e}", text.display()))?;
+    check_ctx("--validate-ctx", ctx, &[model])?;
+    let tok = source::load_tokenizer(model)?;
+    let n = tok.encode(t.as_str(), false).map_err(|e| anyhow::anyhow!("--validate {}: tokenizing: {e}", text.display()))?.get_ids().len();
+    anyhow::ensure!(
+        n >= ctx,
+        "--validate {}: {n} tokens, fewer than one chunk of --validate-ctx {ctx}: nothing would be scored",
+        text.display()
+    );
+    Ok(())
 }
 
 /// Validates a conversion against its source and puts the Markdown summary in its model card: the
@@ -908,12 +1003,15 @@ struct ValidateArgs {
         /// Print the report JSON instead of the table.
         #[arg(long)]
         json: bool,
+        /// Replace existing --report/--markdown/--plot/--save-reference files (only regular files
+        /// that are none of the inputs).
+        #[arg(long)]
+        force: bool,
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it (replacing an old file).
-fn write_output(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let p = ouro_quant::output::PendingOutput::file(path, true)?;
-    std::fs::write(p.path(), bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+/// Writes `bytes` into a prepared output and moves it into place.
+fn write_output(p: ouro_quant::output::PendingOutput, bytes: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(p.path(), bytes).map_err(|e| anyhow::anyhow!("{}: {e}", p.target().display()))?;
     p.commit()?;
     Ok(())
 }
@@ -959,6 +1057,16 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         profile.min_same_top_pct = v;
         profile.name = format!("{} (custom)", profile.name.trim_end_matches(" (custom)"));
     }
+    check_ctx("--ctx", a.ctx, &[&a.reference, &a.candidate])?;
+    // Every output location is checked, and its temporary made, before any work.
+    let pend = |p: &Option<PathBuf>| -> anyhow::Result<Option<ouro_quant::output::PendingOutput>> {
+        Ok(match p {
+            Some(p) => Some(ouro_quant::output::PendingOutput::file(p, a.force)?),
+            None => None,
+        })
+    };
+    let (report_out, markdown_out, plot_out) = (pend(&a.report)?, pend(&a.markdown)?, pend(&a.plot)?);
+    let save_out = if a.reference_logits.is_none() { pend(&a.save_reference)? } else { None };
     let text = std::fs::read_to_string(&a.text).map_err(|e| anyhow::anyhow!("{}: {e}", a.text.display()))?;
     let tok = source::load_tokenizer(&a.reference)?;
     let tokens: Vec<u32> = tok
@@ -983,10 +1091,7 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         validate::validate(ReferenceSource::Stored(stored.clone()), &name(&a.reference), &candidate.model, &name(&a.candidate), &tokens, &name(&a.text), &opts, &progress)?
     } else {
         let reference = source::load(&a.reference, &Device::Cpu)?;
-        let pending = match &a.save_reference {
-            Some(p) => Some(ouro_quant::output::PendingOutput::file(p, true)?),
-            None => None,
-        };
+        let pending = save_out;
         let src = ReferenceSource::Model { model: &reference.model, hash: ref_hash, save: pending.as_ref().map(|p| p.path().to_path_buf()) };
         let r = validate::validate(src, &name(&a.reference), &candidate.model, &name(&a.candidate), &tokens, &name(&a.text), &opts, &progress)?;
         if let Some(p) = pending {
@@ -998,14 +1103,14 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     let checks = verdict::verdict(&report, &profile);
     let pass = checks.iter().all(|c| c.pass);
     let full = serde_json::json!({"report": report, "profile": profile, "checks": checks, "pass": pass});
-    if let Some(p) = &a.report {
+    if let Some(p) = report_out {
         write_output(p, (serde_json::to_string_pretty(&full)? + "\n").as_bytes())?;
     }
-    if let Some(p) = &a.markdown {
+    if let Some(p) = markdown_out {
         write_output(p, verdict::render_markdown(&report, &checks, &profile).as_bytes())?;
     }
-    if let Some(p) = &a.plot {
-        let png = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if let Some(p) = plot_out {
+        let png = p.target().extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
         let bytes = if png { verdict::render_png(&report) } else { verdict::render_svg(&report).into_bytes() };
         write_output(p, &bytes)?;
     }
@@ -1038,6 +1143,11 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!((0.0..=1.0).contains(&q), "--exit-threshold {q}: must lie in [0, 1]");
     }
     anyhow::ensure!((0.0..=1.0).contains(&a.sampling.top_p) && a.sampling.top_p > 0.0, "--top-p must lie in (0, 1]");
+    anyhow::ensure!(
+        a.sampling.temperature.is_finite() && a.sampling.temperature >= 0.0,
+        "--temperature {}: must be a finite number >= 0 (0 = greedy)",
+        a.sampling.temperature
+    );
     let kv_dtype = a.kv.dtype()?;
     let device = device(a.dev)?;
     if let Some(limit) = a.max_memory {
@@ -1058,7 +1168,10 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
             (ck.config.clone(), ck.config.parameter_count() * width)
         };
         let dims = ouro_quant::model::Dims::from_config(&config);
-        let ctx = a.max_tokens + a.prompt.as_deref().or(a.chat.as_deref()).or(a.prompt_tokens.as_deref()).map_or(0, |p| p.len() + 16);
+        let ctx = a
+            .max_tokens
+            .saturating_add(a.prompt.as_deref().or(a.chat.as_deref()).or(a.prompt_tokens.as_deref()).map_or(0, |p| p.len() + 16))
+            .min(config.max_position_embeddings);
         let kv = generate::planned_kv_bytes(&dims, a.kv.kv, kv_dtype, ctx);
         if weights + kv > limit {
             anyhow::bail!(

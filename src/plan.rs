@@ -158,9 +158,10 @@ pub fn plan(cfg: &OuroConfig, budget: u64, ctx: usize, shared_last: bool, kv: Kv
     formats(cfg)
         .into_iter()
         .map(|(format, weight_bytes)| {
+            // f64 -> u64 saturates; the sums saturate too, so an absurd context reads as not fitting.
             let kv_bytes = (per_token * ctx as f64).ceil() as u64;
-            let total = weight_bytes + kv_bytes + overhead;
-            let room = budget.saturating_sub(weight_bytes + overhead);
+            let total = weight_bytes.saturating_add(kv_bytes).saturating_add(overhead);
+            let room = budget.saturating_sub(weight_bytes.saturating_add(overhead));
             let max_ctx = ((room as f64 / per_token).floor() as usize).min(cfg.max_position_embeddings);
             FormatPlan {
                 format,
@@ -168,7 +169,7 @@ pub fn plan(cfg: &OuroConfig, budget: u64, ctx: usize, shared_last: bool, kv: Kv
                 kv_bytes,
                 overhead_bytes: overhead,
                 total_bytes: total,
-                fits: total <= budget,
+                fits: total <= budget && ctx <= cfg.max_position_embeddings,
                 max_ctx,
             }
         })

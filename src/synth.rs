@@ -183,6 +183,13 @@ pub fn synth(opts: &SynthOptions, out: &Path, force: bool, progress: &dyn Fn(u64
         })
         .collect();
     specs.sort_by(|a, b| a.name.cmp(&b.name));
+    if opts.shards > specs.len() {
+        return Err(Error::Usage(format!(
+            "--shards {}: this model has {} tensors, and a shard holds at least one",
+            opts.shards,
+            specs.len()
+        )));
+    }
     let total: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
     let shards = split_shards(&specs, opts.shards);
     let n_shards = shards.len();
@@ -198,6 +205,8 @@ pub fn synth(opts: &SynthOptions, out: &Path, force: bool, progress: &dyn Fn(u64
         let path = dir.join(&fname);
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
+        // Lets `--force` recognise the directory as ours (output::is_our_directory).
+        meta.insert(crate::output::SYNTH_MARK.to_string(), opts.seed.to_string());
         let mut w = Writer::new(&path, shard.clone(), &meta)?;
         for spec in shard {
             weight_map.insert(spec.name.clone(), fname.clone());

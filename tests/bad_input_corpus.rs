@@ -144,13 +144,23 @@ const CASES: &[Case] = &[
     Case { name: "perplexity: text missing", setup: noop, args: &["perplexity", "{in}/m", "--text", "{in}/none.txt"], needles: &["none.txt"] },
     Case { name: "run: KV dtype the runner cannot hold", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--kv-dtype", "q8_0"], needles: &["--kv-dtype q8_0", "f32 or f16"] },
     Case { name: "run: token id beyond the vocabulary", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,99999", "--max-tokens", "2"], needles: &["99999", "vocab"] },
+    Case { name: "run: temperature NaN", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--temperature", "NaN"], needles: &["--temperature", "NaN"] },
+    Case { name: "run: temperature infinite", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--temperature", "inf"], needles: &["--temperature", "inf"] },
+    Case { name: "run: temperature negative", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--temperature=-1"], needles: &["--temperature", "-1"] },
+    Case { name: "perplexity: context beyond the model's", setup: text, args: &["perplexity", "{in}/m", "--text", "{in}/t.txt", "--ctx", "4096"], needles: &["--ctx 4096", "2048"] },
+    Case { name: "perplexity: no chunks", setup: text, args: &["perplexity", "{in}/m", "--text", "{in}/t.txt", "--ctx", "16", "--chunks", "0"], needles: &["--chunks 0"] },
+    Case { name: "validate: context beyond the model's", setup: text, args: &["validate", "--reference", "{in}/m", "--candidate", "{in}/m", "--text", "{in}/t.txt", "--ctx", "4096"], needles: &["--ctx 4096", "2048"] },
     // --- logits ---
+    Case { name: "logits: more tokens than the context", setup: |d| std::fs::write(d.join("many.txt"), vec!["1"; 2049].join(",")).unwrap(), args: &["logits", "{in}/m", "--tokens-file", "{in}/many.txt", "-o", "{out}/l.safetensors"], needles: &["2049", "2048"] },
     Case { name: "logits: token list not numbers", setup: noop, args: &["logits", "{in}/m", "--tokens", "1,two,3", "-o", "{out}/l.safetensors"], needles: &["two"] },
     Case { name: "logits: tokens file missing", setup: noop, args: &["logits", "{in}/m", "--tokens-file", "{in}/none.txt", "-o", "{out}/l.safetensors"], needles: &["none.txt"] },
     // --- plan ---
     Case { name: "plan: unknown device", setup: noop, args: &["plan", "--preset", "ouro-1.4b", "--device", "toaster"], needles: &["toaster"] },
     Case { name: "plan: device profiles not TOML", setup: |d| std::fs::write(d.join("dev.toml"), "[bluefin\nmemory = ").unwrap(), args: &["plan", "--preset", "ouro-1.4b", "--device", "bluefin", "--devices", "{in}/dev.toml"], needles: &["dev.toml"] },
+    Case { name: "plan: absurd context", setup: noop, args: &["plan", "--preset", "ouro-1.4b", "--device", "bluefin", "--ctx", "100000000000000"], needles: &["--ctx 100000000000000", "65536"] },
+    Case { name: "synth: more shards than tensors", setup: noop, args: &["synth", "--preset", "tiny", "--shards", "1000", "-o", "{out}/s"], needles: &["--shards 1000", "tensors"] },
     // --- batch ---
+    Case { name: "batch: no job at a time", setup: |d| std::fs::write(d.join("b.toml"), format!("output_dir = \"{}\"\n[[sources]]\nname = \"m\"\npath = \"{}\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q8_0\"\n", d.join("../out").display(), d.join("m").display())).unwrap(), args: &["batch", "{in}/b.toml", "--jobs", "0"], needles: &["--jobs"] },
     Case { name: "batch: manifest not TOML", setup: |d| std::fs::write(d.join("b.toml"), "[[source]\n").unwrap(), args: &["batch", "{in}/b.toml"], needles: &["b.toml"] },
     Case { name: "batch: unknown target format", setup: |d| std::fs::write(d.join("b.toml"), format!("output_dir = \"{}\"\n[[sources]]\nname = \"m\"\npath = \"{}\"\n[[targets]]\nformat = \"onnx\"\n", d.join("../out").display(), d.join("m").display())).unwrap(), args: &["batch", "{in}/b.toml"], needles: &["b.toml", "onnx"] },
 ];

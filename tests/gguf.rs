@@ -217,8 +217,15 @@ fn bad_inputs_fail_cleanly_and_leave_nothing() {
     let o = bin().arg("convert").arg(fixtures().join("tiny-random")).arg("-o").arg(&out).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    // --force replaces only this tool's own outputs, not a file it did not write
+    let o = bin().arg("convert").arg(fixtures().join("tiny-random")).arg("--force").arg("-o").arg(&out).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("did not write"));
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    std::fs::remove_file(&out).unwrap();
+    bin().arg("convert").arg(fixtures().join("tiny-random")).args(["--type", "Q4_0", "-o"]).arg(&out).assert().success();
     bin().arg("convert").arg(fixtures().join("tiny-random")).arg("--force").arg("-o").arg(&out).assert().success();
-    assert!(GgufFile::open(&out).is_ok());
+    assert_eq!(GgufFile::open(&out).unwrap().header.get("general.file_type"), Some(&ouro_quant::gguf::file::Value::U32(7)));
 }
 
 #[test]

@@ -423,8 +423,17 @@ fn bad_inputs_fail_cleanly_and_leave_nothing() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
     assert_eq!(leftovers(&out), vec!["keep"]);
+    // a directory this tool did not write is never replaced, even with --force
+    let o = bin().arg("convert").arg(&src).args(["--format", "mlx", "--force", "-o"]).arg(&out).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("did not write"));
+    assert_eq!(leftovers(&out), vec!["keep"]);
+    std::fs::remove_dir_all(&out).unwrap();
+    convert(&src, &out, &[]);
+    // our own MLX directory is replaced with --force
+    std::fs::write(out.join("README.md"), b"edited").unwrap();
     convert(&src, &out, &["--force"]);
-    assert!(out.join("ouro.py").is_file() && !out.join("keep").exists());
+    assert!(out.join("ouro.py").is_file() && std::fs::read(out.join("README.md")).unwrap() != b"edited");
     assert_eq!(leftovers(d.path()), vec!["out"]);
 }
 

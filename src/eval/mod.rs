@@ -36,6 +36,7 @@ pub fn chunks(n: usize, ctx: usize, max_chunks: Option<usize>) -> Vec<(usize, us
 /// [`chunks`] for scoring: refuses a context under 4 tokens and a text shorter than one chunk.
 pub fn scored_chunks(n: usize, ctx: usize, max_chunks: Option<usize>) -> anyhow::Result<Vec<(usize, usize)>> {
     anyhow::ensure!(ctx >= 4, "--ctx {ctx}: at least 4 tokens");
+    anyhow::ensure!(max_chunks != Some(0), "--chunks 0: at least one chunk must be scored");
     let spans = chunks(n, ctx, max_chunks);
     anyhow::ensure!(!spans.is_empty(), "the text has {n} tokens, fewer than one chunk of --ctx {ctx}");
     Ok(spans)

@@ -62,8 +62,8 @@ impl Scene {
     /// The scene as an SVG document.
     pub fn to_svg(&self) -> String {
         let mut s = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-            self.width, self.height
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n<!-- {} -->\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+            self.width, self.height, crate::output::FILE_MARK
         );
         for it in &self.items {
             match it {
@@ -159,6 +159,7 @@ impl Scene {
             let mut enc = png::Encoder::new(&mut out, w, h);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
+            enc.add_text_chunk("Software".into(), crate::output::FILE_MARK.into()).expect("PNG text chunk");
             let mut wr = enc.write_header().expect("PNG header into memory");
             wr.write_image_data(&px).expect("PNG data into memory");
         }

@@ -146,11 +146,18 @@ pub fn generate(
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= model.dims.vocab) {
         anyhow::bail!("token id {bad} is outside the model's vocabulary ({})", model.dims.vocab);
     }
+    let limit = model.config.max_position_embeddings;
+    anyhow::ensure!(
+        prompt.len() <= limit,
+        "the prompt has {} tokens, more than the model's context of {limit} (max_position_embeddings)",
+        prompt.len()
+    );
     let mut rng = Rng::new(opts.sampling.seed);
+    // Sized for what can happen: the context ends generation before max-tokens can outgrow it.
     let mut cache = KvCache::new(&model.dims, opts.kv)
         .with_skip_fill(opts.kv_fill)
         .with_dtype(opts.kv_dtype)
-        .with_capacity(prompt.len() + opts.max_tokens);
+        .with_capacity(prompt.len().saturating_add(opts.max_tokens).min(limit));
     let default_mode = model.default_mode();
 
     let t0 = Instant::now();
@@ -196,7 +203,11 @@ pub fn generate(
         }
         tokens.push(next);
         on_token(next);
-        if tokens.len() == opts.max_tokens || cache.len + 1 > model.config.max_position_embeddings {
+        if tokens.len() == opts.max_tokens {
+            break;
+        }
+        if cache.len + 1 > limit {
+            stopped_by = format!("context limit ({limit})");
             break;
         }
         let out = model.forward(&[next], &mut cache, control)?;
