@@ -14,14 +14,14 @@ pub enum Error {
     #[error("{}: {msg}", path.display())]
     File { path: PathBuf, msg: String },
     /// One tensor of a file is malformed, missing or has the wrong shape or dtype.
-    #[error("{}: tensor `{tensor}`: {msg}", path.display())]
+    #[error("{}: tensor `{}`: {msg}", path.display(), printable(tensor))]
     Tensor {
         path: PathBuf,
         tensor: String,
         msg: String,
     },
     /// A configuration key is missing, has the wrong type, or holds a value this tool cannot honour.
-    #[error("{}: key `{key}`: {msg}", path.display())]
+    #[error("{}: key `{}`: {msg}", path.display(), printable(key))]
     Config {
         path: PathBuf,
         key: String,
@@ -30,6 +30,15 @@ pub enum Error {
     /// A bad option or combination of options given by the user.
     #[error("{0}")]
     Usage(String),
+}
+
+/// `s` with control characters (a terminal's escape sequences, newlines, NULs) written as
+/// `\u{..}` escapes, so that a name read from a file is printed as what it is.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(s.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect())
 }
 
 /// Result with the crate's [`Error`].

@@ -269,7 +269,7 @@ pub fn render(r: &Report) -> String {
         );
     }
     for w in &r.warnings {
-        let _ = writeln!(s, "  warning: {w}");
+        let _ = writeln!(s, "  warning: {}", crate::error::printable(w));
     }
     if let Some(ts) = &r.tensors {
         let _ = writeln!(s, "  tensors ({}):", ts.len());
@@ -277,7 +277,7 @@ pub fn render(r: &Report) -> String {
             let _ = writeln!(
                 s,
                 "    {:<52} {:<5} {:<14} {:>12}  {}",
-                t.name,
+                crate::error::printable(&t.name),
                 t.dtype,
                 format!("{:?}", t.shape),
                 human_bytes(t.bytes as u64),
@@ -299,7 +299,7 @@ pub fn render(r: &Report) -> String {
                 let _ = writeln!(
                     s,
                     "    {}: {} NaN, {} Inf (first at flat index {})",
-                    b.name, b.nan, b.inf, b.first_index
+                    crate::error::printable(&b.name), b.nan, b.inf, b.first_index
                 );
             }
         }
@@ -414,7 +414,7 @@ pub fn render_gguf(r: &GgufReport) -> String {
     }
     if let Some(ts) = &r.tensor_table {
         for t in ts {
-            let _ = writeln!(s, "    {:<32} {:<7} {:<16} {:>12}", t.name, t.dtype, format!("{:?}", t.shape), human_bytes(t.bytes as u64));
+            let _ = writeln!(s, "    {:<32} {:<7} {:<16} {:>12}", crate::error::printable(&t.name), t.dtype, format!("{:?}", t.shape), human_bytes(t.bytes as u64));
         }
     }
     s

@@ -14,6 +14,7 @@ pub mod eval;
 pub mod fuzzing;
 pub mod gguf;
 pub mod inspect;
+pub mod json;
 pub mod mlx;
 pub mod model;
 pub mod output;

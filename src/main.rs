@@ -750,6 +750,9 @@ fn convert_gguf(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let ck = Checkpoint::open(&model)?;
+    for w in &ck.warnings {
+        eprintln!("warning: {}: {w}", model.display());
+    }
     let opts = GgufOptions { file_type: ft, overrides, force };
     if dry_run {
         let plan = convert::plan_gguf(&ck, &opts)?;
@@ -909,6 +912,9 @@ fn convert_mlx(
         opts.shard_bytes = b;
     }
     let ck = Checkpoint::open(&model)?;
+    for w in &ck.warnings {
+        eprintln!("warning: {}: {w}", model.display());
+    }
     if dry_run {
         let plan = write::plan_mlx(&ck, &opts)?;
         let mut total = 0u64;

@@ -177,8 +177,8 @@ pub fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
     }
     let text = std::str::from_utf8(&buf[8..8 + n])
         .map_err(|e| format!("header is not UTF-8 text ({e}): not a safetensors file"))?;
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| format!("header is not valid JSON ({e}): truncated or not a safetensors file"))?;
+    let value: serde_json::Value = crate::json::parse(text)
+        .map_err(|e| format!("header is not valid JSON ({e}): truncated, not a safetensors file, or a tensor named twice"))?;
     let serde_json::Value::Object(map) = value else {
         return Err("header JSON is not an object".into());
     };

@@ -80,6 +80,21 @@ fn text(d: &Path) {
 
 fn noop(_: &Path) {}
 
+fn extra_tensor(d: &Path, name: &str, dtype: &str) {
+    edit_weights(&d.join("m"), |ts| {
+        ts.push(common::RawTensor {
+            spec: ouro_quant::stfile::TensorSpec { name: name.to_string(), dtype: ouro_quant::stfile::DType::parse(dtype).unwrap(), shape: vec![4] },
+            bytes: vec![0; 4],
+        })
+    });
+}
+
+fn shard_replaced(d: &Path, make: fn(&Path)) {
+    let p = weights(d);
+    std::fs::remove_file(&p).unwrap();
+    make(&p);
+}
+
 const CASES: &[Case] = &[
     // --- HF checkpoint: safetensors ---
     Case { name: "truncated header", setup: |d| rewrite(&weights(d), |b| { let n = header_len(b); b.truncate(8 + n / 2) }), args: &["convert", "{in}/m", "-o", "{out}/o.gguf"], needles: &["model.safetensors", "truncated"] },
@@ -96,7 +111,28 @@ const CASES: &[Case] = &[
     Case { name: "NaN in a weight (GGUF)", setup: |d| set_value(d, "model.layers.0.self_attn.k_proj.weight", f32::NAN), args: &["convert", "{in}/m", "-o", "{out}/o.gguf"], needles: &["model.layers.0.self_attn.k_proj.weight", "non-finite"] },
     Case { name: "infinity in a weight (MLX)", setup: |d| set_value(d, "model.layers.1.mlp.down_proj.weight", f32::INFINITY), args: &["convert", "{in}/m", "--format", "mlx", "-o", "{out}/o"], needles: &["model.layers.1.mlp.down_proj.weight", "non-finite"] },
     Case { name: "NaN in a norm (MLX keeps it float)", setup: |d| set_value(d, "model.norm.weight", f32::NAN), args: &["convert", "{in}/m", "--format", "mlx", "--bits", "8", "-o", "{out}/o"], needles: &["model.norm.weight", "non-finite"] },
+    Case { name: "extra tensor of an unsupported dtype", setup: |d| extra_tensor(d, "extra.counts", "I8"), args: &["convert", "{in}/m", "-o", "{out}/o.gguf"], needles: &["extra.counts", "I8"] },
+    Case { name: "tensor name with control characters, escaped", setup: |d| extra_tensor(d, "evil\u{1b}[2J\nname", "I8"), args: &["inspect", "{in}/m"], needles: &["evil\\u{1b}[2J\\u{a}name"] },
+    Case { name: "shard is a symlink loop", setup: |d| shard_replaced(d, |p| std::os::unix::fs::symlink("model.safetensors", p).unwrap()), args: &["inspect", "{in}/m"], needles: &["model.safetensors", "symbolic link"] },
+    Case { name: "shard is a directory", setup: |d| shard_replaced(d, |p| std::fs::create_dir(p).unwrap()), args: &["inspect", "{in}/m"], needles: &["model.safetensors", "directory"] },
+    Case { name: "shard is a FIFO", setup: |d| shard_replaced(d, |p| { let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap(); assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0); }), args: &["inspect", "{in}/m"], needles: &["model.safetensors", "not a regular file"] },
+    Case { name: "shard is /dev/zero", setup: |d| shard_replaced(d, |p| std::os::unix::fs::symlink("/dev/zero", p).unwrap()), args: &["inspect", "{in}/m"], needles: &["model.safetensors", "not a regular file"] },
+    Case { name: "safetensors header names a tensor twice", setup: |d| rewrite(&weights(d), |b| {
+        // the header's first key written again before the closing brace, same offsets
+        let n = header_len(b);
+        let text = String::from_utf8(b[8..8 + n].to_vec()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let (k, val) = v.as_object().unwrap().iter().find(|(k, _)| *k != "__metadata__").map(|(k, v)| (k.clone(), v.clone())).unwrap();
+        let body = text.trim_end().strip_suffix('}').unwrap().to_string();
+        let j = format!("{body},{}:{}}}", serde_json::to_string(&k).unwrap(), val);
+        let data = b[8 + n..].to_vec();
+        b.clear();
+        b.extend_from_slice(&(j.len() as u64).to_le_bytes());
+        b.extend_from_slice(j.as_bytes());
+        b.extend_from_slice(&data);
+    }), args: &["inspect", "{in}/m"], needles: &["model.safetensors", "given twice"] },
     // --- config.json ---
+    Case { name: "config with a key given twice", setup: |d| { let p = d.join("m/config.json"); let t = std::fs::read_to_string(&p).unwrap(); std::fs::write(&p, t.replacen('{', "{\"num_hidden_layers\": 99,", 1)).unwrap(); }, args: &["inspect", "{in}/m"], needles: &["config.json", "num_hidden_layers", "given twice"] },
     Case { name: "config missing a key", setup: |d| edit_config(&d.join("m"), |c| { c.remove("num_attention_heads"); }), args: &["convert", "{in}/m", "-o", "{out}/o.gguf"], needles: &["config.json", "num_attention_heads"] },
     Case { name: "config wrong type", setup: |d| edit_config(&d.join("m"), |c| { c.insert("hidden_size".into(), serde_json::json!("64")); }), args: &["convert", "{in}/m", "-o", "{out}/o.gguf"], needles: &["config.json", "hidden_size"] },
     Case { name: "config not JSON", setup: |d| std::fs::write(d.join("m/config.json"), "{ model_type: ouro").unwrap(), args: &["convert", "{in}/m", "-o", "{out}/o.gguf"], needles: &["config.json", "JSON"] },

@@ -358,3 +358,19 @@ fn run_stops_at_the_models_context_whatever_max_tokens_says() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("65") && e.contains("64"), "{e}");
 }
+
+#[test]
+fn convert_names_the_tensors_it_ignores() {
+    let m = copy_checkpoint(&fixtures().join("tiny-random"));
+    edit_weights(m.path(), |ts| {
+        ts.push(RawTensor {
+            spec: ouro_quant::stfile::TensorSpec { name: "lm_head.extra_bias".into(), dtype: ouro_quant::stfile::DType::F32, shape: vec![4] },
+            bytes: vec![0; 16],
+        })
+    });
+    let out = tempfile::tempdir().unwrap();
+    let o = bin().arg("convert").arg(m.path()).arg("-o").arg(out.path().join("x.gguf")).output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("warning") && e.contains("lm_head.extra_bias") && e.contains("ignored"), "{e}");
+}

@@ -161,8 +161,7 @@ impl OuroConfig {
 
     /// Parses config text; `path` is used in messages only.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+        let value: Value = crate::json::parse(text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
         let Value::Object(map) = value else {
             return Err(Error::file(path, "config.json must hold a JSON object"));
         };

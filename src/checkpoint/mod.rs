@@ -180,7 +180,7 @@ impl Weights {
             files.sort();
             files.dedup();
             (files, Some((index_path, map)))
-        } else if single.exists() {
+        } else if single.exists() || single.is_symlink() {
             (vec!["model.safetensors".into()], None)
         } else {
             return Err(Error::file(
@@ -193,6 +193,17 @@ impl Weights {
         for (fi, name) in names.iter().enumerate() {
             let path = dir.join(name);
             if !path.is_file() {
+                // Say what is there instead, so that a link loop, a folder or a device is not
+                // reported as missing.
+                let what = match (std::fs::symlink_metadata(&path), std::fs::metadata(&path)) {
+                    (Err(_), _) => None,
+                    (Ok(_), Err(e)) => Some(format!("is a symbolic link that does not resolve to a file ({e})")),
+                    (Ok(_), Ok(m)) if m.is_dir() => Some("is a directory, not a safetensors file".to_string()),
+                    (Ok(_), Ok(_)) => Some("is not a regular file (a device, FIFO or socket): weights are read only from regular files".to_string()),
+                };
+                if let Some(what) = what {
+                    return Err(Error::file(&path, what));
+                }
                 let idx = index.as_ref().map(|(p, _)| p.clone()).unwrap_or_default();
                 return Err(Error::file(&idx, format!("names shard `{name}`, which does not exist in {}", dir.display())));
             }
@@ -449,6 +460,14 @@ impl Checkpoint {
                 format!("belongs to a layer beyond the {n_layers} that config.json's num_hidden_layers declares: the config does not describe these weights"),
             ));
         }
+        // README promises every dtype other than BF16/F16/F32 is refused by name: extra tensors too.
+        if let Some(t) = extra_tensors.iter().filter_map(|n| weights.get(n)).find(|t| !t.dtype().is_weight_float()) {
+            return Err(Error::tensor(
+                t.file,
+                t.name(),
+                format!("dtype {} is not supported (expected BF16, F16 or F32; the tensor is not an Ouro weight either)", t.dtype()),
+            ));
+        }
         if !extra_tensors.is_empty() {
             warnings.push(format!(
                 "{} tensor(s) not used by an Ouro model are ignored: {}",
@@ -463,6 +482,19 @@ impl Checkpoint {
             ));
         }
         let tokenizer = read_tokenizer_files(&dir, &mut warnings)?;
+        if let Some(tj) = &tokenizer.tokenizer_json {
+            // Every token id needs an embedding row: a GGUF with more tokens than rows does not load.
+            let tok = tokenizer.load()?;
+            if let Some((text, id)) = tok.get_vocab(true).into_iter().filter(|(_, id)| *id as usize >= config.vocab_size).max_by_key(|(_, id)| *id) {
+                return Err(Error::file(
+                    tj,
+                    format!(
+                        "token {text:?} has id {id}, outside the model's vocabulary of {} (config.json `vocab_size`): the embedding has no row for it",
+                        config.vocab_size
+                    ),
+                ));
+            }
+        }
         Ok(Checkpoint {
             dir,
             config,
