@@ -438,6 +438,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             if let (Some(text), false) = (&validate, dry_run) {
                 check_validation_text(&model, text, validate_ctx)?;
+                if let Some(o) = &output {
+                    // the card beside the file is written after the validation: checked now
+                    ouro_quant::output::check_target(&ouro_quant::gguf::card::card_path(o), true, false)?;
+                }
             }
             let out = convert_gguf(model.clone(), &file_type, &type_override, output, dry_run, force, json)?;
             match (validate, out) {

@@ -160,10 +160,15 @@ pub fn is_our_file(path: &Path) -> bool {
             || m.get("format").is_some_and(|v| v.starts_with("ouro-quant"))
             || m.contains_key(SYNTH_MARK);
     }
+    // The card inside a directory this tool wrote is part of that output.
+    if path.file_name().is_some_and(|n| n == "README.md") && path.parent().is_some_and(is_our_directory) {
+        return true;
+    }
     let text = String::from_utf8_lossy(&head);
     let find = |needle: &str| text.contains(needle);
     find("\"schema\": \"ouro-quant-")
         || text.starts_with("**Validation** by ouro-quant")
+        || (text.starts_with("---\n") && text.split("\n---").next().is_some_and(|front| front.contains("\nquantized_by: ouro-quant\n")))
         || find(FILE_MARK)
 }
 

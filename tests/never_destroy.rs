@@ -374,3 +374,19 @@ fn convert_names_the_tensors_it_ignores() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("warning") && e.contains("lm_head.extra_bias") && e.contains("ignored"), "{e}");
 }
+
+#[test]
+fn a_card_beside_the_file_that_is_not_ours_stops_convert_before_it_starts() {
+    let s = scene();
+    let d = s.path();
+    std::fs::write(d.join("y.md"), "my notes").unwrap();
+    refused(d, &["convert", "m", "--type", "Q8_0", "-o", "y.gguf", "--validate", "text.txt", "--validate-ctx", "128"], &["y.md", "did not write"]);
+    // our own card is replaced by a later validation
+    let (code, err) = run_in(d, &["convert", "m", "--type", "Q8_0", "-o", "z.gguf", "--validate", "text.txt", "--validate-ctx", "128"]);
+    assert!(matches!(code, Some(0) | Some(1)), "{err}");
+    let card = std::fs::read_to_string(d.join("z.md")).unwrap();
+    assert!(card.contains("quantized_by: ouro-quant"));
+    std::fs::remove_file(d.join("z.gguf")).unwrap();
+    let (code, err) = run_in(d, &["convert", "m", "--type", "Q8_0", "-o", "z.gguf", "--validate", "text.txt", "--validate-ctx", "128"]);
+    assert!(matches!(code, Some(0) | Some(1)), "{err}");
+}

@@ -252,7 +252,8 @@ pub fn write_card(out: &std::path::Path, markdown: &str) -> crate::Result<std::p
     } else {
         (crate::gguf::card::card_path(out), crate::gguf::card::model_card(out, markdown)?)
     };
-    let p = crate::output::PendingOutput::managed_file(&path)?;
+    // A card this tool wrote (its front matter says so) is replaced; any other file is refused.
+    let p = crate::output::PendingOutput::file(&path, true)?;
     std::fs::write(p.path(), text.as_bytes()).at(&path)?;
     p.commit()?;
     Ok(path)

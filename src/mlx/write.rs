@@ -296,7 +296,7 @@ fn model_card(ck: &Checkpoint, opts: &MlxOptions, name: &str, validation: Option
         "Not run at conversion time. Run `ouro-quant validate --reference <bf16 dir> --candidate <this dir> --text <file>` to measure perplexity, KL divergence and exit-gate agreement.".into()
     });
     format!(
-        "---\nlibrary_name: mlx\nlicense: apache-2.0\nbase_model: {base}\npipeline_tag: text-generation\ntags:\n- mlx\n- ouro\n- looped-language-model\n---\n\n\
+        "---\nlibrary_name: mlx\nlicense: apache-2.0\nbase_model: {base}\npipeline_tag: text-generation\nquantized_by: ouro-quant\ntags:\n- mlx\n- ouro\n- looped-language-model\n---\n\n\
 # {name}\n\n\
 This model was converted to MLX format from [{base}](https://huggingface.co/{base}) using ouro-quant version **{ver}**: {how}.\n\
 The norms and the exit gate (`model.early_exit_gate`) stay in {dtype}.\n\n\
