@@ -441,8 +441,11 @@ fn run_job(
         match cached {
             Some(h) => h,
             None => {
-                progress(i, 0, 1, "hashing the source");
+                // in real units: the source's bytes (hashed in one pass, reported at its ends)
+                let bytes: u64 = ck.weights.files().iter().map(|f| f.file_len() as u64).sum();
+                progress(i, 0, bytes, "hashing the source");
                 let h = crate::convert::source_sha256(&ck)?;
+                progress(i, bytes, bytes, "hashed the source");
                 hashes.lock().expect("lock").insert(job.source.clone(), h.clone());
                 h
             }

@@ -63,6 +63,30 @@ pub struct ConvertSummary {
 pub fn plan_gguf(ck: &Checkpoint, opts: &GgufOptions) -> Result<Vec<TensorPlan>> {
     let cfg = &ck.config;
     let mut plan = vec![];
+    // An override must change something: one that matches no tensor, or only tensors that are never
+    // quantized (norms, 1-D), is a mistake to say rather than a no-op to hide.
+    for o in &opts.overrides {
+        let map = arch::tensor_map(cfg);
+        let matched: Vec<&arch::MappedTensor> = map.iter().filter(|m| o.pattern.is_match(&m.gguf_name)).collect();
+        let quantizable = |m: &&arch::MappedTensor| {
+            ck.tensor(&m.hf_name).is_ok_and(|t| t.shape().len() >= 2) && !m.gguf_name.contains("_norm.weight")
+        };
+        if matched.is_empty() {
+            return Err(Error::Usage(format!(
+                "--type-override {}={}: the pattern matches no tensor (GGUF names, e.g. blk.0.attn_v.weight, ffn_down, output.weight)",
+                o.pattern.as_str(),
+                o.ty
+            )));
+        }
+        if !matched.iter().any(quantizable) {
+            return Err(Error::Usage(format!(
+                "--type-override {}={}: the pattern matches only tensors that stay F32 ({}...): norms and other 1-D tensors are never quantized, as in llama-quantize",
+                o.pattern.as_str(),
+                o.ty,
+                matched[0].gguf_name
+            )));
+        }
+    }
     for m in arch::tensor_map(cfg) {
         let t = ck.tensor(&m.hf_name)?;
         let ty = tensor_type(opts.file_type, cfg, &m.gguf_name, t.shape(), &opts.overrides);

@@ -19,6 +19,7 @@ pub mod mlx;
 pub mod model;
 pub mod output;
 pub mod plan;
+pub mod progress;
 pub mod quant;
 pub mod stfile;
 pub mod synth;

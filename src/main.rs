@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use ouro_quant::progress::{Progress, Unit};
 
 use candle_core::Device;
 use ouro_quant::checkpoint::Checkpoint;
@@ -131,16 +132,21 @@ enum Command {
         /// Append `<think>\n` after the assistant header (Thinking models only think then).
         #[arg(long, requires = "chat")]
         thinking: bool,
+        /// Generate at most this many tokens (generation also stops at a stop token and at the
+        /// model's context).
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
         /// 0 is greedy.
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
+        /// Nucleus sampling: sample among the most likely tokens whose probabilities add up to p
+        /// (1 keeps every token).
         #[arg(long, default_value_t = 1.0)]
         top_p: f32,
         /// 0 keeps every token.
         #[arg(long, default_value_t = 0)]
         top_k: usize,
+        /// Seed of the sampler (the same seed, options and model give the same text).
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Stop each token's loops once its exit CDF reaches q (saves compute; 1.0 runs all loops).
@@ -148,6 +154,7 @@ enum Command {
         exit_threshold: Option<f32>,
         #[command(flatten)]
         kv: KvArgs,
+        /// Where to run: cpu, or cuda / metal in builds with that feature.
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
         /// Refuse to start if weights + KV for prompt + max-tokens would exceed this many bytes.
@@ -195,6 +202,7 @@ enum Command {
         /// Context length (tokens in the KV cache).
         #[arg(long, default_value_t = 4096)]
         ctx: usize,
+        /// KV cache: full (one slot per loop and layer, as upstream) or shared-last (one per layer).
         #[arg(long, value_enum, default_value = "full")]
         kv: KvPolicy,
         /// KV-cache storage: f16 (llama.cpp's and MLX's default), f32 (this runner), q8_0.
@@ -203,6 +211,7 @@ enum Command {
         /// More device profiles (TOML, same form as formats/devices.toml).
         #[arg(long)]
         devices: Option<PathBuf>,
+        /// Print the plan as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -216,6 +225,7 @@ enum Command {
         /// UTF-8 text to score.
         #[arg(long)]
         text: PathBuf,
+        /// Tokens per chunk (the first half prefilled, the second half scored token by token).
         #[arg(long, default_value_t = 128)]
         ctx: usize,
         /// Score at most this many chunks.
@@ -226,6 +236,7 @@ enum Command {
         exit_threshold: Vec<f32>,
         #[command(flatten)]
         kv: KvArgs,
+        /// Print the results as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -240,8 +251,10 @@ enum Command {
         /// File of token ids separated by commas or whitespace.
         #[arg(long)]
         tokens_file: Option<PathBuf>,
+        /// The safetensors file to write.
         #[arg(short = 'o', long)]
         output: PathBuf,
+        /// Replace an existing output that ouro-quant wrote (never an input or another file).
         #[arg(long)]
         force: bool,
     },
@@ -297,7 +310,13 @@ fn device(d: DeviceArg) -> anyhow::Result<Device> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Err(e) = check_format_options(&matches) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     ouro_quant::output::install_signal_cleanup();
     register_inputs(&cli.command);
     match run(cli) {
@@ -307,6 +326,34 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Refuses options of the other output format given on the command line (`convert --format mlx
+/// --type Q4_K_M` would otherwise write MLX 4-bit and ignore the type).
+fn check_format_options(matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let Some(("convert", m)) = matches.subcommand() else {
+        return Ok(());
+    };
+    let given = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    let mlx = matches!(m.get_one::<Format>("format"), Some(Format::Mlx));
+    let (_, wrong): (&str, &[(&str, &str)]) = if mlx {
+        ("", &[("file_type", "--type"), ("type_override", "--type-override")])
+    } else {
+        ("", &[("bits", "--bits"), ("group_size", "--group-size"), ("recipe", "--recipe")])
+    };
+    if let Some((_, flag)) = wrong.iter().find(|(id, _)| given(id)) {
+        anyhow::bail!(
+            "{flag} is {} option, and this conversion writes {}: {}",
+            if mlx { "a GGUF" } else { "an MLX" },
+            if mlx { "MLX" } else { "GGUF" },
+            if mlx {
+                "choose MLX's precision with --bits/--group-size/--recipe, or write GGUF with --format gguf"
+            } else {
+                "add --format mlx to write an MLX directory, or choose a GGUF type with --type"
+            }
+        );
+    }
+    Ok(())
 }
 
 /// Records every path a command reads, so that no output of it can be, contain, or lie inside one
@@ -390,19 +437,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dtype,
                 shards,
             };
-            let bar = ProgressBar::new(0).with_style(
-                ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}")
-                    .expect("template"),
-            );
-            if json {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
+            let bar = Progress::new("synth", Unit::Bytes, json);
             let start = Instant::now();
-            let dir = synth::synth(&opts, &output, force, &|done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })?;
-            bar.finish_and_clear();
+            let dir = synth::synth(&opts, &output, force, &|done, total| bar.update(done, total, ""))?;
+            bar.finish();
             let ck = Checkpoint::open(&dir)?;
             let secs = start.elapsed().as_secs_f64();
             let params = ck.config.parameter_count();
@@ -504,16 +542,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let overall = multi.add(ProgressBar::new(n as u64).with_style(ProgressStyle::with_template("batch {bar:30} {pos}/{len} jobs {elapsed}").expect("template")));
             let bars: std::sync::Mutex<std::collections::BTreeMap<usize, ProgressBar>> = Default::default();
+            // off a terminal, plain periodic lines per job (the bars above draw only on one)
+            let plain: std::sync::Mutex<std::collections::BTreeMap<usize, Progress>> = Default::default();
             let style = ProgressStyle::with_template("{prefix:<28} {bar:30} {binary_bytes}/{binary_total_bytes} {msg}").expect("template");
             let started = |i: usize, j: &batch::Job| {
                 let b = multi.insert_before(&overall, ProgressBar::new(0).with_style(style.clone()).with_prefix(j.output.clone()));
                 bars.lock().expect("lock").insert(i, b);
+                plain.lock().expect("lock").insert(i, Progress::new(&format!("batch {}", j.output), Unit::Bytes, true));
             };
             let progress = |i: usize, d: u64, t: u64, what: &str| {
                 if let Some(b) = bars.lock().expect("lock").get(&i) {
                     b.set_length(t);
                     b.set_position(d);
                     b.set_message(what.to_string());
+                }
+                if let Some(p) = plain.lock().expect("lock").get(&i) {
+                    p.update(d, t, what);
                 }
             };
             let finished = |i: usize, o: &batch::Outcome| {
@@ -755,7 +799,7 @@ fn convert_gguf(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let ck = Checkpoint::open(&model)?;
     for w in &ck.warnings {
-        eprintln!("warning: {}: {w}", model.display());
+        eprintln!("note: {}: {w}", model.display());
     }
     let opts = GgufOptions { file_type: ft, overrides, force };
     if dry_run {
@@ -784,9 +828,9 @@ fn convert_gguf(
             .unwrap_or_else(|| "ouro".into());
         PathBuf::from(format!("{name}-{}.gguf", ft.name()))
     });
-    let bar = bytes_bar(json);
-    let summary = convert::convert_gguf(&ck, &opts, &out, &|done, total, name| show_bytes(&bar, done, total, name))?;
-    bar.finish_and_clear();
+    let bar = Progress::new("convert", Unit::Bytes, json);
+    let summary = convert::convert_gguf(&ck, &opts, &out, &|done, total, name| bar.update(done, total, name))?;
+    bar.finish();
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -874,21 +918,6 @@ fn validate_into_card(source: &std::path::Path, out: &std::path::Path, text: &st
 }
 
 /// The progress bar of a conversion (hidden with `--json`).
-fn bytes_bar(json: bool) -> ProgressBar {
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}").expect("template"),
-    );
-    if json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar
-}
-
-fn show_bytes(bar: &ProgressBar, done: u64, total: u64, what: &str) {
-    bar.set_length(total);
-    bar.set_position(done);
-    bar.set_message(what.to_string());
-}
 
 #[allow(clippy::too_many_arguments)]
 fn convert_mlx(
@@ -917,7 +946,7 @@ fn convert_mlx(
     }
     let ck = Checkpoint::open(&model)?;
     for w in &ck.warnings {
-        eprintln!("warning: {}: {w}", model.display());
+        eprintln!("note: {}: {w}", model.display());
     }
     if dry_run {
         let plan = write::plan_mlx(&ck, &opts)?;
@@ -941,9 +970,9 @@ fn convert_mlx(
         return Ok(ExitCode::SUCCESS);
     }
     let out = output.unwrap_or_else(|| PathBuf::from(write::default_output_name(&ck, &opts)));
-    let bar = bytes_bar(json);
-    let summary = write::convert_mlx(&ck, &opts, &out, &|done, total, name| show_bytes(&bar, done, total, name))?;
-    bar.finish_and_clear();
+    let bar = Progress::new("convert", Unit::Bytes, json);
+    let summary = write::convert_mlx(&ck, &opts, &out, &|done, total, name| bar.update(done, total, name))?;
+    bar.finish();
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -1087,14 +1116,8 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     let ref_hash = validate::model_hash(&a.reference)?;
     let candidate = source::load(&a.candidate, &Device::Cpu)?;
     let opts = ValidateOptions { ctx: a.ctx, chunks: a.chunks, thresholds };
-    let bar = ProgressBar::new(0).with_style(ProgressStyle::with_template("{bar:40} chunk {pos}/{len} {eta}").expect("template"));
-    if a.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let progress = |done: usize, total: usize| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    };
+    let bar = Progress::new("validate", Unit::Items("chunk"), a.json);
+    let progress = |done: usize, total: usize| bar.update(done as u64, total as u64, "");
     let name = |p: &PathBuf| p.display().to_string();
     let report = if let Some(stored) = &a.reference_logits {
         validate::check_reference_model(stored, &ref_hash)?;
@@ -1109,7 +1132,7 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         }
         r
     };
-    bar.finish_and_clear();
+    bar.finish();
     let checks = verdict::verdict(&report, &profile);
     let pass = checks.iter().all(|c| c.pass);
     let full = serde_json::json!({"report": report, "profile": profile, "checks": checks, "pass": pass});
@@ -1257,4 +1280,35 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every option and argument of every command says what it does in `--help`.
+    #[test]
+    fn every_option_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() && !a.is_hide_set() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&super::Cli::command(), "ouro-quant", &mut missing);
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+        super::Cli::command().debug_assert();
+    }
 }

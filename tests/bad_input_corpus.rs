@@ -131,6 +131,10 @@ const CASES: &[Case] = &[
         b.extend_from_slice(j.as_bytes());
         b.extend_from_slice(&data);
     }), args: &["inspect", "{in}/m"], needles: &["model.safetensors", "given twice"] },
+    Case { name: "convert: a GGUF option with --format mlx", setup: noop, args: &["convert", "{in}/m", "--format", "mlx", "--type", "Q4_K_M", "-o", "{out}/o"], needles: &["--type", "GGUF", "--format gguf"] },
+    Case { name: "convert: an MLX option for GGUF", setup: noop, args: &["convert", "{in}/m", "--bits", "2", "--group-size", "32", "-o", "{out}/o.gguf"], needles: &["--bits", "MLX", "--format mlx"] },
+    Case { name: "convert: a type override that matches nothing", setup: noop, args: &["convert", "{in}/m", "--type-override", "attn_vv=Q8_0", "-o", "{out}/o.gguf"], needles: &["attn_vv", "matches no tensor"] },
+    Case { name: "convert: a type override that would quantize a norm", setup: noop, args: &["convert", "{in}/m", "--type-override", "attn_norm=Q4_K", "-o", "{out}/o.gguf"], needles: &["attn_norm", "stay F32"] },
     // --- config.json ---
     Case { name: "config with a key given twice", setup: |d| { let p = d.join("m/config.json"); let t = std::fs::read_to_string(&p).unwrap(); std::fs::write(&p, t.replacen('{', "{\"num_hidden_layers\": 99,", 1)).unwrap(); }, args: &["inspect", "{in}/m"], needles: &["config.json", "num_hidden_layers", "given twice"] },
     Case { name: "config missing a key", setup: |d| edit_config(&d.join("m"), |c| { c.remove("num_attention_heads"); }), args: &["convert", "{in}/m", "-o", "{out}/o.gguf"], needles: &["config.json", "num_attention_heads"] },

@@ -372,7 +372,7 @@ fn convert_names_the_tensors_it_ignores() {
     let o = bin().arg("convert").arg(m.path()).arg("-o").arg(out.path().join("x.gguf")).output().unwrap();
     assert_eq!(o.status.code(), Some(0));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("warning") && e.contains("lm_head.extra_bias") && e.contains("ignored"), "{e}");
+    assert!(e.contains("note") && e.contains("lm_head.extra_bias") && e.contains("ignored"), "{e}");
 }
 
 #[test]
@@ -389,4 +389,27 @@ fn a_card_beside_the_file_that_is_not_ours_stops_convert_before_it_starts() {
     std::fs::remove_file(d.join("z.gguf")).unwrap();
     let (code, err) = run_in(d, &["convert", "m", "--type", "Q8_0", "-o", "z.gguf", "--validate", "text.txt", "--validate-ctx", "128"]);
     assert!(matches!(code, Some(0) | Some(1)), "{err}");
+}
+
+#[test]
+fn off_a_terminal_long_work_prints_plain_progress_lines() {
+    // stderr is a pipe here, as in CI or under nohup: no bar, plain lines with done/total, rate, ETA
+    let d = tempfile::tempdir().unwrap();
+    let o = bin()
+        .env("OURO_QUANT_PROGRESS_SECS", "0")
+        .arg("convert")
+        .arg(fixtures().join("ouro-tiny-trained"))
+        .arg("-o")
+        .arg(d.path().join("x.gguf"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("convert: ")).collect();
+    assert!(lines.len() >= 3, "{err}");
+    assert!(lines.iter().all(|l| l.contains(" / ") && l.contains("%)") && l.contains("/s, ETA ")), "{err}");
+    assert!(!err.contains('\r') && !err.contains('\u{1b}'), "no terminal control off a terminal");
+    // at the default interval a sub-second job prints none
+    let o = bin().arg("convert").arg(fixtures().join("ouro-tiny-trained")).arg("-o").arg(d.path().join("y.gguf")).output().unwrap();
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("convert: "));
 }
