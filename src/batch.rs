@@ -567,7 +567,7 @@ fn validate_job(m: &Manifest, job: &Job, v: &ValidateCfg, out: &Path) -> anyhow:
             }
         }
     };
-    let family = crate::model::source::quant_family(out)?;
+    let family = verdict::family_of(out)?;
     let profile = verdict::profile(family).expect("shipped profile");
     let checks = verdict::verdict(&report, &profile);
     verdict::write_card(out, &verdict::render_markdown(&report, &checks, &profile))?;

@@ -391,6 +391,125 @@ pub fn inspect_gguf(path: &std::path::Path, tensors: bool) -> crate::Result<Gguf
     })
 }
 
+/// What `inspect` says of an MLX directory.
+#[derive(Debug, Serialize)]
+pub struct MlxReport {
+    pub schema: &'static str,
+    pub path: String,
+    pub layers: usize,
+    pub loops: usize,
+    pub hidden_size: usize,
+    /// The top-level `bits` / `group_size` of config.json's `quantization` (None: unquantized).
+    pub bits: Option<u64>,
+    pub group_size: Option<u64>,
+    /// Modules with an entry of their own (mixed recipes) and modules left unquantized.
+    pub modules_with_own_bits: Vec<(String, u64)>,
+    pub modules_unquantized: usize,
+    pub parameters: u64,
+    pub bytes_on_disk: u64,
+    pub bits_per_weight: f64,
+    pub files: Vec<(String, u64)>,
+    /// Whether the index carries ouro-quant's checksum record (`inspect --verify` checks it).
+    pub written_by_ouro_quant: bool,
+    pub tool_version: Option<String>,
+}
+
+/// Describes an MLX directory: quantization, sizes, provenance (its tensors checked by opening it
+/// as the runner does).
+pub fn inspect_mlx(path: &std::path::Path) -> crate::Result<MlxReport> {
+    use crate::error::IoContext;
+    let dir = crate::mlx::read::MlxDir::open(path)?;
+    let cfg = &dir.config;
+    let q = cfg.raw.get("quantization");
+    let mut own = vec![];
+    let mut unq = 0;
+    if let Some(serde_json::Value::Object(m)) = q {
+        for (k, v) in m {
+            match v {
+                serde_json::Value::Bool(false) => unq += 1,
+                serde_json::Value::Object(e) => own.push((k.clone(), e.get("bits").and_then(|b| b.as_u64()).unwrap_or(0))),
+                _ => {}
+            }
+        }
+    }
+    let mut files = vec![];
+    for e in std::fs::read_dir(path).at(path)?.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            files.push((e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)));
+        }
+    }
+    files.sort();
+    let weight_bytes: u64 = files.iter().filter(|(n, _)| n.ends_with(".safetensors")).map(|(_, b)| b).sum();
+    let params = cfg.parameter_count();
+    let readme = std::fs::read_to_string(path.join("README.md")).unwrap_or_default();
+    let tool_version = readme
+        .split("using ouro-quant version **")
+        .nth(1)
+        .and_then(|r| r.split("**").next())
+        .map(str::to_string);
+    Ok(MlxReport {
+        schema: "ouro-quant-inspect-mlx-1",
+        path: path.display().to_string(),
+        layers: cfg.num_hidden_layers,
+        loops: cfg.total_ut_steps,
+        hidden_size: cfg.hidden_size,
+        bits: q.and_then(|q| q.get("bits")).and_then(|b| b.as_u64()),
+        group_size: q.and_then(|q| q.get("group_size")).and_then(|b| b.as_u64()),
+        modules_with_own_bits: own,
+        modules_unquantized: unq,
+        parameters: params,
+        bytes_on_disk: files.iter().map(|(_, b)| b).sum(),
+        bits_per_weight: weight_bytes as f64 * 8.0 / params.max(1) as f64,
+        files,
+        written_by_ouro_quant: crate::output::is_our_directory(path),
+        tool_version,
+    })
+}
+
+/// The MLX report as text.
+pub fn render_mlx(r: &MlxReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{} (MLX)", r.path);
+    let _ = writeln!(s, "  shape          {} layers x {} loops, hidden {}", r.layers, r.loops, r.hidden_size);
+    match (r.bits, r.group_size) {
+        (Some(b), Some(g)) => {
+            let _ = writeln!(s, "  quantization   {b}-bit affine, group size {g}");
+        }
+        _ => {
+            let _ = writeln!(s, "  quantization   none (stored dtype)");
+        }
+    }
+    if !r.modules_with_own_bits.is_empty() {
+        let mut by_bits: std::collections::BTreeMap<u64, usize> = Default::default();
+        for (_, b) in &r.modules_with_own_bits {
+            *by_bits.entry(*b).or_default() += 1;
+        }
+        let _ = writeln!(
+            s,
+            "  mixed          {} modules with their own bits ({})",
+            r.modules_with_own_bits.len(),
+            by_bits.iter().map(|(b, n)| format!("{n} at {b}-bit")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if r.modules_unquantized > 0 {
+        let _ = writeln!(s, "  unquantized    {} modules", r.modules_unquantized);
+    }
+    let _ = writeln!(s, "  parameters     {}", group_digits(r.parameters));
+    let _ = writeln!(s, "  size           {} on disk, {:.2} bits per weight (weights)", human_bytes(r.bytes_on_disk), r.bits_per_weight);
+    let _ = writeln!(s, "  files          {}", r.files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        s,
+        "  written by     {}",
+        if r.written_by_ouro_quant {
+            format!("ouro-quant {} (checksums recorded: inspect --verify checks them)", r.tool_version.as_deref().unwrap_or("?"))
+        } else {
+            "another tool (no ouro-quant record in the index)".into()
+        }
+    );
+    s
+}
+
 /// The GGUF report as text.
 pub fn render_gguf(r: &GgufReport) -> String {
     use std::fmt::Write;

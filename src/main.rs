@@ -408,6 +408,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            if ouro_quant::mlx::read::is_mlx_dir(&path) {
+                anyhow::ensure!(!scan && !tensors, "--scan and --tensors read HF checkpoints; an MLX directory is described as a whole (--verify checks its files)");
+                let r = inspect::inspect_mlx(&path)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{}", inspect::render_mlx(&r));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let ck = Checkpoint::open(&path)?;
             let report = inspect::inspect(&ck, tensors, scan);
             if json {
@@ -625,12 +635,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let shared = kv == KvPolicy::SharedLast;
             let rows = plan::plan(&cfg, budget, ctx, shared, kv_dtype);
+            let planned = match (&model, preset) {
+                (Some(m), _) => m.display().to_string(),
+                (None, Some(p)) => format!("preset {}", clap::ValueEnum::to_possible_value(&p).map(|v| v.get_name().to_string()).unwrap_or_default()),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let limit = cfg.max_position_embeddings;
             if json {
-                println!("{}", serde_json::json!({"budget_bytes": budget, "ctx": ctx, "kv": kv, "kv_dtype": kv_dtype, "kv_bytes_per_token": plan::kv_bytes_per_token(&cfg, shared, kv_dtype), "formats": rows}));
+                println!(
+                    "{}",
+                    serde_json::json!({"schema": "ouro-quant-plan-1", "model": planned, "max_position_embeddings": limit, "budget_bytes": budget, "ctx": ctx, "kv": kv, "kv_dtype": kv_dtype, "kv_bytes_per_token": plan::kv_bytes_per_token(&cfg, shared, kv_dtype), "formats": rows})
+                );
             } else {
-                println!("{what}; context {ctx} tokens, KV {:?} in {:?} ({} per token)", kv, kv_dtype, inspect::human_bytes(plan::kv_bytes_per_token(&cfg, shared, kv_dtype) as u64));
+                println!("{planned} on {what}; context {ctx} tokens, KV {:?} in {:?} ({} per token)", kv, kv_dtype, inspect::human_bytes(plan::kv_bytes_per_token(&cfg, shared, kv_dtype) as u64));
                 println!("{:<16} {:>11} {:>11} {:>11} {:>11}  {:<5} {:>10}", "format", "weights", "KV", "runtime", "total", "fits", "max ctx");
                 for r in &rows {
+                    // a max ctx at the model's position limit is that limit, not what memory allows
+                    let max_ctx = if r.max_ctx >= limit { format!("{limit} (model)") } else { r.max_ctx.to_string() };
                     println!(
                         "{:<16} {:>11} {:>11} {:>11} {:>11}  {:<5} {:>10}",
                         r.format,
@@ -639,9 +660,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         inspect::human_bytes(r.overhead_bytes),
                         inspect::human_bytes(r.total_bytes),
                         if r.fits { "yes" } else { "NO" },
-                        r.max_ctx
+                        max_ctx
                     );
                 }
+                println!("max ctx: the longest context that fits in memory; \"(model)\": the model's position limit (max_position_embeddings) comes first");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -820,14 +842,7 @@ fn convert_gguf(
         }
         return Ok(None);
     }
-    let out = output.unwrap_or_else(|| {
-        let name = model
-            .canonicalize()
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "ouro".into());
-        PathBuf::from(format!("{name}-{}.gguf", ft.name()))
-    });
+    let out = output.unwrap_or_else(|| PathBuf::from(format!("{}-{}.gguf", ck.folder_name(), ft.name())));
     let bar = Progress::new("convert", Unit::Bytes, json);
     let summary = convert::convert_gguf(&ck, &opts, &out, &|done, total, name| bar.update(done, total, name))?;
     bar.finish();
@@ -909,7 +924,7 @@ fn validate_into_card(source: &std::path::Path, out: &std::path::Path, text: &st
     let opts = ValidateOptions { ctx, chunks: None, thresholds: vec![0.5, 0.7, 0.9, 1.0] };
     let src = ReferenceSource::Model { model: &reference.model, hash: validate::model_hash(source)?, save: None };
     let r = validate::validate(src, &source.display().to_string(), &candidate.model, &out.display().to_string(), &tokens, &text.display().to_string(), &opts, &|_, _| {})?;
-    let profile = verdict::profile(source::quant_family(out)?).expect("shipped profile");
+    let profile = verdict::profile(verdict::family_of(out)?).expect("shipped profile");
     let checks = verdict::verdict(&r, &profile);
     let md = verdict::render_markdown(&r, &checks, &profile);
     verdict::write_card(out, &md)?;
@@ -1076,7 +1091,7 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     // The profile first, so that a bad name fails before any work.
     let family = match &a.profile {
         Some(p) => p.clone(),
-        None => source::quant_family(&a.candidate)?.to_string(),
+        None => verdict::family_of(&a.candidate)?.to_string(),
     };
     let mut profile = verdict::profile(&family).ok_or_else(|| {
         anyhow::anyhow!(

@@ -381,6 +381,17 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The checkpoint folder's name, which default output names start with (`Ouro-1.4B-Q4_K_M.gguf`,
+    /// `Ouro-1.4B-4bit`), as llama.cpp's converter and mlx-community name files.
+    pub fn folder_name(&self) -> String {
+        self.dir
+            .canonicalize()
+            .unwrap_or_else(|_| self.dir.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "ouro".into())
+    }
+
     /// Opens and checks the checkpoint in `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
@@ -400,6 +411,13 @@ impl Checkpoint {
             ));
         }
         let config = OuroConfig::from_file(&cfg_path)?;
+        if config.raw.contains_key("quantization") {
+            return Err(Error::file(
+                &dir,
+                "is an MLX directory (config.json has `quantization`), already converted: convert reads the original HF \
+                 checkpoint; `inspect` describes MLX directories and `run`/`validate` use them",
+            ));
+        }
         let weights = Weights::open(&dir)?;
         let mut warnings = vec![];
         let expected = expected_tensors(&config);

@@ -40,6 +40,21 @@ pub fn profile(name: &str) -> Option<Profile> {
 }
 
 /// The profile for a quantization family: a GGUF file type name (`Q8_0`, `Q4_K_M`, ...) or MLX bits.
+/// The profile family of a model stored as `q` (`8bit`, `4bit`, ...).
+pub fn family(q: &crate::model::source::Quantization) -> &'static str {
+    use crate::model::source::Quantization;
+    match q {
+        Quantization::Float => "float",
+        Quantization::Gguf(t) => profile_for_gguf(t),
+        Quantization::Mlx(bits) => profile_for_mlx_bits(*bits),
+    }
+}
+
+/// The profile family of a model at `path` (see [`family`]).
+pub fn family_of(path: &std::path::Path) -> anyhow::Result<&'static str> {
+    Ok(family(&crate::model::source::quantization(path)?))
+}
+
 pub fn profile_for_gguf(file_type: &str) -> &'static str {
     match file_type {
         "F32" | "F16" | "BF16" => "float",

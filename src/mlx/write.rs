@@ -241,9 +241,10 @@ pub fn model_name(ck: &Checkpoint) -> String {
         .unwrap_or_else(|| "ouro".into())
 }
 
-/// The default output directory name: `<model>-<suffix>` (`Ouro-1.4B-4bit`, ...).
+/// The default output directory name: `<folder>-<suffix>` (`Ouro-1.4B-4bit`, ...), the folder
+/// being the checkpoint's, as for GGUF files.
 pub fn default_output_name(ck: &Checkpoint, opts: &MlxOptions) -> String {
-    format!("{}-{}", model_name(ck), opts.suffix(ck.dtype().name()))
+    format!("{}-{}", ck.folder_name(), opts.suffix(ck.dtype().name()))
 }
 
 /// `config.json` of the output: the source config with the eos correction, the quantization

@@ -446,21 +446,32 @@ pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Toke
     tokenizers::Tokenizer::from_file(&tj).map_err(|e| anyhow::anyhow!("{}: not a valid tokenizer: {e}", tj.display()))
 }
 
-/// The quantization family of a model, for choosing a `validate` profile: a GGUF file's type
-/// name, or an MLX directory's bits (`None` unquantized), or an HF checkpoint (float).
-pub fn quant_family(path: &std::path::Path) -> anyhow::Result<&'static str> {
-    use crate::eval::verdict::{profile_for_gguf, profile_for_mlx_bits};
+/// How a model's weights are stored, as far as its format says: what `validate` maps to a profile
+/// (the model layer knows formats, not validation policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quantization {
+    /// An HF checkpoint (float weights).
+    Float,
+    /// A GGUF file of this file type (its name, `?` for an id we do not know).
+    Gguf(&'static str),
+    /// An MLX directory with these top-level bits (`None`: unquantized).
+    Mlx(Option<u32>),
+}
+
+/// The [`Quantization`] of the model at `path`: a GGUF file's type, an MLX directory's bits, or
+/// an HF checkpoint.
+pub fn quantization(path: &std::path::Path) -> anyhow::Result<Quantization> {
     if path.is_file() {
         let g = GgufFile::open(path)?;
         let id = g.header.get("general.file_type").and_then(|v| v.as_u32()).unwrap_or(0);
         let name = crate::gguf::mix::FileType::ALL.iter().find(|t| t.id() == id).map(|t| t.name()).unwrap_or("?");
-        return Ok(profile_for_gguf(name));
+        return Ok(Quantization::Gguf(name));
     }
     if crate::mlx::read::is_mlx_dir(path) {
         let text = std::fs::read_to_string(path.join("config.json"))?;
         let v: serde_json::Value = serde_json::from_str(&text)?;
         let bits = v.get("quantization").and_then(|q| q.get("bits")).and_then(|b| b.as_u64()).map(|b| b as u32);
-        return Ok(profile_for_mlx_bits(bits));
+        return Ok(Quantization::Mlx(bits));
     }
-    Ok("float")
+    Ok(Quantization::Float)
 }

@@ -1,0 +1,78 @@
+//! One tool: the commands describe what they are given, name outputs by one rule, and say what
+//! their figures mean.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn inspect_describes_our_mlx_directories_and_convert_says_it_is_already_converted() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("mx");
+    bin().arg("convert").arg(fixtures().join("ouro-tiny-trained")).args(["--format", "mlx", "--bits", "8", "--group-size", "32", "-o"]).arg(&out).assert().success();
+    let o = bin().args(["inspect", "--json"]).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["bits"].as_u64(), v["group_size"].as_u64()), (Some(8), Some(32)));
+    assert_eq!(v["written_by_ouro_quant"], true);
+    // sizes measured here, not taken from the report's own code
+    let on_disk: u64 = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert_eq!(v["bytes_on_disk"].as_u64(), Some(on_disk));
+    let weights = std::fs::metadata(out.join("model.safetensors")).unwrap().len() as f64;
+    let bpw = v["bits_per_weight"].as_f64().unwrap();
+    assert!((bpw - weights * 8.0 / v["parameters"].as_f64().unwrap()).abs() < 1e-9);
+    // 8-bit codes plus a bf16 scale and bias per 32: 9 bits, a little more with the float norms
+    assert!((9.0..9.6).contains(&bpw), "{bpw}");
+    let text = bin().arg("inspect").arg(&out).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("8-bit affine, group size 32") && text.contains("written by     ouro-quant"), "{text}");
+    // convert reads HF checkpoints: an MLX directory is named as one
+    let o = bin().arg("convert").arg(&out).arg("-o").arg(d.path().join("x.gguf")).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is an MLX directory"));
+}
+
+#[test]
+fn default_output_names_follow_the_folder_for_both_formats() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("My-Ouro");
+    std::fs::create_dir(&m).unwrap();
+    for e in std::fs::read_dir(fixtures().join("ouro-tiny-trained")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+    }
+    // the fixture's config names another model in _name_or_path: the folder decides
+    bin().current_dir(d.path()).args(["convert", "My-Ouro", "--type", "Q8_0"]).assert().success();
+    bin().current_dir(d.path()).args(["convert", "My-Ouro", "--format", "mlx", "--bits", "8"]).assert().success();
+    assert!(d.path().join("My-Ouro-Q8_0.gguf").is_file());
+    assert!(d.path().join("My-Ouro-8bit").join("config.json").is_file());
+}
+
+#[test]
+fn plan_names_what_it_planned_and_where_the_context_limit_comes_from() {
+    let o = bin().args(["plan", "--preset", "ouro-1.4b", "--memory", "100000000000", "--ctx", "1024"]).output().unwrap();
+    assert!(o.status.success());
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.starts_with("preset ouro-1.4b on "), "{t}");
+    // 100 GB fits far more than 65,536 tokens: the limit shown is the model's
+    assert!(t.contains("65536 (model)"), "{t}");
+    let o = bin().args(["plan", "--preset", "ouro-1.4b", "--memory", "100000000000", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["model"], "preset ouro-1.4b");
+    assert_eq!(v["max_position_embeddings"], 65536);
+}
+
+#[test]
+fn the_model_layer_knows_no_validation_policy() {
+    // data flows one way: read -> quantize -> write -> verify; the model does not import eval
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for dir in ["model", "gguf", "mlx", "checkpoint", "quant"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            let text = std::fs::read_to_string(&p).unwrap();
+            for higher in ["crate::eval", "crate::batch"] {
+                assert!(!text.contains(higher), "{} uses {higher}", p.display());
+            }
+        }
+    }
+}
