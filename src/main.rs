@@ -12,7 +12,6 @@ use candle_core::Device;
 use ouro_quant::checkpoint::Checkpoint;
 use ouro_quant::model::generate::{self, GenerateOptions, Sampling};
 use ouro_quant::model::{dump, source, KvPolicy, SkipFill};
-use ouro_quant::plan::KvDtype;
 use ouro_quant::inspect::{self, parse_weight_dtype};
 use ouro_quant::synth::{self, Preset, SynthOptions};
 
@@ -270,19 +269,26 @@ struct KvArgs {
     /// (its exit loop's K/V, or nothing; `ouro-quant perplexity` measures both).
     #[arg(long, value_enum, default_value = "copy")]
     kv_fill: SkipFill,
-    /// Storage of the KV cache (f16: half the memory; `plan` shows what each takes).
+    /// Storage of the KV cache: f32 (the default: exact, and fastest to attend over on the CPU) or
+    /// f16 (half the memory, perplexity within 0.1%; `plan` sizes both, and llama.cpp's q8_0).
     #[arg(long, value_enum, default_value = "f32")]
-    kv_dtype: KvDtype,
+    kv_dtype: RunKvDtype,
+}
+
+/// The KV storage the runner holds (the planner also sizes q8_0, which the runner cannot hold, so
+/// it is not offered here).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RunKvDtype {
+    F32,
+    F16,
 }
 
 impl KvArgs {
-    /// The storage the runner supports (the planner also knows q8_0, which candle cannot hold).
     fn dtype(&self) -> anyhow::Result<candle_core::DType> {
-        match self.kv_dtype {
-            KvDtype::F32 => Ok(candle_core::DType::F32),
-            KvDtype::F16 => Ok(candle_core::DType::F16),
-            KvDtype::Q8_0 => anyhow::bail!("--kv-dtype q8_0: the runner keeps its KV cache in f32 or f16 (`plan` can size q8_0)"),
-        }
+        Ok(match self.kv_dtype {
+            RunKvDtype::F32 => candle_core::DType::F32,
+            RunKvDtype::F16 => candle_core::DType::F16,
+        })
     }
 }
 
@@ -1023,8 +1029,10 @@ struct ValidateArgs {
         /// At most this many chunks.
         #[arg(long)]
         chunks: Option<usize>,
-        /// Exit thresholds q to study (0.5 is always included: the verdict uses it).
-        #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,1.0")]
+        /// Exit thresholds q to study, comma separated (0.5 is always included: the verdict uses
+        /// it). The same option as run's and perplexity's --exit-threshold (`--thresholds` is
+        /// still accepted).
+        #[arg(long = "exit-threshold", alias = "thresholds", value_delimiter = ',', default_value = "0.5,0.7,0.9,1.0")]
         thresholds: Vec<f32>,
         /// Verdict profile: float, 8bit, 6bit, 4bit, 3bit (default: from the candidate's type).
         #[arg(long)]
@@ -1074,7 +1082,7 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     use ouro_quant::eval::validate::{self, ReferenceSource, ValidateOptions};
     use ouro_quant::eval::verdict;
     for q in &a.thresholds {
-        anyhow::ensure!((0.0..=1.0).contains(q), "--thresholds: {q} is not in [0, 1]");
+        anyhow::ensure!((0.0..=1.0).contains(q), "--exit-threshold: {q} is not in [0, 1]");
     }
     anyhow::ensure!(a.ctx >= 8, "--ctx {}: at least 8 tokens (the second half of each chunk is scored)", a.ctx);
     if let Some(p) = &a.plot {

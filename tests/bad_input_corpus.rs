@@ -182,7 +182,7 @@ const CASES: &[Case] = &[
     Case { name: "perplexity: exit threshold above 1", setup: text, args: &["perplexity", "{in}/m", "--text", "{in}/t.txt", "--exit-threshold", "0.5,1.5"], needles: &["exit-threshold", "1.5"] },
     Case { name: "perplexity: text shorter than one chunk", setup: |d| std::fs::write(d.join("t.txt"), "short").unwrap(), args: &["perplexity", "{in}/m", "--text", "{in}/t.txt", "--ctx", "64"], needles: &["t.txt", "fewer than one chunk"] },
     Case { name: "perplexity: text missing", setup: noop, args: &["perplexity", "{in}/m", "--text", "{in}/none.txt"], needles: &["none.txt"] },
-    Case { name: "run: KV dtype the runner cannot hold", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--kv-dtype", "q8_0"], needles: &["--kv-dtype q8_0", "f32 or f16"] },
+    Case { name: "run: KV dtype the runner cannot hold", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--kv-dtype", "q8_0"], needles: &["q8_0", "--kv-dtype", "f32, f16"] },
     Case { name: "run: token id beyond the vocabulary", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,99999", "--max-tokens", "2"], needles: &["99999", "vocab"] },
     Case { name: "run: temperature NaN", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--temperature", "NaN"], needles: &["--temperature", "NaN"] },
     Case { name: "run: temperature infinite", setup: noop, args: &["run", "{in}/m", "--prompt-tokens", "1,2", "--temperature", "inf"], needles: &["--temperature", "inf"] },

@@ -76,3 +76,40 @@ fn the_model_layer_knows_no_validation_policy() {
         }
     }
 }
+
+#[test]
+fn readme_is_a_landing_page_whose_links_resolve() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.len() < 9000, "README.md is {} bytes: detail belongs in docs/", readme.len());
+    // the Rust version it states is Cargo.toml's
+    let cargo = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let rv = cargo.lines().find_map(|l| l.strip_prefix("rust-version = \"")).unwrap().trim_end_matches('"');
+    assert!(readme.contains(&format!("Rust {rv} or newer")), "README states another Rust version than {rv}");
+    assert!(readme.contains("cargo install --path .") && readme.contains("scripts/test.sh"));
+    let mut pages = vec![root.join("README.md")];
+    for dir in ["docs", "formats"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "md") {
+                pages.push(p);
+            }
+        }
+    }
+    let mut checked = 0;
+    for page in pages {
+        let text = std::fs::read_to_string(&page).unwrap();
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = rest[..end].split('#').next().unwrap();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") || target.contains(' ') {
+                continue;
+            }
+            let resolved = page.parent().unwrap().join(target);
+            assert!(resolved.exists(), "{}: link to {target} does not resolve", page.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} links checked");
+}
