@@ -59,6 +59,23 @@ pub struct ConvertSummary {
     pub types: Vec<(String, usize)>,
 }
 
+/// The exact size of the GGUF file [`convert_gguf`] would write: the header with every key
+/// (checksums and the source hash at their final lengths), then each tensor padded to the
+/// alignment.
+pub fn gguf_file_bytes(ck: &Checkpoint, opts: &GgufOptions) -> Result<u64> {
+    let plan = plan_gguf(ck, opts)?;
+    let mut kvs = metadata(ck, opts, HASH_PLACEHOLDER)?;
+    kvs.extend(crate::verify::gguf_placeholder_kvs(plan.len()));
+    let specs: Vec<(String, Vec<usize>, GgmlType)> = plan.iter().map(|p| (p.gguf_name.clone(), p.shape.clone(), p.ggml_type)).collect();
+    let align = kvs
+        .iter()
+        .find(|(k, _)| k == "general.alignment")
+        .and_then(|(_, v)| v.as_u32())
+        .map_or(crate::gguf::file::DEFAULT_ALIGNMENT, |a| a as usize);
+    let (head, infos) = crate::gguf::file::header_bytes(&kvs, &specs, align);
+    Ok(head.len() as u64 + infos.iter().map(|i| i.nbytes().div_ceil(align) * align).sum::<usize>() as u64)
+}
+
 /// The per-tensor types a conversion would use.
 pub fn plan_gguf(ck: &Checkpoint, opts: &GgufOptions) -> Result<Vec<TensorPlan>> {
     let cfg = &ck.config;

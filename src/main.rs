@@ -841,10 +841,11 @@ fn convert_gguf(
                 println!("{:<28} {:<7} {:<16} {:>12}", p.gguf_name, p.ggml_type.name(), format!("{:?}", p.shape), inspect::human_bytes(bytes));
             }
         }
+        let file_bytes = convert::gguf_file_bytes(&ck, &opts)?;
         if json {
-            println!("{}", serde_json::json!({"file_type": ft.name(), "tensor_bytes": total, "tensors": plan}));
+            println!("{}", serde_json::json!({"schema": "ouro-quant-convert-plan-1", "file_type": ft.name(), "tensor_bytes": total, "file_bytes": file_bytes, "tensors": plan}));
         } else {
-            println!("{} tensors, {} of tensor data", plan.len(), inspect::human_bytes(total));
+            println!("{} tensors, {} of tensor data, {} file ({file_bytes} bytes)", plan.len(), inspect::human_bytes(total), inspect::human_bytes(file_bytes));
         }
         return Ok(None);
     }

@@ -113,3 +113,24 @@ fn readme_is_a_landing_page_whose_links_resolve() {
     }
     assert!(checked >= 10, "only {checked} links checked");
 }
+
+#[test]
+fn predicted_gguf_sizes_are_the_written_sizes_for_every_type() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixtures().join("ouro-tiny-trained");
+    let inspected: serde_json::Value = serde_json::from_slice(&bin().args(["inspect", "--json"]).arg(&src).output().unwrap().stdout).unwrap();
+    let mut inspect_rows = 0;
+    for ty in ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q4_0", "IQ4_NL"] {
+        let out = d.path().join(format!("{ty}.gguf"));
+        let plan: serde_json::Value =
+            serde_json::from_slice(&bin().arg("convert").arg(&src).args(["--type", ty, "--dry-run", "--json"]).output().unwrap().stdout).unwrap();
+        bin().arg("convert").arg(&src).args(["--type", ty, "-o"]).arg(&out).assert().success();
+        let written = std::fs::metadata(&out).unwrap().len();
+        assert_eq!(plan["file_bytes"].as_u64(), Some(written), "{ty}: --dry-run");
+        if let Some(row) = inspected["output_sizes"].as_array().unwrap().iter().find(|r| r["format"] == format!("GGUF {ty}")) {
+            assert_eq!(row["bytes"].as_u64(), Some(written), "{ty}: inspect");
+            inspect_rows += 1;
+        }
+    }
+    assert_eq!(inspect_rows, 3, "inspect predicts F16, Q8_0 and Q4_K_M");
+}
