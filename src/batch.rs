@@ -481,8 +481,15 @@ fn run_job(
     let (bytes, bpw) = match &job.target {
         TargetKind::Gguf(ft) => {
             // a card left by an earlier validated run describes the old file
+            // (only a card this tool wrote: any other file of that name is never removed)
             let card = crate::gguf::card::card_path(&out_path);
             if card.is_file() {
+                if !crate::output::is_our_file(&card) {
+                    return Err(anyhow::anyhow!(
+                        "{}: not a model card ouro-quant wrote, and it would describe this output: refusing to replace it (move it away)",
+                        card.display()
+                    ));
+                }
                 std::fs::remove_file(&card).map_err(|e| Error::io(&card, e))?;
             }
             let opts = crate::convert::GgufOptions { file_type: *ft, overrides: vec![], force: true };
@@ -520,7 +527,11 @@ fn run_job(
 }
 
 fn fill_from_record(o: &mut Outcome, r: &Record, root: &Path) {
-    o.bytes = r.files.keys().filter_map(|f| std::fs::metadata(root.join(f)).ok()).filter(|_| true).map(|m| m.len()).sum();
+    // the size the converting run measured (the output itself, without the card beside a GGUF
+    // file), so that a skipped output reports the same size as when it was converted
+    o.bytes = r.result.as_ref().and_then(|res| res["bytes"].as_u64()).unwrap_or_else(|| {
+        r.files.keys().filter_map(|f| std::fs::metadata(root.join(f)).ok()).map(|m| m.len()).sum()
+    });
     if let Some(res) = &r.result {
         o.bits_per_weight = res["bits_per_weight"].as_f64();
         if let Some(v) = res.get("validation") {

@@ -55,10 +55,19 @@ fn the_release_script_converts_the_fixtures_and_resumes() {
     assert!(files > 12, "{files} files listed");
     let before = std::fs::read(out.join("SHA256SUMS")).unwrap();
     let mtime = std::fs::metadata(out.join("tiny-Q8_0.gguf")).unwrap().modified().unwrap();
+    let sizes = |dir: &Path| -> Vec<(String, u64)> {
+        outcomes(dir).iter().map(|o| (o["output"].as_str().unwrap().to_string(), o["bytes"].as_u64().unwrap())).collect()
+    };
+    let converted_sizes = sizes(&out);
+    // a GGUF output's size is the file's, measured here
+    let q8 = converted_sizes.iter().find(|(n, _)| n == "tiny-Q8_0.gguf").unwrap().1;
+    assert_eq!(q8, std::fs::metadata(out.join("tiny-Q8_0.gguf")).unwrap().len());
     // resume: everything skipped, nothing rewritten
     let o = run();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(statuses(&out), vec!["skipped"; 12]);
+    // one size per output, measured the same way when converted and when skipped
+    assert_eq!(sizes(&out), converted_sizes);
     assert_eq!(std::fs::read(out.join("SHA256SUMS")).unwrap(), before);
     assert_eq!(std::fs::metadata(out.join("tiny-Q8_0.gguf")).unwrap().modified().unwrap(), mtime);
     // a changed output is not trusted: refused, then redone with --force
