@@ -198,9 +198,10 @@ enum Command {
         /// The budget in bytes.
         #[arg(long)]
         memory: Option<u64>,
-        /// Context length (tokens in the KV cache).
-        #[arg(long, default_value_t = 4096)]
-        ctx: usize,
+        /// Context length to plan for (tokens in the KV cache); default 4096, or the model's
+        /// context where that is shorter.
+        #[arg(long)]
+        ctx: Option<usize>,
         /// KV cache: full (one slot per loop and layer, as upstream) or shared-last (one per layer).
         #[arg(long, value_enum, default_value = "full")]
         kv: KvPolicy,
@@ -256,6 +257,9 @@ enum Command {
         /// Replace an existing output that ouro-quant wrote (never an input or another file).
         #[arg(long)]
         force: bool,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -334,6 +338,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints a command's result as JSON with its `schema` (name and version) as one more key; an
+/// array result is an object's field in the command's own code, so every result is an object.
+fn print_json(schema: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(value)?;
+    match v.as_object_mut() {
+        Some(o) => {
+            o.insert("schema".into(), schema.into());
+        }
+        None => anyhow::bail!("internal: the {schema} result is not a JSON object"),
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
 /// Refuses options of the other output format given on the command line (`convert --format mlx
 /// --type Q4_K_M` would otherwise write MLX 4-bit and ignore the type).
 fn check_format_options(matches: &clap::ArgMatches) -> anyhow::Result<()> {
@@ -398,7 +416,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if verify {
                 let r = ouro_quant::verify::verify(&path)?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&r)?);
+                    print_json("ouro-quant-verify-1", &r)?;
                 } else {
                     print!("{}", r.render());
                 }
@@ -408,7 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::ensure!(!scan, "--scan reads checkpoints; a GGUF file is checked by its reader");
                 let r = inspect::inspect_gguf(&path, tensors)?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&r)?);
+                    print_json("ouro-quant-inspect-gguf-1", &r)?;
                 } else {
                     print!("{}", inspect::render_gguf(&r));
                 }
@@ -418,7 +436,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::ensure!(!scan && !tensors, "--scan and --tensors read HF checkpoints; an MLX directory is described as a whole (--verify checks its files)");
                 let r = inspect::inspect_mlx(&path)?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&r)?);
+                    print_json("ouro-quant-inspect-mlx-1", &r)?;
                 } else {
                     print!("{}", inspect::render_mlx(&r));
                 }
@@ -427,7 +445,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ck = Checkpoint::open(&path)?;
             let report = inspect::inspect(&ck, tensors, scan);
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                print_json("ouro-quant-inspect-1", &report)?;
             } else {
                 print!("{}", inspect::render(&report));
             }
@@ -462,10 +480,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let params = ck.config.parameter_count();
             let bytes = ck.weights.bytes_on_disk();
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"path": dir, "parameters": params, "bytes": bytes, "seconds": secs})
-                );
+                print_json("ouro-quant-synth-1", &serde_json::json!({"path": dir, "parameters": params, "bytes": bytes, "seconds": secs}))?;
             } else {
                 println!(
                     "wrote {}: {} parameters, {} in {:.1} s",
@@ -541,7 +556,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if dry_run {
                 let list = batch::jobs(&m);
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&list)?);
+                    print_json("ouro-quant-batch-plan-1", &serde_json::json!({"jobs": list}))?;
                 } else {
                     for j in &list {
                         let exists = m.output_dir.join(&j.output).exists();
@@ -589,7 +604,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             overall.finish_and_clear();
             let failed = outcomes.iter().filter(|o| o.status == "failed").count();
             if json {
-                println!("{}", serde_json::to_string_pretty(&outcomes)?);
+                print_json("ouro-quant-batch-1", &serde_json::json!({"outcomes": outcomes}))?;
             } else {
                 print!("{}", std::fs::read_to_string(m.output_dir.join("summary.md")).unwrap_or_default());
                 println!(
@@ -634,6 +649,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, Some(m)) => (m, format!("{} budget", inspect::human_bytes(m))),
                 (None, None) => unreachable!("clap requires one"),
             };
+            let ctx = ctx.unwrap_or(4096.min(cfg.max_position_embeddings));
             anyhow::ensure!(
                 ctx <= cfg.max_position_embeddings,
                 "--ctx {ctx}: longer than the model's context of {} tokens (max_position_embeddings)",
@@ -648,10 +664,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let limit = cfg.max_position_embeddings;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"schema": "ouro-quant-plan-1", "model": planned, "max_position_embeddings": limit, "budget_bytes": budget, "ctx": ctx, "kv": kv, "kv_dtype": kv_dtype, "kv_bytes_per_token": plan::kv_bytes_per_token(&cfg, shared, kv_dtype), "formats": rows})
-                );
+                print_json(
+                    "ouro-quant-plan-1",
+                    &serde_json::json!({"model": planned, "max_position_embeddings": limit, "budget_bytes": budget, "ctx": ctx, "kv": kv, "kv_dtype": kv_dtype, "kv_bytes_per_token": plan::kv_bytes_per_token(&cfg, shared, kv_dtype), "formats": rows}),
+                )?;
             } else {
                 println!("{planned} on {what}; context {ctx} tokens, KV {:?} in {:?} ({} per token)", kv, kv_dtype, inspect::human_bytes(plan::kv_bytes_per_token(&cfg, shared, kv_dtype) as u64));
                 println!("{:<16} {:>11} {:>11} {:>11} {:>11}  {:<5} {:>10}", "format", "weights", "KV", "runtime", "total", "fits", "max ctx");
@@ -682,6 +698,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tokens_file,
             output,
             force,
+            json,
         } => {
             let text = match (tokens, tokens_file) {
                 (Some(t), _) => t,
@@ -695,7 +712,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             anyhow::ensure!(ids.len() <= limit, "{} tokens: more than the model's context of {limit} (max_position_embeddings)", ids.len());
             let loaded = source::load(&model, &Device::Cpu)?;
             let path = dump::write_logits(&loaded.model, &ids, &output, force)?;
-            println!("wrote {} ({} tokens, {} loops)", path.display(), ids.len(), loaded.model.dims.loops);
+            if json {
+                print_json("ouro-quant-logits-1", &serde_json::json!({"path": path, "tokens": ids.len(), "loops": loaded.model.dims.loops}))?;
+            } else {
+                println!("wrote {} ({} tokens, {} loops)", path.display(), ids.len(), loaded.model.dims.loops);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
@@ -775,7 +796,7 @@ fn perplexity_cmd(
             "ppl_rise_pct": runs.iter().map(|r| 100.0 * (r.ppl / base.ppl - 1.0)).collect::<Vec<_>>(),
             "speedup": runs.iter().map(|r| r.speedup_over(&base)).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json("ouro-quant-perplexity-1", &v)?;
         return Ok(ExitCode::SUCCESS);
     }
     println!("{}: {} chunks of {ctx}, {} decoded tokens scored, KV {kv:?} in {kv_dtype:?} (skipped loops: {kv_fill:?})", loaded.description, spans.len(), base.scored_tokens);
@@ -843,7 +864,7 @@ fn convert_gguf(
         }
         let file_bytes = convert::gguf_file_bytes(&ck, &opts)?;
         if json {
-            println!("{}", serde_json::json!({"schema": "ouro-quant-convert-plan-1", "file_type": ft.name(), "tensor_bytes": total, "file_bytes": file_bytes, "tensors": plan}));
+            print_json("ouro-quant-convert-plan-1", &serde_json::json!({"file_type": ft.name(), "tensor_bytes": total, "file_bytes": file_bytes, "tensors": plan}))?;
         } else {
             println!("{} tensors, {} of tensor data, {} file ({file_bytes} bytes)", plan.len(), inspect::human_bytes(total), inspect::human_bytes(file_bytes));
         }
@@ -854,7 +875,7 @@ fn convert_gguf(
     let summary = convert::convert_gguf(&ck, &opts, &out, &|done, total, name| bar.update(done, total, name))?;
     bar.finish();
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        print_json("ouro-quant-convert-1", &summary)?;
     } else {
         println!(
             "wrote {} ({}, {:.2} bits/weight, {} tensors: {}) in {:.1} s ({:.2} GB/s of input)",
@@ -985,7 +1006,7 @@ fn convert_mlx(
             }
         }
         if json {
-            println!("{}", serde_json::json!({"tensor_bytes": total, "tensors": plan, "quantization": write::quantization_config(&plan, &opts)}));
+            print_json("ouro-quant-convert-plan-1", &serde_json::json!({"tensor_bytes": total, "tensors": plan, "quantization": write::quantization_config(&plan, &opts)}))?;
         } else {
             println!("{} tensors, {} of tensor data", plan.len(), inspect::human_bytes(total));
         }
@@ -996,7 +1017,7 @@ fn convert_mlx(
     let summary = write::convert_mlx(&ck, &opts, &out, &|done, total, name| bar.update(done, total, name))?;
     bar.finish();
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        print_json("ouro-quant-convert-1", &summary)?;
     } else {
         println!(
             "wrote {} ({}, {:.2} bits/weight, {} quantized and {} float tensors, {} shard(s)) in {:.1} s ({:.2} GB/s of input)",
@@ -1172,7 +1193,7 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         write_output(p, &bytes)?;
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&full)?);
+        print_json("ouro-quant-validate-1", &full)?;
     } else {
         print!("{}", verdict::render_table(&report, &checks, &profile));
     }
@@ -1287,7 +1308,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
     let s = &g.stats;
     if a.json {
         let text = tok.decode(&g.tokens, true).unwrap_or_default();
-        println!("{}", serde_json::json!({"model": loaded.description, "text": text, "tokens": g.tokens, "stats": s}));
+        print_json("ouro-quant-run-1", &serde_json::json!({"model": loaded.description, "text": text, "tokens": g.tokens, "stats": s}))?;
     } else {
         eprintln!(
             "prefill {} tokens at {:.1} tok/s; decode {} tokens at {:.1} tok/s; {:.2} loops/token; weights {}; KV {} ({:?}); stopped by {}; projections: {}",

@@ -134,3 +134,34 @@ fn predicted_gguf_sizes_are_the_written_sizes_for_every_type() {
     }
     assert_eq!(inspect_rows, 3, "inspect predicts F16, Q8_0 and Q4_K_M");
 }
+
+#[test]
+fn every_json_result_names_its_schema() {
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixtures().join("ouro-tiny-trained");
+    let fx = fx.to_str().unwrap();
+    let gguf = d.path().join("x.gguf");
+    let g = gguf.to_str().unwrap();
+    let l = d.path().join("l.safetensors");
+    let s = d.path().join("s");
+    let text = format!("{fx}/validation.txt");
+    let runs: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["convert", fx, "-o", g, "--json"], "ouro-quant-convert-1"),
+        (vec!["convert", fx, "--dry-run", "--json"], "ouro-quant-convert-plan-1"),
+        (vec!["inspect", fx, "--json"], "ouro-quant-inspect-1"),
+        (vec!["inspect", g, "--json"], "ouro-quant-inspect-gguf-1"),
+        (vec!["inspect", "--verify", g, "--json"], "ouro-quant-verify-1"),
+        (vec!["run", g, "--prompt-tokens", "5,6", "--max-tokens", "2", "--json"], "ouro-quant-run-1"),
+        (vec!["perplexity", g, "--text", &text, "--chunks", "1", "--json"], "ouro-quant-perplexity-1"),
+        (vec!["validate", "--reference", fx, "--candidate", g, "--text", &text, "--ctx", "64", "--chunks", "1", "--json"], "ouro-quant-validate-1"),
+        (vec!["plan", "--preset", "tiny", "--memory", "1000000000", "--json"], "ouro-quant-plan-1"),
+        (vec!["logits", g, "--tokens", "1,2", "-o", l.to_str().unwrap(), "--json"], "ouro-quant-logits-1"),
+        (vec!["synth", "--preset", "tiny", "-o", s.to_str().unwrap(), "--json"], "ouro-quant-synth-1"),
+    ];
+    for (args, schema) in runs {
+        let o = bin().args(&args).output().unwrap();
+        assert!(matches!(o.status.code(), Some(0) | Some(1)), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert_eq!(v["schema"], schema, "{args:?}");
+    }
+}
