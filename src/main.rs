@@ -1189,7 +1189,7 @@ fn validate_cmd(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(p) = plot_out {
         let png = p.target().extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
-        let bytes = if png { verdict::render_png(&report) } else { verdict::render_svg(&report).into_bytes() };
+        let bytes = if png { verdict::render_png(&report, &checks, &profile) } else { verdict::render_svg(&report, &checks, &profile).into_bytes() };
         write_output(p, &bytes)?;
     }
     if a.json {

@@ -4,7 +4,6 @@
 //! token we keep what an Ouro evaluation needs: each loop's log-probability of the true next token
 //! and the exit distribution over loops.
 
-pub mod plot;
 pub mod validate;
 pub mod verdict;
 

@@ -3,7 +3,6 @@
 
 use serde::Serialize;
 
-use super::plot::{Anchor, Rgb, Scene};
 use super::validate::ValidateReport;
 
 /// Limits a candidate must meet.
@@ -186,73 +185,219 @@ pub fn render_markdown(r: &ValidateReport, checks: &[Check], profile: &Profile) 
     s
 }
 
-/// An SVG picture: per q, exit-loop histograms reference vs candidate; and per-loop perplexity bars.
-pub fn render_svg(r: &ValidateReport) -> String {
-    plot_scene(r).to_svg()
-}
-
-/// The same picture as [`render_svg`], as a PNG at twice its size.
-pub fn render_png(r: &ValidateReport) -> Vec<u8> {
-    plot_scene(r).to_png(2)
-}
-
-const REF_COLOR: Rgb = [0x44, 0x77, 0xaa];
-const CAND_COLOR: Rgb = [0xee, 0x66, 0x77];
-
-/// Exit-loop histograms (reference vs candidate) per q, and perplexity per loop and in the
-/// default mode, as bar panels side by side.
-pub fn plot_scene(r: &ValidateReport) -> Scene {
-    let t_max = r.per_loop.len();
-    let panels = r.exits.len() + 1;
-    let (pw, ph) = (260.0f64, 220.0f64);
-    let width = pw * (panels as f64 + 0.5) + 20.0;
-    let mut s = Scene::new(width, ph + 60.0);
-    s.text(10.0, 16.0, 13.0, Anchor::Start, format!("{} vs {}", r.reference, r.candidate));
-    s.rect(width - 190.0, 6.0, 10.0, 10.0, REF_COLOR, None);
-    s.text(width - 176.0, 15.0, 11.0, Anchor::Start, "reference");
-    s.rect(width - 96.0, 6.0, 10.0, 10.0, CAND_COLOR, None);
-    s.text(width - 82.0, 15.0, 11.0, Anchor::Start, "candidate");
-    let bars = |s: &mut Scene, x0: f64, pw: f64, title: &str, labels: Vec<String>, a: Vec<f64>, b: Vec<f64>, fmt: &dyn Fn(f64) -> String| {
-        let top = 40.0;
-        let h = ph - 40.0;
-        let max = a.iter().chain(&b).cloned().fold(0.0f64, f64::max).max(1e-12);
-        s.text(x0 + 10.0, top - 6.0, 12.0, Anchor::Start, title);
-        s.line(x0 + 10.0, top + h, x0 + pw - 10.0, top + h);
-        let n = a.len();
-        let slot = (pw - 20.0) / n as f64;
-        for i in 0..n {
-            for (k, (v, color)) in [(a[i], REF_COLOR), (b[i], CAND_COLOR)].iter().enumerate() {
-                let bh = v / max * (h - 14.0);
-                let x = x0 + 10.0 + slot * i as f64 + 4.0 + k as f64 * (slot - 8.0) / 2.0;
-                s.rect(x, top + h - bh, (slot - 8.0) / 2.0 - 1.0, bh, *color, Some(fmt(*v)));
-                s.text(x + (slot - 8.0) / 4.0, top + h - bh - 2.0, 8.0, Anchor::Middle, fmt(*v));
-            }
-            s.text(x0 + 10.0 + slot * (i as f64 + 0.5), top + h + 14.0, 11.0, Anchor::Middle, labels[i].clone());
-        }
-    };
-    for (i, e) in r.exits.iter().enumerate() {
-        let n = r.scored_tokens as f64;
-        bars(
-            &mut s,
-            10.0 + pw * i as f64,
-            pw,
-            &format!("exit loop, q = {}: agree {:.1}%", e.q, e.exit_agreement_pct),
-            (1..=t_max).map(|t| format!("loop {t}")).collect(),
-            e.histogram_reference.iter().map(|&c| 100.0 * c as f64 / n).collect(),
-            e.histogram_candidate.iter().map(|&c| 100.0 * c as f64 / n).collect(),
-            &|v| format!("{v:.0}%"),
-        );
+/// The validation picture as an SVG document (see [`draw`]).
+pub fn render_svg(r: &ValidateReport, checks: &[Check], profile: &Profile) -> String {
+    let (w, h) = plot_size(r);
+    let mut out = String::new();
+    {
+        use plotters::drawing::IntoDrawingArea;
+        let root = plotters::backend::SVGBackend::with_string(&mut out, (w, h)).into_drawing_area();
+        draw(&root, r, checks, profile).expect("drawing into memory");
+        root.present().expect("SVG into memory");
     }
-    let mut labels: Vec<String> = (1..=t_max).map(|t| format!("loop {t}")).collect();
-    labels.push("default".into());
+    // name the writer, so that `--force` knows the file is ours (output::FILE_MARK)
+    out.replacen("<svg ", &format!("<!-- {} -->\n<svg ", crate::output::FILE_MARK), 1)
+}
+
+/// The same picture as a PNG, at twice the SVG's size (DejaVu Sans, bundled, for the text).
+pub fn render_png(r: &ValidateReport, checks: &[Check], profile: &Profile) -> Vec<u8> {
+    let (w, h) = plot_size(r);
+    let (w, h) = (w * 2, h * 2);
+    let mut rgb = vec![0u8; (w * h * 3) as usize];
+    {
+        use plotters::drawing::IntoDrawingArea;
+        let root = plotters::backend::BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        draw_scaled(&root, r, checks, profile, 2.0).expect("drawing into memory");
+        root.present().expect("bitmap into memory");
+    }
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_text_chunk("Software".into(), crate::output::FILE_MARK.into()).expect("PNG text chunk");
+        let mut wr = enc.write_header().expect("PNG header into memory");
+        wr.write_image_data(&rgb).expect("PNG data into memory");
+    }
+    out
+}
+
+/// The picture's size in SVG units: one panel per exit threshold, then perplexity and KL per loop.
+pub fn plot_size(r: &ValidateReport) -> (u32, u32) {
+    (PANEL_W * (r.exits.len() as u32 + 2), PANEL_H + TITLE_H)
+}
+
+const PANEL_W: u32 = 300;
+const PANEL_H: u32 = 260;
+const TITLE_H: u32 = 56;
+const REF_COLOR: plotters::style::RGBColor = plotters::style::RGBColor(0x44, 0x77, 0xaa);
+const CAND_COLOR: plotters::style::RGBColor = plotters::style::RGBColor(0xee, 0x66, 0x77);
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (name, bytes) in [("sans-serif", dejavu::sans::regular()), ("sans-serif-bold", dejavu::sans::bold())] {
+            let _ = plotters::style::register_font(name, plotters::style::FontStyle::Normal, bytes);
+        }
+    });
+}
+
+type PlotResult<DB> = Result<(), plotters::drawing::DrawingAreaErrorKind<<DB as plotters::backend::DrawingBackend>::ErrorType>>;
+
+/// Draws the picture at scale 1 (SVG units).
+pub fn draw<DB: plotters::backend::DrawingBackend>(
+    root: &plotters::drawing::DrawingArea<DB, plotters::coord::Shift>,
+    r: &ValidateReport,
+    checks: &[Check],
+    profile: &Profile,
+) -> PlotResult<DB> {
+    draw_scaled(root, r, checks, profile, 1.0)
+}
+
+/// The picture: a title with the verdict and profile; per exit threshold q, the share of tokens
+/// exiting at each loop (reference beside candidate); perplexity per loop and in the default mode
+/// on an axis zoomed to the values, with the values written; mean KL per loop.
+fn draw_scaled<DB: plotters::backend::DrawingBackend>(
+    root: &plotters::drawing::DrawingArea<DB, plotters::coord::Shift>,
+    r: &ValidateReport,
+    checks: &[Check],
+    profile: &Profile,
+    k: f64,
+) -> PlotResult<DB> {
+    use plotters::prelude::*;
+    register_font();
+    let px = |v: f64| (v * k).round() as i32;
+    let font = |size: f64| ("sans-serif", size * k).into_font();
+    root.fill(&WHITE)?;
+    let pass = checks.iter().all(|c| c.pass);
+    let (title, rest) = root.split_vertically(px(TITLE_H as f64));
+    title.draw(&Text::new(
+        format!("{}: {} against the {} profile", if pass { "PASS" } else { "FAIL" }, r.candidate, profile.name),
+        (px(10.0), px(8.0)),
+        font(16.0).color(if pass { &RGBColor(0x22, 0x88, 0x33) } else { &RGBColor(0xcc, 0x22, 0x22) }),
+    ))?;
+    title.draw(&Text::new(
+        format!("reference {}; {} scored tokens of {} ({} chunks of {})", r.reference, r.scored_tokens, r.text, r.chunks, r.ctx),
+        (px(10.0), px(32.0)),
+        font(11.0).color(&BLACK),
+    ))?;
+    let (tw, _) = title.dim_in_pixel();
+    for (i, (name, color)) in [("reference", REF_COLOR), ("candidate", CAND_COLOR)].into_iter().enumerate() {
+        let x = tw as i32 - px(200.0) + px(95.0) * i as i32;
+        title.draw(&Rectangle::new([(x, px(34.0)), (x + px(10.0), px(44.0))], color.filled()))?;
+        title.draw(&Text::new(name, (x + px(14.0), px(33.0)), font(11.0).color(&BLACK)))?;
+    }
+    let panels = rest.split_evenly((1, r.exits.len() + 2));
+    let t_max = r.per_loop.len();
+    let loops: Vec<String> = (1..=t_max).map(|t| t.to_string()).collect();
+    // paired bars: categories along x, (reference, candidate) per category
+    let paired = |area: &DrawingArea<DB, plotters::coord::Shift>,
+                  caption: String,
+                  cats: &[String],
+                  a: &[f64],
+                  b: &[f64],
+                  y: std::ops::Range<f64>,
+                  y_desc: &str,
+                  fmt: &dyn Fn(f64) -> String|
+     -> PlotResult<DB> {
+        let n = cats.len();
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, font(12.0))
+            .margin(px(8.0))
+            .x_label_area_size(px(28.0))
+            .y_label_area_size(px(52.0))
+            .build_cartesian_2d(0f64..n as f64, y.clone())?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n + 1)
+            .x_label_formatter(&|x| {
+                let i = (*x - 0.5).round();
+                if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n { cats[i as usize].clone() } else { String::new() }
+            })
+            .y_desc(y_desc)
+            .y_label_formatter(&|v| fmt(*v))
+            .label_style(font(10.0))
+            .axis_desc_style(font(10.0))
+            .draw()?;
+        for (j, (vals, color)) in [(a, REF_COLOR), (b, CAND_COLOR)].into_iter().enumerate() {
+            chart.draw_series(vals.iter().enumerate().map(|(i, v)| {
+                let x0 = i as f64 + 0.12 + 0.38 * j as f64;
+                Rectangle::new([(x0, y.start), (x0 + 0.36, v.max(y.start))], color.filled())
+            }))?;
+            chart.draw_series(vals.iter().enumerate().map(|(i, v)| {
+                let x0 = i as f64 + 0.30 + 0.38 * j as f64;
+                Text::new(fmt(*v), (x0, *v), font(8.0).color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
+                    plotters::style::text_anchor::HPos::Center,
+                    plotters::style::text_anchor::VPos::Bottom,
+                )))
+            }))?;
+        }
+        Ok(())
+    };
+    let n = r.scored_tokens.max(1) as f64;
+    for (i, e) in r.exits.iter().enumerate() {
+        let a: Vec<f64> = e.histogram_reference.iter().map(|&c| 100.0 * c as f64 / n).collect();
+        let b: Vec<f64> = e.histogram_candidate.iter().map(|&c| 100.0 * c as f64 / n).collect();
+        let top = a.iter().chain(&b).cloned().fold(0.0, f64::max);
+        paired(
+            &panels[i],
+            format!("exit loop at q = {} (loops 1-{t_max}): {:.1}% agree", e.q, e.exit_agreement_pct),
+            &loops,
+            &a,
+            &b,
+            0.0..(top * 1.15).max(1.0),
+            "% of tokens",
+            &|v| format!("{v:.0}"),
+        )?;
+    }
+    // perplexity: zoomed so that a 0.1% change shows
+    let mut cats = loops.clone();
+    cats.push("default".into());
     let mut a: Vec<f64> = r.per_loop.iter().map(|m| m.ppl_reference).collect();
     let mut b: Vec<f64> = r.per_loop.iter().map(|m| m.ppl_candidate).collect();
     a.push(r.default_mode.ppl_reference);
     b.push(r.default_mode.ppl_candidate);
-    bars(&mut s, 10.0 + pw * r.exits.len() as f64, pw * 1.5, "perplexity per loop", labels, a, b, &|v| format!("{v:.3}"));
-    s
+    let lo = a.iter().chain(&b).cloned().fold(f64::INFINITY, f64::min);
+    let hi = a.iter().chain(&b).cloned().fold(0.0, f64::max);
+    let pad = ((hi - lo) * 0.25).max(hi * 0.002).max(1e-9);
+    paired(&panels[r.exits.len()], format!("perplexity, loops 1-{t_max} and default"), &cats, &a, &b, (lo - pad).max(0.0)..hi + pad, "perplexity", &|v| format!("{v:.3}"))?;
+    // KL per loop: the candidate's divergence from the reference (one bar per loop)
+    let kl: Vec<f64> = r.per_loop.iter().map(|m| m.kl_mean).collect();
+    let top = kl.iter().cloned().fold(0.0, f64::max);
+    let area = &panels[r.exits.len() + 1];
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("mean KL(ref || cand), loops 1-{t_max}"), font(12.0))
+        .margin(px(8.0))
+        .x_label_area_size(px(28.0))
+        .y_label_area_size(px(52.0))
+        .build_cartesian_2d(0f64..t_max as f64, 0f64..(top * 1.2).max(1e-6))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(t_max + 1)
+        .x_label_formatter(&|x| {
+            let i = (*x - 0.5).round();
+            if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < t_max { format!("loop {}", i as usize + 1) } else { String::new() }
+        })
+        .y_desc("nats per token")
+        .y_label_formatter(&|v| format!("{v:.4}"))
+        .label_style(font(10.0))
+        .axis_desc_style(font(10.0))
+        .draw()?;
+    chart.draw_series(kl.iter().enumerate().map(|(i, v)| Rectangle::new([(i as f64 + 0.2, 0.0), (i as f64 + 0.8, *v)], CAND_COLOR.filled())))?;
+    chart.draw_series(kl.iter().enumerate().map(|(i, v)| {
+        Text::new(
+            format!("{v:.4}"),
+            (i as f64 + 0.5, *v),
+            font(8.0).color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Bottom,
+            )),
+        )
+    }))?;
+    Ok(())
 }
-
 
 /// Puts a validation summary (`render_markdown`) in the model card of a conversion: the
 /// Validation section of an MLX directory's README.md (replacing what follows its heading), or a
