@@ -127,7 +127,7 @@ pub fn is_our_directory(dir: &Path) -> bool {
         (n == "model.safetensors" || (n.starts_with("model-00001-of-") && n.ends_with(".safetensors")))
             && e.file_type().is_ok_and(|t| t.is_file())
             && crate::stfile::SafetensorsFile::open(e.path())
-                .is_ok_and(|f| f.header().metadata.get(SYNTH_MARK).is_some())
+                .is_ok_and(|f| f.header().metadata.contains_key(SYNTH_MARK))
     })
 }
 
