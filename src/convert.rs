@@ -137,14 +137,7 @@ fn metadata(ck: &Checkpoint, opts: &GgufOptions, source_hash: &str) -> Result<Ve
         .get("_name_or_path")
         .and_then(|v| v.as_str())
         .map(str::to_string)
-        .unwrap_or_else(|| {
-            ck.dir
-                .canonicalize()
-                .unwrap_or_else(|_| ck.dir.clone())
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "ouro".into())
-        });
+        .unwrap_or_else(|| ck.folder_name());
     let mut kv = vec![
         ("general.architecture".to_string(), Value::Str(arch::ARCH.into())),
         ("general.name".to_string(), Value::Str(name)),

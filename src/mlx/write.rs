@@ -225,7 +225,7 @@ fn make_shards(specs: &[TensorSpec], limit: u64) -> Vec<Vec<TensorSpec>> {
     shards
 }
 
-/// A model name for cards and default output names: `_name_or_path`'s last part, else the
+/// A model name for cards: `_name_or_path`'s last part, else the
 /// checkpoint directory's name.
 pub fn model_name(ck: &Checkpoint) -> String {
     if let Some(n) = ck.config.raw.get("_name_or_path").and_then(|v| v.as_str()) {
@@ -233,12 +233,7 @@ pub fn model_name(ck: &Checkpoint) -> String {
             return last.to_string();
         }
     }
-    ck.dir
-        .canonicalize()
-        .unwrap_or_else(|_| ck.dir.clone())
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "ouro".into())
+    ck.folder_name()
 }
 
 /// The default output directory name: `<folder>-<suffix>` (`Ouro-1.4B-4bit`, ...), the folder
