@@ -2,7 +2,8 @@
 //! configs, tokenizers, GGUF files, MLX directories, texts, stored references, manifests, device
 //! profiles, token lists, options), damaged one way each. Every case runs the real binary and
 //! asserts the exit status 2, the substance of the message (the file, the tensor or key, what is
-//! wrong), no panic, and that nothing was left in the output directory: no output, no temp file.
+//! wrong), no panic, that nothing was left in the output directory (no output, no temp file), and
+//! that every input is byte-identical afterwards.
 
 mod common;
 
@@ -205,8 +206,27 @@ const CASES: &[Case] = &[
     Case { name: "batch: unknown target format", setup: |d| std::fs::write(d.join("b.toml"), format!("output_dir = \"{}\"\n[[sources]]\nname = \"m\"\npath = \"{}\"\n[[targets]]\nformat = \"onnx\"\n", d.join("../out").display(), d.join("m").display())).unwrap(), args: &["batch", "{in}/b.toml"], needles: &["b.toml", "onnx"] },
 ];
 
+/// Every entry under `dir` with what it holds: a regular file's content hash, a link's target,
+/// `dir` or `special` (links are not followed, FIFOs and devices not read), so that a changed byte
+/// of any input shows.
 fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = walk(dir).into_iter().map(|p| p.strip_prefix(dir).unwrap().display().to_string()).collect();
+    let mut v: Vec<String> = walk(dir)
+        .into_iter()
+        .map(|p| {
+            let name = p.strip_prefix(dir).unwrap().display().to_string();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let what = if m.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).unwrap().display())
+            } else if m.is_dir() {
+                "dir".into()
+            } else if m.is_file() {
+                format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&std::fs::read(&p).unwrap()))
+            } else {
+                "special".into()
+            };
+            format!("{name} {what}")
+        })
+        .collect();
     v.sort();
     v
 }
@@ -214,8 +234,9 @@ fn listing(dir: &Path) -> Vec<String> {
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![];
     for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
+        let e = e.unwrap();
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
             out.extend(walk(&p));
         }
         out.push(p);
@@ -263,7 +284,7 @@ fn every_bad_input_fails_cleanly_and_leaves_nothing() {
         // nothing written beside the inputs either (temp files, partial outputs)
         let after = listing(&input);
         if after != inputs_before {
-            why.push(format!("the input directory changed: {:?}", after.iter().filter(|p| !inputs_before.contains(p)).collect::<Vec<_>>()));
+            why.push(format!("an input changed or appeared: {:?}", after.iter().filter(|p| !inputs_before.contains(p)).collect::<Vec<_>>()));
         }
         if !why.is_empty() {
             failures.push(format!("{}: {} -- stderr: {}", c.name, why.join("; "), err.trim()));
