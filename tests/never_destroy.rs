@@ -391,6 +391,24 @@ fn a_card_beside_the_file_that_is_not_ours_stops_convert_before_it_starts() {
     assert!(matches!(code, Some(0) | Some(1)), "{err}");
 }
 
+/// `--validate` without `-o`: the default output name gets the card, and its card location is
+/// checked before the conversion starts, as with `-o` (MLX used to convert, then refuse).
+#[test]
+fn validate_without_an_output_name_uses_the_default_one() {
+    let s = scene();
+    let d = s.path();
+    std::fs::write(d.join("m-Q8_0.md"), "my notes").unwrap();
+    refused(d, &["convert", "m", "--type", "Q8_0", "--validate", "text.txt", "--validate-ctx", "128"], &["m-Q8_0.md", "did not write"]);
+    assert!(!d.join("m-Q8_0.gguf").exists());
+    let (code, err) = run_in(d, &["convert", "m", "--format", "mlx", "--bits", "8", "--validate", "text.txt", "--validate-ctx", "128"]);
+    assert_eq!(code, Some(0), "{err}");
+    let out: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("config.json").exists() && p.file_name().unwrap() != "m").collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(out[0].file_name().unwrap().to_str().unwrap().starts_with("m-"), "{out:?}");
+    let card = std::fs::read_to_string(out[0].join("README.md")).unwrap();
+    assert!(card.contains("## Validation") && card.contains("against the 8bit profile"), "{card}");
+}
+
 #[test]
 fn off_a_terminal_long_work_prints_plain_progress_lines() {
     // stderr is a pipe here, as in CI or under nohup: no bar, plain lines with done/total, rate, ETA

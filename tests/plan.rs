@@ -18,15 +18,18 @@ fn plan_agrees_with_what_run_measures() {
         let f = d.path().join(format!("t.{ty}.gguf"));
         bin().arg("convert").arg(&src).args(["--type", ty, "-o"]).arg(&f).assert().success();
         let fs = f.to_str().unwrap();
-        for kv in ["full", "shared-last"] {
+        // each storage named, and neither named: run and plan share one default
+        for (kv, dtype) in [("full", None), ("shared-last", None), ("full", Some("f32")), ("shared-last", Some("f16"))] {
+            let dt: Vec<&str> = dtype.map(|d| vec!["--kv-dtype", d]).unwrap_or_default();
             // 7 prompt tokens + 9 generated: the cache holds every token that was fed in
-            let run = json(&["run", fs, "--prompt-tokens", "5,6,7,8,9,10,11", "--max-tokens", "9", "--kv", kv, "--json"]);
+            let run = json(&[&["run", fs, "--prompt-tokens", "5,6,7,8,9,10,11", "--max-tokens", "9", "--kv", kv, "--json"][..], &dt].concat());
             let s = &run["stats"];
             let cached = s["prompt_tokens"].as_u64().unwrap() + s["generated_tokens"].as_u64().unwrap() - 1;
-            let plan = json(&["plan", fs, "--memory", "1000000000", "--ctx", &cached.to_string(), "--kv", kv, "--kv-dtype", "f32", "--json"]);
+            let ctx = cached.to_string();
+            let plan = json(&[&["plan", fs, "--memory", "1000000000", "--ctx", &ctx, "--kv", kv, "--json"][..], &dt].concat());
             let row = plan["formats"].as_array().unwrap().iter().find(|r| r["format"] == label).unwrap();
             assert_eq!(row["weight_bytes"], s["weight_bytes"], "{label}: planned vs measured weights");
-            assert_eq!(row["kv_bytes"], s["kv_bytes"], "{label} {kv}: planned vs measured KV bytes after {cached} tokens");
+            assert_eq!(row["kv_bytes"], s["kv_bytes"], "{label} {kv} {dtype:?}: planned vs measured KV bytes after {cached} tokens");
         }
     }
 }

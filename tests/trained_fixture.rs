@@ -147,7 +147,7 @@ fn perplexity_command_reports_the_trade_off() {
     let out = bin()
         .arg("perplexity").arg(&f)
         .arg("--text").arg(f.join("validation.txt"))
-        .args(["--chunks", "3", "--exit-threshold", "0.5,0.99", "--json"])
+        .args(["--ctx", "128", "--chunks", "3", "--exit-threshold", "0.5,0.99", "--json"])
         .output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

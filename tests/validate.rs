@@ -170,6 +170,13 @@ fn outputs_for_model_cards_and_plots() {
     // perplexity values are written on the zoomed axis (three decimals)
     let ppl = v["report"]["per_loop"][3]["ppl_reference"].as_f64().unwrap();
     assert!(svg.contains(&format!("{ppl:.3}")), "loop 4 perplexity {ppl:.3} not written");
+    // every bar group has its tick label on the x axis: loops 1-4 under each exit histogram,
+    // "default" after them under perplexity, "loop k" under KL
+    let texts: Vec<String> = regex::Regex::new(r"(?s)<text[^>]*>(.*?)</text>").unwrap().captures_iter(&svg).map(|c| c[1].trim().to_string()).collect();
+    let runs = |want: &[&str]| texts.windows(want.len()).filter(|w| w.iter().zip(want).all(|(a, b)| a == b)).count();
+    assert_eq!(runs(&["1", "2", "3", "4"]), 4, "loop ticks under the 3 exit panels and perplexity: {texts:?}");
+    assert_eq!(runs(&["1", "2", "3", "4", "default"]), 1, "ticks under perplexity: {texts:?}");
+    assert_eq!(runs(&["loop 1", "loop 2", "loop 3", "loop 4"]), 1, "ticks under KL: {texts:?}");
 
     // The PNG is the same picture at twice the size, and decodes
     let png = d.path().join("v.png");
@@ -196,7 +203,7 @@ fn bad_options_fail_before_any_work() {
     let cases: [(&[&str], &str); 3] = [
         (&["--profile", "9bit"], "--profile 9bit"),
         (&["--plot", "x.pdf"], "name the file .svg or .png"),
-        (&["--thresholds", "1.5"], "not in [0, 1]"),
+        (&["--thresholds", "1.5"], "must lie in [0, 1]"),
     ];
     for (args, want) in cases {
         let (code, _, out) = validate(&fixture(), args);

@@ -242,6 +242,22 @@ fn register_font() {
     });
 }
 
+/// The x axis of `n` categories: category i is centred on x = i, so that the axis's ticks (at
+/// whole numbers, at most `n` of them) fall one under the middle of each category's bars.
+fn x_range(n: usize) -> std::ops::Range<f64> {
+    -0.5..n as f64 - 0.5
+}
+
+/// The label of the tick at `x` (category `x`), named by `name(category index)`.
+fn label_at(x: f64, n: usize, name: &dyn Fn(usize) -> String) -> String {
+    let i = x.round();
+    if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+        name(i as usize)
+    } else {
+        String::new()
+    }
+}
+
 type PlotResult<DB> = Result<(), plotters::drawing::DrawingAreaErrorKind<<DB as plotters::backend::DrawingBackend>::ErrorType>>;
 
 /// Draws the picture at scale 1 (SVG units).
@@ -306,15 +322,12 @@ fn draw_scaled<DB: plotters::backend::DrawingBackend>(
             .margin(px(8.0))
             .x_label_area_size(px(28.0))
             .y_label_area_size(px(52.0))
-            .build_cartesian_2d(0f64..n as f64, y.clone())?;
+            .build_cartesian_2d(x_range(n), y.clone())?;
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(n + 1)
-            .x_label_formatter(&|x| {
-                let i = (*x - 0.5).round();
-                if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n { cats[i as usize].clone() } else { String::new() }
-            })
+            .x_labels(n)
+            .x_label_formatter(&|x| label_at(*x, n, &|i| cats[i].clone()))
             .y_desc(y_desc)
             .y_label_formatter(&|v| fmt(*v))
             .label_style(font(10.0))
@@ -322,11 +335,11 @@ fn draw_scaled<DB: plotters::backend::DrawingBackend>(
             .draw()?;
         for (j, (vals, color)) in [(a, REF_COLOR), (b, CAND_COLOR)].into_iter().enumerate() {
             chart.draw_series(vals.iter().enumerate().map(|(i, v)| {
-                let x0 = i as f64 + 0.12 + 0.38 * j as f64;
+                let x0 = i as f64 - 0.38 + 0.38 * j as f64;
                 Rectangle::new([(x0, y.start), (x0 + 0.36, v.max(y.start))], color.filled())
             }))?;
             chart.draw_series(vals.iter().enumerate().map(|(i, v)| {
-                let x0 = i as f64 + 0.30 + 0.38 * j as f64;
+                let x0 = i as f64 - 0.20 + 0.38 * j as f64;
                 Text::new(fmt(*v), (x0, *v), font(8.0).color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
                     plotters::style::text_anchor::HPos::Center,
                     plotters::style::text_anchor::VPos::Bottom,
@@ -371,25 +384,22 @@ fn draw_scaled<DB: plotters::backend::DrawingBackend>(
         .margin(px(8.0))
         .x_label_area_size(px(28.0))
         .y_label_area_size(px(52.0))
-        .build_cartesian_2d(0f64..t_max as f64, 0f64..(top * 1.2).max(1e-6))?;
+        .build_cartesian_2d(x_range(t_max), 0f64..(top * 1.2).max(1e-6))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(t_max + 1)
-        .x_label_formatter(&|x| {
-            let i = (*x - 0.5).round();
-            if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < t_max { format!("loop {}", i as usize + 1) } else { String::new() }
-        })
+        .x_labels(t_max)
+        .x_label_formatter(&|x| label_at(*x, t_max, &|i| format!("loop {}", i + 1)))
         .y_desc("nats per token")
         .y_label_formatter(&|v| format!("{v:.4}"))
         .label_style(font(10.0))
         .axis_desc_style(font(10.0))
         .draw()?;
-    chart.draw_series(kl.iter().enumerate().map(|(i, v)| Rectangle::new([(i as f64 + 0.2, 0.0), (i as f64 + 0.8, *v)], CAND_COLOR.filled())))?;
+    chart.draw_series(kl.iter().enumerate().map(|(i, v)| Rectangle::new([(i as f64 - 0.3, 0.0), (i as f64 + 0.3, *v)], CAND_COLOR.filled())))?;
     chart.draw_series(kl.iter().enumerate().map(|(i, v)| {
         Text::new(
             format!("{v:.4}"),
-            (i as f64 + 0.5, *v),
+            (i as f64, *v),
             font(8.0).color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
                 plotters::style::text_anchor::HPos::Center,
                 plotters::style::text_anchor::VPos::Bottom,

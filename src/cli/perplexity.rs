@@ -1,0 +1,89 @@
+//! `ouro-quant perplexity`: one model's perplexity over a text as a decoder sees it (prefill, then
+//! token by token through the KV cache), with all loops and with adaptive exit at each threshold:
+//! what early exit costs in quality and gains in speed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use candle_core::Device;
+use ouro_quant::model::source;
+
+use super::{check_thresholds, print_json, EvalArgs, KvArgs};
+
+/// The exit thresholds `validate` and `perplexity` study by default (1.0: a token stops only once
+/// its exit CDF is exhausted, the check that exiting itself changes nothing).
+pub const THRESHOLDS: &str = "0.5,0.7,0.9,1.0";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model: an HF checkpoint directory, a GGUF file or an MLX directory.
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub eval: EvalArgs,
+    /// Exit thresholds q to compare with all loops, comma separated (the same option as run's and
+    /// validate's).
+    #[arg(long, value_delimiter = ',', default_value = THRESHOLDS)]
+    pub exit_threshold: Vec<f32>,
+    #[command(flatten)]
+    pub kv: KvArgs,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let KvArgs { kv, kv_fill, .. } = a.kv;
+    let kv_dtype = a.kv.dtype();
+    let (model, text, ctx, chunks) = (&a.model, &a.eval.text, a.eval.ctx, a.eval.chunks);
+    check_thresholds(&a.exit_threshold)?;
+    a.eval.check(&[model])?;
+    let body = std::fs::read_to_string(text).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
+    let loaded = source::load(model, &Device::Cpu)?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("{}: no tokenizer.json to tokenize the text with", model.display()))?;
+    let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?.get_ids().to_vec();
+    let spans = ouro_quant::eval::scored_chunks(ids.len(), ctx, chunks).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
+    let m = &loaded.model;
+    // every threshold in turn on each chunk: speeds compared moments apart, chunk by chunk
+    let qs: Vec<Option<f32>> = std::iter::once(None).chain(a.exit_threshold.iter().map(|&q| Some(q))).collect();
+    let runs = ouro_quant::eval::decode_evals(m, &ids, ctx, chunks, &qs, kv, kv_fill, kv_dtype)?;
+    let base = runs[0].clone();
+    if a.json {
+        let v = serde_json::json!({
+            "model": loaded.description,
+            "text": text.display().to_string(),
+            "ctx": ctx,
+            "chunks": spans.len(),
+            "kv": kv,
+            "kv_fill": kv_fill,
+            "kv_dtype": format!("{kv_dtype:?}").to_lowercase(),
+            "runs": runs,
+            "ppl_rise_pct": runs.iter().map(|r| 100.0 * (r.ppl / base.ppl - 1.0)).collect::<Vec<_>>(),
+            "speedup": runs.iter().map(|r| r.speedup_over(&base)).collect::<Vec<_>>(),
+        });
+        print_json("ouro-quant-perplexity-1", &v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{}: {} chunks of {ctx}, {} decoded tokens scored, KV {kv:?} in {kv_dtype:?} (skipped loops: {kv_fill:?})",
+        loaded.description,
+        spans.len(),
+        base.scored_tokens
+    );
+    println!("{:<10} {:>16} {:>9} {:>12} {:>12} {:>9}", "exit", "perplexity", "change", "loops/token", "decode tok/s", "speed-up");
+    for r in &runs {
+        println!(
+            "{:<10} {:>9.4} ± {:<5.4} {:>+8.2}% {:>12.2} {:>12.1} {:>8.2}x",
+            r.exit_threshold.map_or("all loops".to_string(), |q| format!("q = {q}")),
+            r.ppl,
+            r.ppl_se,
+            100.0 * (r.ppl / base.ppl - 1.0),
+            r.mean_loops_per_token,
+            r.decode_tokens_per_s,
+            r.speedup_over(&base)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
