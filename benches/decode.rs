@@ -42,6 +42,7 @@ fn memcpy_bandwidth(src: &[u8], dst: &mut [u8]) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    println!("{}", common::cpu_line());
     let model_dir = match arg("--model") {
         Some(p) => PathBuf::from(p),
         None => {

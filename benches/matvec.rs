@@ -71,17 +71,27 @@ fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize) -> anyhow::Result<Q
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu)?)
 }
 
+/// Every build of our kernels this CPU runs, narrowest last (the portable one is the reference
+/// definition, not a run-time choice).
+fn builds() -> Vec<qkernel::Isa> {
+    qkernel::Isa::ALL.into_iter().rev().filter(|i| i.supported()).collect()
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let reps: usize = args.iter().position(|a| a == "--reps").map_or(Ok(3), |i| args[i + 1].parse())?;
+    println!("{}", common::cpu_line());
     println!(
-        "threads: {} (rayon); our kernels available: {}; read-only memory bandwidth {:.1} GB/s",
+        "threads: {} (rayon); read-only memory bandwidth {:.1} GB/s",
         rayon::current_num_threads(),
-        qkernel::available(),
         common::read_bandwidth() / 1e9
     );
-    println!("| type | rows x cols | weight MB | candle GB/s | ours GB/s | ours / candle |");
-    println!("|---|---|---|---|---|---|");
+    let builds = builds();
+    let names: Vec<&str> = builds.iter().map(|b| b.name()).collect();
+    println!("\none token (matrix-vector): GB/s of weights read, and each build's speed over candle's\n");
+    println!("| type | rows x cols | weight MB | candle GB/s | {} |", names.iter().map(|n| format!("{n} GB/s | {n} / candle")).collect::<Vec<_>>().join(" | "));
+    println!("|---|---|---|---|{}", "---|---|".repeat(builds.len()));
+    let mut prefill = vec![];
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         // one thread in L2, the model's shapes (in cache), then one 2048-column matrix larger than
         // the L3 cache
@@ -98,21 +108,46 @@ fn main() -> anyhow::Result<()> {
             let tc = time(reps, bytes, &|| {
                 std::hint::black_box(candle.forward(&x).unwrap());
             });
-            let ours = match QuantMatrix::new(q.clone()) {
-                Some(m) => {
-                    let t = time(reps, bytes, &|| {
-                        std::hint::black_box(m.forward(&x).unwrap());
-                    });
-                    format!("{:.1} | {:.2}x", bytes as f64 / t / 1e9, tc / t)
+            let mut cells = vec![];
+            for &isa in &builds {
+                if isa == qkernel::Isa::Portable && rows * cols > 1 << 26 {
+                    cells.push("- | -".to_string());
+                    continue;
                 }
-                None => "- | -".into(),
-            };
-            println!(
-                "| {dtype:?} | {rows} x {cols} | {:.1} | {:.1} | {ours} |",
-                bytes as f64 / 1e6,
-                bytes as f64 / tc / 1e9
-            );
+                let m = QuantMatrix::new_for(q.clone(), isa).expect("whole blocks");
+                let t = time(reps, bytes, &|| {
+                    std::hint::black_box(m.forward(&x).unwrap());
+                });
+                cells.push(format!("{:.1} | {:.2}x", bytes as f64 / t / 1e9, tc / t));
+            }
+            println!("| {dtype:?} | {rows} x {cols} | {:.1} | {:.1} | {} |", bytes as f64 / 1e6, bytes as f64 / tc / 1e9, cells.join(" | "));
+            if rows == 5632 || (rows, cols) == (2048, 5632) {
+                prefill.push((dtype, q));
+            }
         }
+    }
+    // prefill: 64 tokens at once through the FFN shapes
+    let n = 64;
+    println!("\n{n} tokens at once (prefill): tokens x weights per second (G), and each build's speed over candle's\n");
+    println!("| type | rows x cols | candle G/s | {} |", names.iter().map(|n| format!("{n} G/s | {n} / candle")).collect::<Vec<_>>().join(" | "));
+    println!("|---|---|---|{}", "---|---|".repeat(builds.len()));
+    for (dtype, q) in prefill {
+        let (rows, cols) = q.shape().dims2()?;
+        let work = (rows * cols * n) as f64;
+        let x = Tensor::from_vec(lcg(2, n * cols), (n, cols), &Device::Cpu)?;
+        let candle = QMatMul::from_arc(q.clone())?;
+        let tc = time(reps, 1 << 30, &|| {
+            std::hint::black_box(candle.forward(&x).unwrap());
+        });
+        let mut cells = vec![];
+        for &isa in &builds {
+            let m = QuantMatrix::new_for(q.clone(), isa).expect("whole blocks");
+            let t = time(reps, 1 << 30, &|| {
+                std::hint::black_box(m.forward(&x).unwrap());
+            });
+            cells.push(format!("{:.1} | {:.2}x", work / t / 1e9, tc / t));
+        }
+        println!("| {dtype:?} | {rows} x {cols} | {:.1} | {} |", work / tc / 1e9, cells.join(" | "));
     }
     Ok(())
 }

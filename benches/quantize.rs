@@ -3,6 +3,8 @@
 //!
 //! cargo bench --bench quantize -- [--rows 512] [--cols 5632]   (OURO_QUANT_PYTHON: the oracle venv)
 
+mod common;
+
 use std::time::Instant;
 
 use ouro_quant::quant::ggml::GgmlType;
@@ -14,6 +16,7 @@ fn arg(name: &str, default: usize) -> usize {
 }
 
 fn main() {
+    println!("{}", common::cpu_line());
     let (rows, cols) = (arg("--rows", 512), arg("--cols", 5632));
     // N(0, 0.02)-like values from a fixed generator
     let mut s = 0x9E37_79B9_7F4A_7C15u64;

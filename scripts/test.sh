@@ -16,5 +16,21 @@ if [ ! -f "$stamp" ]; then
 fi
 export OURO_QUANT_PYTHON="$PWD/$venv/bin/python"
 
+# tests note what they could and could not exercise here (src/test_report.rs); printed at the end
+report="$PWD/target/test-report"
+rm -rf "$report"
+mkdir -p "$report"
+export OURO_QUANT_TEST_REPORT="$report"
+
 echo "== cargo test"
-cargo test --locked "$@"
+status=0
+cargo test --locked "$@" || status=$?
+
+cpu=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
+echo "== what ran on this machine (${cpu:-$(uname -m)}, $(nproc) cores)"
+if [ -f "$report/report.txt" ]; then
+  sort -u "$report/report.txt"
+else
+  echo "(no test reported: did the suite run?)"
+fi
+exit "$status"

@@ -23,6 +23,8 @@ pub mod progress;
 pub mod quant;
 pub mod stfile;
 pub mod synth;
+#[doc(hidden)]
+pub mod test_report;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -39,8 +39,10 @@ fn entries(p: &Path) -> Vec<String> {
 fn a_full_disk_gives_a_clear_error_and_leaves_nothing() {
     let Some(disk) = SmallDisk::new() else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+        ouro_quant::test_report::note("NOT RUN here: convert onto a full disk (a small tmpfs needs root to mount)");
         return;
     };
+    ouro_quant::test_report::note("ran: convert onto a full disk (a 300 KiB tmpfs)");
     let src = fixtures().join("tiny-random");
     let cases: [(&str, Vec<&str>); 3] = [
         ("x.gguf", vec!["--type", "Q8_0"]),

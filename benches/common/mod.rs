@@ -1,4 +1,5 @@
 //! Helpers shared by the benchmarks.
+#![allow(dead_code)]
 
 use std::time::Instant;
 
@@ -29,4 +30,19 @@ pub fn read_bandwidth() -> f64 {
         std::hint::black_box(s);
     }
     4.0 * n as f64 / best
+}
+
+/// The CPU this ran on and the flags that choose kernels, as every benchmark prints first.
+pub fn cpu_line() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
+    let flags: Vec<&str> = info.lines().find(|l| l.starts_with("flags")).and_then(|l| l.split(':').nth(1)).unwrap_or("").split_whitespace().collect();
+    let wanted = ["avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vnni", "avx512_vnni"];
+    let have: Vec<&str> = wanted.iter().copied().filter(|f| flags.contains(f)).collect();
+    let kernels = ouro_quant::model::qkernel::selected().map_or("candle's", |i| i.name());
+    format!(
+        "CPU: {model}; {} threads; flags: {}; quantized kernels: {kernels}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if have.is_empty() { "none of avx2/fma/f16c/avx512".to_string() } else { have.join(" ") }
+    )
 }

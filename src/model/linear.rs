@@ -44,7 +44,8 @@ pub enum Linear {
     Candle(QMatMul),
     /// Float weights in their stored width, on the CPU.
     Float(FloatMatrix),
-    /// Q8_0/Q4_K/Q6_K blocks multiplied by this crate's AVX-512 VNNI kernels, on CPUs that have them.
+    /// Q8_0/Q4_K/Q6_K/IQ4_NL blocks multiplied by this crate's kernels (AVX-512 VNNI or AVX2), on
+    /// x86-64 CPUs with at least AVX2.
     Quant(super::qkernel::QuantMatrix),
     /// MLX affine-quantized weights at their stored width, on the CPU.
     Affine(super::affine::AffineMatrix),
@@ -66,7 +67,7 @@ impl Linear {
         match self {
             Linear::Candle(_) => "candle",
             Linear::Float(_) => "float at stored width",
-            Linear::Quant(_) => "quantized, AVX-512 VNNI",
+            Linear::Quant(m) => m.isa.label(),
             Linear::Affine(_) => "MLX affine at stored width",
         }
     }

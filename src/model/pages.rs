@@ -77,13 +77,24 @@ mod tests {
         before.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
         // (the advice covers the whole huge pages inside: the kernel splits the mapping there)
         let inner = |p: *const u8| (p as usize).next_multiple_of(HUGE) as *const u8;
+        crate::test_report::note(&if offered {
+            "ran: huge-page advice on weight buffers (THP offered)".to_string()
+        } else {
+            format!("NOT RUN here: huge-page advice on weight buffers (THP {:?}); only the refusal was checked", thp.trim())
+        });
         if offered {
             let flags = smaps_field(inner(before.as_ptr()), "VmFlags:");
             assert!(flags.split_whitespace().any(|f| f == "hg"), "flags {flags:?}");
         }
         let mut after = vec![0u8; n];
         after.iter_mut().enumerate().for_each(|(i, b)| *b = (i / 7) as u8);
-        if advise(after.as_ptr(), n, true) {
+        let collapsed = advise(after.as_ptr(), n, true);
+        crate::test_report::note(if collapsed {
+            "ran: MADV_COLLAPSE of weight buffers into huge pages"
+        } else {
+            "NOT RUN here: MADV_COLLAPSE into huge pages (kernel older than 6.1, THP off, or no free huge pages)"
+        });
+        if collapsed {
             // MADV_COLLAPSE succeeds only once the range is in huge pages
             let kb: usize = smaps_field(inner(after.as_ptr()), "AnonHugePages:").trim_end_matches("kB").trim().parse().unwrap();
             assert!(kb >= 2048, "collapsed, yet {kb} kB in huge pages");

@@ -1,6 +1,11 @@
-//! Q8_0, Q4_K, Q6_K and IQ4_NL weights times f32 activations on CPUs with AVX-512 VNNI, straight
-//! from the GGUF block bytes that candle's tensor holds (IQ4_NL, which candle lacks, from our own
-//! buffer): nothing is copied, widened or repacked, so a model takes its file's size in memory.
+//! Q8_0, Q4_K, Q6_K and IQ4_NL weights times f32 activations on x86-64 CPUs with AVX2 (and faster
+//! with AVX-512 VNNI), straight from the GGUF block bytes that candle's tensor holds (IQ4_NL, which
+//! candle lacks, from our own buffer): nothing is copied, widened or repacked, so a model takes its
+//! file's size in memory.
+//!
+//! Three builds, one result: `portable` (plain Rust) is the definition, `avx2` and `vnni` give its
+//! bits exactly, and the widest this CPU runs is chosen at run time ([`selected`]). Tests run every
+//! build the CPU has against the portable one (`scripts/test.sh` lists the builds that ran).
 //!
 //! Why not candle's kernels: on this kind of CPU candle 0.11 multiplies Q4_K (always), Q8_0
 //! (always) and Q6_K (more than one input row) through a second, repacked copy of the weights that
@@ -26,7 +31,8 @@
 //! dot products per block, one float multiply-add per block. Each row's result depends only on the
 //! row and the activations (blocks in order, lanes summed in a fixed order), so it does not depend
 //! on the thread count or on how many activation rows come together. Other CPUs, other devices and
-//! other types keep candle's kernels ([`available`]).
+//! other types keep candle's kernels ([`available`]). The AVX2 build does the same with 256-bit
+//! halves (`vpmaddubsw` + `vpmaddwd` for the VNNI instructions' exact integer sums).
 
 use std::sync::Arc;
 
@@ -96,26 +102,78 @@ impl QKind {
     }
 }
 
-/// Whether this CPU runs the kernels (AVX-512 F/BW/VNNI, AVX2, FMA, F16C), unless the environment
-/// sets `OURO_QUANT_KERNELS=candle` (benchmarks compare the two that way, and it is the way out
-/// should a kernel ever be suspected).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::is_x86_feature_detected as has;
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            std::env::var("OURO_QUANT_KERNELS").map_or(true, |v| v != "candle")
-                && has!("avx512f")
-                && has!("avx512bw")
-                && has!("avx512vnni")
-                && has!("avx2")
-                && has!("fma")
-                && has!("f16c")
-        })
+/// A build of the kernels: the same results bit for bit, for different instruction sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust: the definition the others are tested against (see `portable`).
+    Portable,
+    /// AVX2 + FMA + F16C (x86-64 from 2013 on, AMD from Zen 1).
+    Avx2,
+    /// AVX-512 F/BW/VNNI + AVX2 + FMA + F16C (Intel from Ice Lake, AMD from Zen 4).
+    Avx512Vnni,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+
+    /// How `run` names the projections this build multiplies.
+    pub fn label(self) -> &'static str {
+        match self {
+            Isa::Portable => "quantized, portable",
+            Isa::Avx2 => "quantized, AVX2",
+            Isa::Avx512Vnni => "quantized, AVX-512 VNNI",
+        }
+    }
+
+    /// Whether this CPU runs the build.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            match self {
+                Isa::Portable => true,
+                Isa::Avx2 => avx2,
+                Isa::Avx512Vnni => avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Portable
+        }
+    }
+}
+
+/// The build the runner uses: the widest this CPU runs, on x86-64 with at least AVX2; `None`
+/// elsewhere (candle's kernels, vectorized for NEON, serve better than the portable build), and
+/// when the environment sets `OURO_QUANT_KERNELS=candle` (benchmarks compare the two that way,
+/// and it is the way out should a kernel ever be suspected). `OURO_QUANT_KERNELS=avx2` or
+/// `portable` picks a narrower build (for comparisons; refused where the CPU lacks it).
+pub fn selected() -> Option<Isa> {
+    static SEL: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *SEL.get_or_init(|| {
+        let want = std::env::var("OURO_QUANT_KERNELS").unwrap_or_default();
+        if want == "candle" {
+            return None;
+        }
+        if let Some(isa) = Isa::ALL.into_iter().find(|i| i.name() == want) {
+            return isa.supported().then_some(isa);
+        }
+        [Isa::Avx512Vnni, Isa::Avx2].into_iter().find(|i| i.supported())
+    })
+}
+
+/// Whether the runner multiplies Q8_0/Q4_K/Q6_K/IQ4_NL blocks with these kernels ([`selected`]).
+pub fn available() -> bool {
+    selected().is_some()
 }
 
 /// A Q8_0, Q4_K, Q6_K or IQ4_NL projection `[rows, cols]` on the CPU.
@@ -123,6 +181,8 @@ pub struct QuantMatrix {
     pub kind: QKind,
     pub rows: usize,
     pub cols: usize,
+    /// The build that multiplies it ([`selected`], or another for comparisons).
+    pub isa: Isa,
     q: Blocks,
 }
 
@@ -143,30 +203,53 @@ impl Blocks {
 
 impl QuantMatrix {
     /// `None` when the tensor is not a 2-D CPU Q8_0/Q4_K/Q6_K tensor with whole blocks (pairs of
-    /// blocks for Q8_0) per row, or this CPU lacks the features: the caller then uses candle.
+    /// blocks for Q8_0) per row, or no build is [`selected`]: the caller then uses candle.
     pub fn new(q: Arc<QTensor>) -> Option<Self> {
+        Self::new_for(q, selected()?)
+    }
+
+    /// [`Self::new`] multiplied by the build `isa` (which this CPU must run to multiply).
+    pub fn new_for(q: Arc<QTensor>, isa: Isa) -> Option<Self> {
         let kind = QKind::of(q.dtype())?;
         let (rows, cols) = q.shape().dims2().ok()?;
-        if !available() || !q.device().is_cpu() || cols % kind.row_multiple() != 0 {
+        if !q.device().is_cpu() || cols % kind.row_multiple() != 0 {
             return None;
         }
         // the blocks in huge pages (candle has written them already)
         if let Ok(d) = q.data() {
             super::pages::advise(d.as_ptr(), d.len(), true);
         }
-        Some(QuantMatrix { kind, rows, cols, q: Blocks::Candle(q) })
+        Some(QuantMatrix { kind, rows, cols, isa, q: Blocks::Candle(q) })
     }
 
     /// An IQ4_NL matrix from its blocks (rows in order, as a GGUF file holds them). The blocks
-    /// come back when a row is not whole pairs of blocks or this CPU lacks the features: the
-    /// caller then multiplies a widened copy.
+    /// come back when a row is not whole pairs of blocks or no build is [`selected`]: the caller
+    /// then multiplies a widened copy.
     pub fn iq4_nl(blocks: Vec<u8>, rows: usize, cols: usize) -> Result<Self, Vec<u8>> {
+        match selected() {
+            Some(isa) => Self::iq4_nl_for(blocks, rows, cols, isa),
+            None => Err(blocks),
+        }
+    }
+
+    /// [`Self::iq4_nl`] multiplied by the build `isa`.
+    pub fn iq4_nl_for(blocks: Vec<u8>, rows: usize, cols: usize, isa: Isa) -> Result<Self, Vec<u8>> {
         let kind = QKind::IQ4NL;
-        if !available() || !cols.is_multiple_of(kind.row_multiple()) || blocks.len() != rows * cols / 32 * kind.block_bytes() {
+        if !cols.is_multiple_of(kind.row_multiple()) || blocks.len() != rows * cols / 32 * kind.block_bytes() {
             return Err(blocks);
         }
         super::pages::advise(blocks.as_ptr(), blocks.len(), true);
-        Ok(QuantMatrix { kind, rows, cols, q: Blocks::Own(blocks) })
+        Ok(QuantMatrix { kind, rows, cols, isa, q: Blocks::Own(blocks) })
+    }
+
+    /// The same matrix multiplied by another build (for comparisons and tests).
+    ///
+    /// # Panics
+    /// When this CPU does not run `isa`.
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        assert!(isa.supported(), "this CPU does not run the {} kernels", isa.name());
+        self.isa = isa;
+        self
     }
 
     /// candle's matmul of the same tensor (for comparisons).
@@ -210,7 +293,7 @@ impl QuantMatrix {
         assert_eq!(data.len(), rb * self.rows, "{:?} tensor bytes", self.kind);
         assert_eq!(out.len(), acts.len() * self.rows);
         let rows = self.rows;
-        let dot = kernel(self.kind);
+        let dot = kernel(self.kind, self.isa);
         // each task writes only the columns of its own weight rows
         let dst = &SharedOut::new(out);
         let task = |t: usize| {
@@ -246,7 +329,7 @@ impl Acts {
     /// maps to -127, codes rounded half away from zero and clamped to [-128, 127].
     pub fn q8k(x: &[f32]) -> Acts {
         #[cfg(target_arch = "x86_64")]
-        if available() {
+        if Isa::Avx512Vnni.supported() {
             // Safety: the features were detected.
             return unsafe { vnni::q8k(x) };
         }
@@ -341,24 +424,519 @@ impl Acts {
 /// `out[i * rows + r]` for activation `i` and weight row `r`.
 type Dot = fn(&[u8], &[Acts], &mut [f32]);
 
-fn kernel(kind: QKind) -> Dot {
+fn kernel(kind: QKind, isa: Isa) -> Dot {
+    assert!(isa.supported(), "the {} kernels on a CPU without them", isa.name());
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        return match kind {
-            QKind::Q8_0 => vnni::q8_0,
-            QKind::Q4K => vnni::q4k,
-            QKind::Q6K => vnni::q6k,
-            QKind::IQ4NL => vnni::iq4_nl,
-        };
+    match isa {
+        Isa::Avx512Vnni => {
+            return match kind {
+                QKind::Q8_0 => vnni::q8_0,
+                QKind::Q4K => vnni::q4k,
+                QKind::Q6K => vnni::q6k,
+                QKind::IQ4NL => vnni::iq4_nl,
+            }
+        }
+        Isa::Avx2 => {
+            return match kind {
+                QKind::Q8_0 => avx2::q8_0,
+                QKind::Q4K => avx2::q4k,
+                QKind::Q6K => avx2::q6k,
+                QKind::IQ4NL => avx2::iq4_nl,
+            }
+        }
+        Isa::Portable => {}
     }
-    let _ = kind;
-    unreachable!("QuantMatrix::new checks available()")
+    match kind {
+        QKind::Q8_0 => portable::q8_0,
+        QKind::Q4K => portable::q4k,
+        QKind::Q6K => portable::q6k,
+        QKind::IQ4NL => portable::iq4_nl,
+    }
+}
+
+/// Activation rows per kernel call (AVX-512): each block's weights are unpacked once for all
+/// of them.
+const ACTS: usize = 4;
+
+/// Runs `kernel` over every weight row and every group of `N` activations, then one by one.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn each<const N: usize>(
+    w: &[u8],
+    block: usize,
+    acts: &[Acts],
+    out: &mut [f32],
+    one: impl Fn(&[u8], [&Acts; 1]) -> [f32; 1],
+    four: impl Fn(&[u8], [&Acts; N]) -> [f32; N],
+) {
+    // blocks per row and bytes per row; every activation row has the same shape
+    let nb = acts.first().map_or(0, |a| a.d.len());
+    let rb = nb * block;
+    let (k, sums) = acts.first().map_or((0, 0), |a| (a.qs.len(), a.bsums.len()));
+    assert!(acts.iter().all(|a| a.d.len() == nb && a.qs.len() == k && a.bsums.len() == sums));
+    // the kernels index the activations by block without bounds checks
+    assert!(match block {
+        34 | 18 => nb.is_multiple_of(2) && k == nb * 32,
+        144 => k == nb * QK && sums == nb * 8,
+        _ => k == nb * QK && sums == nb * 16,
+    });
+    let rows = w.len().checked_div(rb).unwrap_or(0);
+    assert_eq!(w.len(), rb * rows);
+    assert_eq!(out.len(), rows * acts.len());
+    for (r, row) in w.chunks_exact(rb.max(1)).enumerate() {
+        let mut i = 0;
+        while i + N <= acts.len() {
+            let v = four(row, std::array::from_fn(|k| &acts[i + k]));
+            for (k, v) in v.into_iter().enumerate() {
+                out[(i + k) * rows + r] = v;
+            }
+            i += N;
+        }
+        for i in i..acts.len() {
+            out[i * rows + r] = one(row, [&acts[i]])[0];
+        }
+    }
+}
+
+/// The kernels' definition in plain Rust, which every other build equals bit for bit: per row,
+/// 16 float lanes, each the fused multiply-add of its exact integer block sums with the block's
+/// scale, block after block; then the lanes summed in one fixed order ([`hsum16`]). Lane `j` of
+/// a 64-weight step holds weights `4j..4j + 4` (the layout of one 512-bit register, or of two
+/// 256-bit ones). It also runs where no vector build does (tests; nothing at run time chooses it
+/// over candle's kernels, which are vectorized).
+mod portable {
+    use super::{Acts, QK};
+    use half::f16;
+
+    /// The sum of 16 lanes: halves, then quarters, then [`hsum4`].
+    pub fn hsum16(a: &[f32; 16]) -> f32 {
+        let l: [f32; 8] = std::array::from_fn(|i| a[i] + a[i + 8]);
+        hsum4(&std::array::from_fn(|i| l[i] + l[i + 4]))
+    }
+
+    /// The sum of 4 lanes as `(0 + 2) + (1 + 3)`.
+    pub fn hsum4(m: &[f32; 4]) -> f32 {
+        (m[0] + m[2]) + (m[1] + m[3])
+    }
+
+    fn f16_at(p: &[u8], i: usize) -> f32 {
+        f16::from_le_bytes([p[i], p[i + 1]]).to_f32()
+    }
+
+    /// Every weight row against every activation row: `out[i * rows + r]`.
+    fn each(w: &[u8], block: usize, acts: &[Acts], out: &mut [f32], row: impl Fn(&[u8], &Acts) -> f32) {
+        let nb = acts.first().map_or(0, |a| a.d.len());
+        let rb = nb * block;
+        let rows = w.len().checked_div(rb).unwrap_or(0);
+        assert_eq!(w.len(), rb * rows);
+        assert_eq!(out.len(), rows * acts.len());
+        for (r, wr) in w.chunks_exact(rb.max(1)).enumerate() {
+            for (i, a) in acts.iter().enumerate() {
+                out[i * rows + r] = row(wr, a);
+            }
+        }
+    }
+
+    /// Pairs of 32-weight blocks (`pair` bytes, each block `d` (f16) then its weights):
+    /// `weights(pair bytes)` gives the 64 int8 weights in order. Lanes 0-7 hold the first
+    /// block's sums of 4, scaled by its `d_w * d_x`, lanes 8-15 the second's.
+    fn int8_pairs(w: &[u8], a: &Acts, pair: usize, weights: impl Fn(&[u8]) -> [i8; 64]) -> f32 {
+        let mut acc = [0f32; 16];
+        for (b, p) in w.chunks_exact(pair).enumerate() {
+            let s = [f16_at(p, 0) * a.d[2 * b], f16_at(p, pair / 2) * a.d[2 * b + 1]];
+            let wv = weights(p);
+            let x = &a.qs[64 * b..64 * b + 64];
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let dot: i32 = (4 * j..4 * j + 4).map(|i| wv[i] as i32 * x[i] as i32).sum();
+                *acc = (dot as f32).mul_add(s[j / 8], *acc);
+            }
+        }
+        hsum16(&acc)
+    }
+
+    pub fn q8_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 34, acts, out, |w, a| {
+            int8_pairs(w, a, 68, |p| std::array::from_fn(|i| if i < 32 { p[2 + i] } else { p[36 + i - 32] } as i8))
+        })
+    }
+
+    pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        use crate::quant::iq4nl::KVALUES;
+        each(w, 18, acts, out, |w, a| {
+            int8_pairs(w, a, 36, |p| {
+                std::array::from_fn(|i| {
+                    // block i / 32; in it, byte j holds weight j (low nibble) and 16 + j (high)
+                    let (blk, k) = (i / 32, i % 32);
+                    let byte = p[18 * blk + 2 + k % 16];
+                    KVALUES[if k < 16 { byte & 15 } else { byte >> 4 } as usize]
+                })
+            })
+        })
+    }
+
+    /// Q4_K's 6-bit scales and mins of its 8 sub-blocks (ggml's `get_scale_min_k4`).
+    pub fn q4k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+        let mut sc = [0u8; 8];
+        let mut m = [0u8; 8];
+        for j in 0..4 {
+            sc[j] = s[j] & 63;
+            m[j] = s[j + 4] & 63;
+            sc[j + 4] = (s[j + 8] & 15) | ((s[j] >> 6) << 4);
+            m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+        }
+        (sc, m)
+    }
+
+    /// Q4_K against activations in nibble order: step `c` (64 weights) is the low (`c` even) or
+    /// high nibbles of bytes `64 (c / 2)..+64`, sub-blocks `4 (c / 2) + c % 2` (lanes 0-7) and
+    /// that + 2 (lanes 8-15). The mins, 4 lanes of pairs of sub-blocks, are subtracted at the end.
+    pub fn q4k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 144, acts, out, |w, a| {
+            let mut acc = [0f32; 16];
+            let mut acc_min = [0f32; 4];
+            for (b, p) in w.chunks_exact(144).enumerate() {
+                let (sc, m) = q4k_scales_mins(&p[4..16]);
+                let dx = f16_at(p, 0) * a.d[b];
+                let dmx = f16_at(p, 2) * a.d[b];
+                let bs = &a.bsums[8 * b..8 * b + 8];
+                for (i, acc) in acc_min.iter_mut().enumerate() {
+                    let v = m[2 * i] as i32 * bs[2 * i] as i32 + m[2 * i + 1] as i32 * bs[2 * i + 1] as i32;
+                    *acc = (v as f32).mul_add(dmx, *acc);
+                }
+                let q = &p[16..];
+                let x = &a.qs[b * QK..(b + 1) * QK];
+                let mut isum = [0i32; 16];
+                for c in 0..4 {
+                    let (h, t) = (c / 2, c % 2);
+                    for i in 0..64 {
+                        let code = (q[64 * h + i] >> (4 * t)) & 15;
+                        let s = sc[4 * h + t + 2 * (i / 32)];
+                        isum[i / 4] += code as i32 * x[64 * c + i] as i32 * s as i32;
+                    }
+                }
+                for (acc, v) in acc.iter_mut().zip(isum) {
+                    *acc = (v as f32).mul_add(dx, *acc);
+                }
+            }
+            hsum16(&acc) - hsum4(&acc_min)
+        })
+    }
+
+    /// Q6_K: step `c` (64 weights, in order), sub-blocks of 16 (`4c + j / 4` for lane `j`); the
+    /// -32 offset, `32 * scale * (sum of a sub-block's codes)` for pairs of sub-blocks, comes off
+    /// lanes 0-7 of the block's integer sums.
+    pub fn q6k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 210, acts, out, |w, a| {
+            let mut acc = [0f32; 16];
+            for (b, p) in w.chunks_exact(210).enumerate() {
+                let sc: [i32; 16] = std::array::from_fn(|i| p[192 + i] as i8 as i32);
+                let dx = f16_at(p, 208) * a.d[b];
+                let x = &a.qs[b * QK..(b + 1) * QK];
+                let mut isum = [0i32; 16];
+                for c in 0..4 {
+                    let (n, t) = (c / 2, c % 2);
+                    for i in 0..64 {
+                        let ql = p[64 * n + i];
+                        let nib = if t == 0 { ql & 15 } else { ql >> 4 };
+                        let s = (64 * t + i) / 32;
+                        let hb = (p[128 + 32 * n + i % 32] >> (2 * s)) & 3;
+                        let code = (nib | hb << 4) as i32;
+                        isum[i / 4] += code * x[64 * c + i] as i32 * sc[4 * c + i / 16];
+                    }
+                }
+                let bs = &a.bsums[16 * b..16 * b + 16];
+                for (i, v) in isum.iter_mut().take(8).enumerate() {
+                    *v -= 32 * (sc[2 * i] * bs[2 * i] as i32 + sc[2 * i + 1] * bs[2 * i + 1] as i32);
+                }
+                for (acc, v) in acc.iter_mut().zip(isum) {
+                    *acc = (v as f32).mul_add(dx, *acc);
+                }
+            }
+            hsum16(&acc)
+        })
+    }
+}
+
+/// The kernels for CPUs with AVX2, FMA and F16C but no AVX-512 (AMD Zen 1-3, Intel before Ice
+/// Lake, Intel client chips): the AVX-512 build's arithmetic in 256-bit halves (lanes 0-7 of a
+/// 64-weight step from its first 32 bytes, lanes 8-15 from the second), `vpmaddubsw` +
+/// `vpmaddwd` where that build has `vpdpbusd`/`vpdpwssd` (the same exact integer sums), and the
+/// same float operations lane for lane, so the bits equal [`portable`]'s.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::x86::{hsum128, prefetch, read_u32};
+    use super::{each, Acts, ACTS, QK};
+    use std::arch::x86_64::*;
+
+    /// Lanes 0-7 in `lo`, 8-15 in `hi`, summed as [`super::portable::hsum16`] does.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum16(lo: __m256, hi: __m256) -> f32 {
+        let s = _mm256_add_ps(lo, hi);
+        hsum128(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s)))
+    }
+
+    /// Lane 1 of `v` in every lane.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn broadcast1(v: __m128) -> __m256 {
+        _mm256_broadcastss_ps(_mm_movehdup_ps(v))
+    }
+
+    // Safety (all): `Isa::Avx2.supported()` was checked before these were handed out; `each`
+    // checks that every activation row has the weight rows' number of blocks.
+    pub fn q8_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each::<ACTS>(w, 34, acts, out, |w, a| unsafe { q8_0_impl(w, a) }, |w, a| unsafe { q8_0_impl(w, a) })
+    }
+
+    pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each::<ACTS>(w, 18, acts, out, |w, a| unsafe { iq4_nl_impl(w, a) }, |w, a| unsafe { iq4_nl_impl(w, a) })
+    }
+
+    pub fn q4k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each::<AVX2_ACTS>(w, 144, acts, out, |w, a| unsafe { q4k_impl(w, a) }, |w, a| unsafe { q4k_impl(w, a) })
+    }
+
+    pub fn q6k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each::<AVX2_ACTS>(w, 210, acts, out, |w, a| unsafe { q6k_impl(w, a) }, |w, a| unsafe { q6k_impl(w, a) })
+    }
+
+    /// Pairs of 32-weight blocks: `weights(p)` gives each block's 32 int8 weights. `|w|` times
+    /// the activations with `w`'s sign, pairs of products in 16 bits (at most 2 * 128 * 127, so
+    /// `vpmaddubsw` never saturates), then sums of 4 in 32 bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn int8_pairs<const A: usize>(
+        w: &[u8],
+        a: [&Acts; A],
+        pair: usize,
+        weights: impl Fn(*const u8) -> (__m256i, __m256i),
+    ) -> [f32; A] {
+        let ones = _mm256_set1_epi16(1);
+        let mut lo = [_mm256_setzero_ps(); A];
+        let mut hi = [_mm256_setzero_ps(); A];
+        for (b, chunk) in w.chunks_exact(pair).enumerate() {
+            let p = chunk.as_ptr();
+            prefetch(p, pair);
+            let dw = (std::ptr::read_unaligned(p as *const u16) as i32)
+                | ((std::ptr::read_unaligned(p.add(pair / 2) as *const u16) as i32) << 16);
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(dw));
+            let (w0, w1) = weights(p);
+            let (a0, a1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
+            for k in 0..A {
+                let x = a[k].qs.as_ptr().add(64 * b);
+                let x0 = _mm256_loadu_si256(x as *const __m256i);
+                let x1 = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                let d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, w0)), ones);
+                let d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, w1)), ones);
+                let dx = _mm_castpd_ps(_mm_load_sd(a[k].d.as_ptr().add(2 * b) as *const f64));
+                let s = _mm_mul_ps(dw, dx);
+                lo[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_broadcastss_ps(s), lo[k]);
+                hi[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), broadcast1(s), hi[k]);
+            }
+        }
+        std::array::from_fn(|k| hsum16(lo[k], hi[k]))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        int8_pairs(w, a, 68, |p| {
+            (_mm256_loadu_si256(p.add(2) as *const __m256i), _mm256_loadu_si256(p.add(36) as *const __m256i))
+        })
+    }
+
+    /// IQ4_NL: a block's 32 indices (low nibbles, then high) looked up in the 16-entry table by
+    /// one byte shuffle, then as Q8_0.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn iq4_nl_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(crate::quant::iq4nl::KVALUES.as_ptr() as *const __m128i));
+        let nibble = _mm_set1_epi8(0x0F);
+        let block = |q: *const u8| {
+            let raw = _mm_loadu_si128(q as *const __m128i);
+            let idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(raw), nibble), _mm_and_si128(raw, nibble));
+            _mm256_shuffle_epi8(table, idx)
+        };
+        int8_pairs(w, a, 36, |p| (block(p.add(2)), block(p.add(20))))
+    }
+
+    /// Activation rows per call of the AVX2 k-quant kernels: their integer sums (2 registers
+    /// each) and one step's codes and scales fit the 16 registers.
+    pub const AVX2_ACTS: usize = 4;
+
+    /// The shuffle that copies 16-bit lane `i` of a 128-bit half into all 8 of its lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn lane16(i: usize) -> __m256i {
+        _mm256_set1_epi16((((2 * i + 1) << 8) | (2 * i)) as i16)
+    }
+
+    /// Q4_K (see [`super::portable::q4k`] for the lanes). Step-major: each 32 bytes of nibbles
+    /// (two steps' halves) are unpacked once and multiplied by every activation row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4k_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let mut lo = [_mm256_setzero_ps(); A];
+        let mut hi = [_mm256_setzero_ps(); A];
+        let mut acc_min = [_mm_setzero_ps(); A];
+        for (b, blk) in w.chunks_exact(144).enumerate() {
+            let p = blk.as_ptr();
+            prefetch(p, 144);
+            let dd = _mm_cvtph_ps(_mm_loadu_si32(p));
+            let (s0, s1, s2) = (read_u32(p.add(4)), read_u32(p.add(8)), read_u32(p.add(12)));
+            let sc_lo = s0 & 0x3f3f3f3f;
+            let m_lo = s1 & 0x3f3f3f3f;
+            let sc_hi = (s2 & 0x0f0f0f0f) | (((s0 >> 6) & 0x03030303) << 4);
+            let m_hi = ((s2 >> 4) & 0x0f0f0f0f) | (((s1 >> 6) & 0x03030303) << 4);
+            // the 8 scales as 16-bit lanes, in both halves
+            let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((sc_lo as u64 | (sc_hi as u64) << 32) as i64)));
+            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((m_lo as u64 | (m_hi as u64) << 32) as i64));
+            let q = p.add(16);
+            let mut isum = [[_mm256_setzero_si256(); 2]; A];
+            for h in 0..2 {
+                for e in 0..2 {
+                    let raw = _mm256_loadu_si256(q.add(64 * h + 32 * e) as *const __m256i);
+                    let c0 = _mm256_and_si256(raw, nibble);
+                    let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                    let s0 = _mm256_shuffle_epi8(scales, lane16(4 * h + 2 * e));
+                    let s1 = _mm256_shuffle_epi8(scales, lane16(4 * h + 1 + 2 * e));
+                    for k in 0..A {
+                        let x = a[k].qs.as_ptr().add(b * QK + 128 * h + 32 * e);
+                        let x0 = _mm256_loadu_si256(x as *const __m256i);
+                        let x1 = _mm256_loadu_si256(x.add(64) as *const __m256i);
+                        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(c0, x0), s0);
+                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(c1, x1), s1);
+                        isum[k][e] = _mm256_add_epi32(isum[k][e], _mm256_add_epi32(p0, p1));
+                    }
+                }
+            }
+            for k in 0..A {
+                let dx = _mm_mul_ps(dd, _mm_broadcast_ss(a[k].d.get_unchecked(b)));
+                let bsums = _mm_loadu_si128(a[k].bsums.as_ptr().add(b * 8) as *const __m128i);
+                acc_min[k] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mins, bsums)), _mm_shuffle_ps::<0x55>(dx, dx), acc_min[k]);
+                let d = _mm256_broadcastss_ps(dx);
+                lo[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k][0]), d, lo[k]);
+                hi[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k][1]), d, hi[k]);
+            }
+        }
+        std::array::from_fn(|k| hsum16(lo[k], hi[k]) - hsum128(acc_min[k]))
+    }
+
+    /// Q6_K (see [`super::portable::q6k`] for the lanes), step-major as [`q4k_impl`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6k_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let high = _mm256_set1_epi8(0x30);
+        let mut lo = [_mm256_setzero_ps(); A];
+        let mut hi = [_mm256_setzero_ps(); A];
+        for (b, blk) in w.chunks_exact(210).enumerate() {
+            let p = blk.as_ptr();
+            prefetch(p, 210);
+            let d = _mm_cvtph_ps(_mm_loadu_si16(p.add(208)));
+            let raw_sc = _mm_loadu_si128(p.add(192) as *const __m128i);
+            let sc16 = _mm256_cvtepi8_epi16(raw_sc);
+            // scales 0-7 and 8-15 as 16-bit lanes, each in both halves
+            let sc_a = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(raw_sc));
+            let sc_b = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_srli_si128::<8>(raw_sc)));
+            let mut isum = [[_mm256_setzero_si256(); 2]; A];
+            for n in 0..2 {
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                let hb = |v: __m256i| _mm256_and_si256(v, high);
+                let sc = if n == 0 { sc_a } else { sc_b };
+                for e in 0..2 {
+                    let ql = _mm256_loadu_si256(p.add(64 * n + 32 * e) as *const __m256i);
+                    // step 2n (low nibbles) and 2n + 1 (high), half e
+                    let (h0, h1) = if e == 0 {
+                        (hb(_mm256_slli_epi16::<4>(qh)), hb(qh))
+                    } else {
+                        (hb(_mm256_slli_epi16::<2>(qh)), hb(_mm256_srli_epi16::<2>(qh)))
+                    };
+                    let c0 = _mm256_or_si256(_mm256_and_si256(ql, nibble), h0);
+                    let c1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql), nibble), h1);
+                    // 16-bit lanes 0-7 take sub-block 4c + 2e (c = 2n + t), lanes 8-15 the next:
+                    // within this n's 8 scales, 2e (+1) for t = 0 and 4 + 2e (+1) for t = 1
+                    let s0 = _mm256_shuffle_epi8(sc, two_lanes(2 * e));
+                    let s1 = _mm256_shuffle_epi8(sc, two_lanes(4 + 2 * e));
+                    for k in 0..A {
+                        let x = a[k].qs.as_ptr().add(b * QK + 128 * n + 32 * e);
+                        let x0 = _mm256_loadu_si256(x as *const __m256i);
+                        let x1 = _mm256_loadu_si256(x.add(64) as *const __m256i);
+                        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(c0, x0), s0);
+                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(c1, x1), s1);
+                        isum[k][e] = _mm256_add_epi32(isum[k][e], _mm256_add_epi32(p0, p1));
+                    }
+                }
+            }
+            for k in 0..A {
+                let dx = _mm_mul_ss(d, _mm_load_ss(a[k].d.get_unchecked(b)));
+                let bsums = _mm256_loadu_si256(a[k].bsums.as_ptr().add(b * 16) as *const __m256i);
+                let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bsums));
+                let dv = _mm256_broadcastss_ps(dx);
+                lo[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[k][0], off)), dv, lo[k]);
+                hi[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k][1]), dv, hi[k]);
+            }
+        }
+        std::array::from_fn(|k| hsum16(lo[k], hi[k]))
+    }
+
+    /// The shuffle that puts 16-bit lane `i` of a 128-bit half into lanes 0-7 of the 256-bit
+    /// result and lane `i + 1` into lanes 8-15 (both halves hold the same 8 lanes).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn two_lanes(i: usize) -> __m256i {
+        let a = (((2 * i + 1) << 8) | (2 * i)) as i16;
+        let b = (((2 * i + 3) << 8) | (2 * i + 2)) as i16;
+        _mm256_set_m128i(_mm_set1_epi16(b), _mm_set1_epi16(a))
+    }
+}
+
+/// Helpers of the x86 builds.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `(s0 + s2) + (s1 + s3)`, as [`super::portable::hsum4`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub unsafe fn hsum128(s: __m128) -> f32 {
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[inline(always)]
+    pub unsafe fn read_u32(p: *const u8) -> u32 {
+        u32::from_le(std::ptr::read_unaligned(p as *const u32))
+    }
+
+    /// Bytes ahead of the current block that are prefetched: rows are contiguous, so this runs
+    /// into the following rows (a prefetch past the end of the matrix does not fault).
+    const PREFETCH: usize = 4096;
+
+    /// Prefetches the cache lines of the block `PREFETCH` bytes after the one at `p`.
+    #[inline(always)]
+    pub unsafe fn prefetch(p: *const u8, block: usize) {
+        let mut o = 0;
+        while o < block {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + o) as *const i8);
+            o += 64;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{Acts, QK};
+    use super::x86::{hsum128, prefetch, read_u32};
+    use super::{each, Acts, ACTS, QK};
     use std::arch::x86_64::*;
+
+    /// The 16 lanes summed as [`super::portable::hsum16`] does (halves, quarters, then pairs).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum16(a: __m512) -> f32 {
+        let lo = _mm512_castps512_ps256(a);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+        let s = _mm256_add_ps(lo, hi);
+        hsum128(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s)))
+    }
 
     /// Lane `i` of 32 16-bit lanes takes scale `base + i / per` (a permute index).
     const fn spread(base: u16, per: u16) -> [u16; 32] {
@@ -410,20 +988,6 @@ mod vnni {
         acc
     }
 
-    /// Bytes ahead of the current block that are prefetched: rows are contiguous, so this runs
-    /// into the following rows (a prefetch past the end of the matrix does not fault).
-    const PREFETCH: usize = 4096;
-
-    /// Prefetches the cache lines of the block `PREFETCH` bytes after the one at `p`.
-    #[inline(always)]
-    unsafe fn prefetch(p: *const u8, block: usize) {
-        let mut o = 0;
-        while o < block {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + o) as *const i8);
-            o += 64;
-        }
-    }
-
     /// Per 16-bit lane shift counts: `lo` in the lower half of the register, `hi` in the upper.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     #[inline]
@@ -431,68 +995,14 @@ mod vnni {
         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(lo)), _mm256_set1_epi16(hi))
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    #[inline]
-    unsafe fn hsum128(s: __m128) -> f32 {
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    #[inline(always)]
-    unsafe fn read_u32(p: *const u8) -> u32 {
-        u32::from_le(std::ptr::read_unaligned(p as *const u32))
-    }
-
-    /// Activation rows per kernel call: each block's weights are unpacked once for all of them.
-    const ACTS: usize = 4;
-
-    /// Runs `kernel` over every weight row and every group of up to [`ACTS`] activations.
-    #[inline(always)]
-    fn each(
-        w: &[u8],
-        block: usize,
-        acts: &[Acts],
-        out: &mut [f32],
-        one: impl Fn(&[u8], [&Acts; 1]) -> [f32; 1],
-        four: impl Fn(&[u8], [&Acts; ACTS]) -> [f32; ACTS],
-    ) {
-        // blocks per row and bytes per row; every activation row has the same shape
-        let nb = acts.first().map_or(0, |a| a.d.len());
-        let rb = nb * block;
-        let (k, sums) = acts.first().map_or((0, 0), |a| (a.qs.len(), a.bsums.len()));
-        assert!(acts.iter().all(|a| a.d.len() == nb && a.qs.len() == k && a.bsums.len() == sums));
-        // the kernels index the activations by block without bounds checks
-        assert!(match block {
-            34 | 18 => nb.is_multiple_of(2) && k == nb * 32,
-            144 => k == nb * QK && sums == nb * 8,
-            _ => k == nb * QK && sums == nb * 16,
-        });
-        let rows = w.len().checked_div(rb).unwrap_or(0);
-        assert_eq!(w.len(), rb * rows);
-        assert_eq!(out.len(), rows * acts.len());
-        for (r, row) in w.chunks_exact(rb.max(1)).enumerate() {
-            let mut i = 0;
-            while i + ACTS <= acts.len() {
-                let v = four(row, std::array::from_fn(|k| &acts[i + k]));
-                for (k, v) in v.into_iter().enumerate() {
-                    out[(i + k) * rows + r] = v;
-                }
-                i += ACTS;
-            }
-            for i in i..acts.len() {
-                out[i * rows + r] = one(row, [&acts[i]])[0];
-            }
-        }
-    }
-
     // Safety (both): `available()` was checked before these were handed out; `each` checks that
     // every activation row has the weight rows' number of blocks.
     pub fn q4k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each(w, 144, acts, out, |w, a| unsafe { q4k_impl(w, a) }, |w, a| unsafe { q4k_impl(w, a) })
+        each::<ACTS>(w, 144, acts, out, |w, a| unsafe { q4k_impl(w, a) }, |w, a| unsafe { q4k_impl(w, a) })
     }
 
     pub fn q6k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each(w, 210, acts, out, |w, a| unsafe { q6k_impl(w, a) }, |w, a| unsafe { q6k_impl(w, a) })
+        each::<ACTS>(w, 210, acts, out, |w, a| unsafe { q6k_impl(w, a) }, |w, a| unsafe { q6k_impl(w, a) })
     }
 
     /// [`Acts::q8k_portable`] in AVX-512, value for value (the compiler turned the portable
@@ -545,7 +1055,7 @@ mod vnni {
     }
 
     pub fn q8_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each(w, 34, acts, out, |w, a| unsafe { q8_0_impl(w, a) }, |w, a| unsafe { q8_0_impl(w, a) })
+        each::<ACTS>(w, 34, acts, out, |w, a| unsafe { q8_0_impl(w, a) }, |w, a| unsafe { q8_0_impl(w, a) })
     }
 
     /// Two blocks of 32 weights at a time, each block `d` (f16) and then its weights, `pair` bytes
@@ -581,7 +1091,7 @@ mod vnni {
                 acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[k]);
             }
         }
-        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]))
+        std::array::from_fn(|k| hsum16(acc[k]))
     }
 
     /// Block: `d` (f16), 32 int8 weights ([`int8_pairs`], 68 bytes a pair).
@@ -596,7 +1106,7 @@ mod vnni {
     }
 
     pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each(w, 18, acts, out, |w, a| unsafe { iq4_nl_impl(w, a) }, |w, a| unsafe { iq4_nl_impl(w, a) })
+        each::<ACTS>(w, 18, acts, out, |w, a| unsafe { iq4_nl_impl(w, a) }, |w, a| unsafe { iq4_nl_impl(w, a) })
     }
 
     /// Block: `d` (f16), 16 bytes of indices into [`KVALUES`](crate::quant::iq4nl::KVALUES):
@@ -674,7 +1184,7 @@ mod vnni {
                 acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_broadcastss_ps(dx), acc[k]);
             }
         }
-        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]) - hsum128(acc_min[k]))
+        std::array::from_fn(|k| hsum16(acc[k]) - hsum128(acc_min[k]))
     }
 
     /// Block: 128 bytes of low nibbles (`ql`), 64 bytes of 2-bit highs (`qh`), 16 int8 scales
@@ -727,7 +1237,7 @@ mod vnni {
                 acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_broadcastss_ps(dx), acc[k]);
             }
         }
-        std::array::from_fn(|k| _mm512_reduce_add_ps(acc[k]))
+        std::array::from_fn(|k| hsum16(acc[k]))
     }
 }
 
@@ -760,7 +1270,7 @@ mod tests {
         crate::quant::iq4nl::quantize_iq4_nl(&w, None, &mut blocks);
         let mut dense = vec![];
         crate::quant::iq4nl::dequantize_iq4_nl(&blocks, &mut dense);
-        let m = QuantMatrix::iq4_nl(blocks, rows, cols).ok().expect("whole pairs of blocks");
+        let m = QuantMatrix::iq4_nl_for(blocks, rows, cols, Isa::Portable).ok().expect("whole pairs of blocks");
         (m, dense.chunks_exact(cols).map(|r| r.to_vec()).collect())
     }
 
@@ -777,63 +1287,128 @@ mod tests {
         x
     }
 
-    fn skip() -> bool {
-        if !available() {
-            eprintln!("this CPU lacks AVX-512 VNNI: the k-quant kernels are not used here, nothing to test");
+    /// Blocks of random bytes (every code, scale and min pattern, Q8_0's -128 that candle's
+    /// quantizer never writes) with finite f16 block scales, as a matrix of `isa`.
+    fn random_matrix(kind: QKind, rows: usize, cols: usize, seed: u64, isa: Isa) -> (QuantMatrix, Vec<Vec<f32>>) {
+        let bb = kind.block_bytes();
+        let mut bytes: Vec<u8> = lcg(seed, rows * cols / kind.block_len() * bb).iter().map(|v| (v.to_bits() >> 7) as u8).collect();
+        let scales: &[usize] = match kind {
+            QKind::Q8_0 | QKind::IQ4NL => &[0],
+            QKind::Q4K => &[0, 2],
+            QKind::Q6K => &[208],
+        };
+        for (b, blk) in bytes.chunks_exact_mut(bb).enumerate() {
+            for (k, &o) in scales.iter().enumerate() {
+                let v = half::f16::from_f32(0.001 + 0.02 * ((b * 7 + k * 3) % 11) as f32 * if b % 5 == 0 { -1.0 } else { 1.0 });
+                blk[o..o + 2].copy_from_slice(&v.to_le_bytes());
+            }
         }
-        !available()
+        let dtype = match kind {
+            QKind::Q8_0 => GgmlDType::Q8_0,
+            QKind::Q4K => GgmlDType::Q4K,
+            QKind::Q6K => GgmlDType::Q6K,
+            QKind::IQ4NL => {
+                let mut dense = vec![];
+                crate::quant::iq4nl::dequantize_iq4_nl(&bytes, &mut dense);
+                let m = QuantMatrix::iq4_nl_for(bytes, rows, cols, isa).ok().expect("whole pairs of blocks");
+                return (m, dense.chunks_exact(cols).map(|r| r.to_vec()).collect());
+            }
+        };
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, vec![rows, cols], &Device::Cpu).unwrap();
+        let dense = t.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        (QuantMatrix::new_for(Arc::new(t), isa).expect("whole blocks"), dense)
     }
 
-    /// Every output against an f64 dot product of candle's dequantized weights with the values the
-    /// quantized activations stand for, and close to candle's own quantized matmul. The tolerance
-    /// is relative to the sum of the terms' magnitudes: a Q4_K weight is `d*sc*q - dmin*m`, a
+    /// Weights quantized from floats (candle's quantizer; ours for IQ4_NL) or random blocks.
+    fn matrix(kind: QKind, random: bool, rows: usize, cols: usize, seed: u64, isa: Isa) -> (QuantMatrix, Vec<Vec<f32>>) {
+        if random {
+            return random_matrix(kind, rows, cols, seed, isa);
+        }
+        let dtype = match kind {
+            QKind::Q8_0 => GgmlDType::Q8_0,
+            QKind::Q4K => GgmlDType::Q4K,
+            QKind::Q6K => GgmlDType::Q6K,
+            QKind::IQ4NL => {
+                let (m, dense) = iq4_nl_weights(rows, cols, seed);
+                return (m.with_isa(isa), dense);
+            }
+        };
+        let q = weights(dtype, rows, cols, seed);
+        let dense = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        (QuantMatrix::new_for(q, isa).expect("CPU tensor"), dense)
+    }
+
+    const KINDS: [QKind; 4] = [QKind::Q8_0, QKind::Q4K, QKind::Q6K, QKind::IQ4NL];
+
+    /// The portable definition against an f64 dot product of the dequantized weights (candle's
+    /// dequantizer; ours, ggml's table and layout, for IQ4_NL) with the values the quantized
+    /// activations stand for, and close to candle's own quantized matmul. The tolerance is
+    /// relative to the sum of the terms' magnitudes: a Q4_K weight is `d*sc*q - dmin*m`, a
     /// difference of two rounded products, and both sides sum in f32 (seen: 3e-6 against the f64
-    /// sum, 1.6e-6 against candle). A wrong nibble, scale or min is off by whole weights. IQ4_NL,
-    /// which candle lacks, against our dequantizer (ggml's table and layout) only.
+    /// sum, 1.6e-6 against candle). A wrong nibble, scale or min is off by whole weights. Every
+    /// other build equals this one bit for bit ([`every_build_equals_the_portable_definition`]).
     #[test]
     fn kernels_match_dequantized_f64_and_candle() {
-        if skip() {
-            return;
-        }
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F32] {
-            for &(rows, cols, n) in &[(3usize, 256usize, 1usize), (70, 512, 1), (130, 2048, 3), (65, 768, 11)] {
-                let seed = rows as u64 + cols as u64;
-                // (F32 stands for IQ4_NL here)
-                let (m, dense) = if dtype == GgmlDType::F32 {
-                    iq4_nl_weights(rows, cols, seed)
-                } else {
-                    let q = weights(dtype, rows, cols, seed);
-                    (QuantMatrix::new(q.clone()).expect("CPU tensor"), q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap())
-                };
-                let xs = activations(n, cols, 7 + n as u64);
-                let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
-                let got = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-                let candle = m.candle().ok().map(|c| c.forward(&x).unwrap().to_vec2::<f32>().unwrap());
-                assert_eq!(candle.is_none(), dtype == GgmlDType::F32);
-                for i in 0..n {
-                    let xi = &xs[i * cols..(i + 1) * cols];
-                    let a = if matches!(m.kind, QKind::Q8_0 | QKind::IQ4NL) { Acts::q8_0(xi) } else { Acts::q8k(xi) }.dequantize();
-                    for r in 0..rows {
-                        let terms = dense[r].iter().zip(&a).map(|(w, x)| *w as f64 * *x as f64);
-                        let exact: f64 = terms.clone().sum();
-                        let scale: f64 = terms.map(f64::abs).sum::<f64>().max(1e-3);
-                        let g = got[i][r] as f64;
-                        assert!(
-                            (g - exact).abs() <= 1e-5 * scale,
-                            "{dtype:?} {rows}x{cols} x{i} row {r}: {g} vs exact {exact} (scale {scale})"
-                        );
-                        if let Some(candle) = &candle {
-                            let c = candle[i][r] as f64;
-                            assert!(
-                                (g - c).abs() <= 1e-5 * scale,
-                                "{dtype:?} {rows}x{cols} x{i} row {r}: {g} vs candle {c}"
-                            );
+        for kind in KINDS {
+            for random in [false, true] {
+                for &(rows, cols, n) in &[(3usize, 256usize, 1usize), (70, 512, 1), (130, 2048, 3), (65, 768, 5)] {
+                    let seed = rows as u64 + cols as u64;
+                    let (m, dense) = matrix(kind, random, rows, cols, seed, Isa::Portable);
+                    let xs = activations(n, cols, 7 + n as u64);
+                    let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
+                    let got = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                    let candle = m.candle().ok().map(|c| c.forward(&x).unwrap().to_vec2::<f32>().unwrap());
+                    assert_eq!(candle.is_none(), kind == QKind::IQ4NL);
+                    for i in 0..n {
+                        let xi = &xs[i * cols..(i + 1) * cols];
+                        let a = if matches!(m.kind, QKind::Q8_0 | QKind::IQ4NL) { Acts::q8_0(xi) } else { Acts::q8k(xi) }.dequantize();
+                        for r in 0..rows {
+                            let terms = dense[r].iter().zip(&a).map(|(w, x)| *w as f64 * *x as f64);
+                            let exact: f64 = terms.clone().sum();
+                            let scale: f64 = terms.map(f64::abs).sum::<f64>().max(1e-3);
+                            let g = got[i][r] as f64;
+                            let what = format!("{kind:?} {} {rows}x{cols} x{i} row {r}", if random { "random" } else { "quantized" });
+                            assert!((g - exact).abs() <= 1e-5 * scale, "{what}: {g} vs exact {exact} (scale {scale})");
+                            if let Some(candle) = &candle {
+                                let c = candle[i][r] as f64;
+                                assert!((g - c).abs() <= 1e-5 * scale, "{what}: {g} vs candle {c}");
+                            }
                         }
                     }
+                    if !random {
+                        // the zero weight row gives exactly zero
+                        assert!(got.iter().all(|o| o[1] == 0.0));
+                    }
                 }
-                // the zero weight row gives exactly zero
-                assert!(got.iter().all(|o| o[1] == 0.0));
             }
+        }
+    }
+
+    /// Every build this CPU runs gives the portable definition's bits: quantized and random blocks,
+    /// one to eleven activation rows (the vector builds take them four at a time, then one by one).
+    /// The builds this CPU cannot run are reported as not run (`scripts/test.sh` prints it).
+    #[test]
+    fn every_build_equals_the_portable_definition() {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+            if !isa.supported() {
+                crate::test_report::note(&format!("NOT RUN here: {} kernels against the portable definition (this CPU lacks the features)", isa.name()));
+                continue;
+            }
+            for kind in KINDS {
+                for random in [false, true] {
+                    for &(rows, cols, n) in &[(3usize, 256usize, 1usize), (70, 512, 3), (65, 768, 4), (9, 2048, 5), (130, 1024, 11)] {
+                        let seed = 3 * rows as u64 + cols as u64 + n as u64;
+                        let (m, _) = matrix(kind, random, rows, cols, seed, Isa::Portable);
+                        let x = Tensor::from_vec(activations(n, cols, seed), (n, cols), &Device::Cpu).unwrap();
+                        let want = m.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        let m = m.with_isa(isa);
+                        let got = m.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        assert_eq!(bits(&got), bits(&want), "{} {kind:?} random={random} {rows}x{cols} n={n}", isa.name());
+                    }
+                }
+            }
+            crate::test_report::note(&format!("ran: {} kernels (Q8_0, Q4_K, Q6_K, IQ4_NL) equal the portable definition bit for bit", isa.name()));
         }
     }
 
@@ -863,7 +1438,8 @@ mod tests {
     /// zero), on ±127, on zero, NaN and infinite values, and on random blocks of many magnitudes.
     #[test]
     fn q8k_vector_equals_portable() {
-        if skip() {
+        if !Isa::Avx512Vnni.supported() {
+            crate::test_report::note("NOT RUN here: avx512vnni activation quantization (Q8_K) against the portable one (this CPU lacks the features; the AVX2 build uses the portable one)");
             return;
         }
         // a block whose largest magnitude is -127 (scale exactly -1), so the codes are the values:
@@ -906,17 +1482,16 @@ mod tests {
     /// many activation rows come together.
     #[test]
     fn bits_do_not_depend_on_threads_or_batch() {
-        if skip() {
-            return;
-        }
+        // the build the runner uses (the portable one where there is none: same bits everywhere)
+        let isa = selected().unwrap_or(Isa::Portable);
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F32] {
             let (rows, cols) = (600, 2048);
             assert!(rows * cols >= SERIAL_BELOW);
             // (F32 stands for IQ4_NL here)
             let m = if dtype == GgmlDType::F32 {
-                iq4_nl_weights(rows, cols, 1).0
+                iq4_nl_weights(rows, cols, 1).0.with_isa(isa)
             } else {
-                QuantMatrix::new(weights(dtype, rows, cols, 1)).unwrap()
+                QuantMatrix::new_for(weights(dtype, rows, cols, 1), isa).unwrap()
             };
             let n = ACTS_PER_PASS + 3;
             let xs = activations(n, cols, 2);
@@ -953,10 +1528,10 @@ mod tests {
             let kind = m.kind;
             let small_data = m.q.data().unwrap()[..few * cols / kind.block_len() * kind.block_bytes()].to_vec();
             let small = if kind == QKind::IQ4NL {
-                QuantMatrix::iq4_nl(small_data, few, cols).ok().unwrap()
+                QuantMatrix::iq4_nl_for(small_data, few, cols, isa).ok().unwrap()
             } else {
                 let t = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &small_data, vec![few, cols], &Device::Cpu).unwrap();
-                QuantMatrix::new(Arc::new(t)).unwrap()
+                QuantMatrix::new_for(Arc::new(t), isa).unwrap()
             };
             assert!(few * cols < SERIAL_BELOW);
             let x1 = Tensor::from_vec(xs[..cols].to_vec(), (1, cols), &Device::Cpu).unwrap();
