@@ -63,6 +63,7 @@ pub fn devices(extra: Option<&Path>) -> Result<Vec<Device>> {
 
 /// Storage of the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
 pub enum KvDtype {
     F32,
     F16,

@@ -127,7 +127,7 @@ fn adaptive_exit_while_decoding_keeps_quality_at_high_q() {
     // keys and values stored as f16: half the bytes, the same perplexity within 0.1%
     let f16 = decode_eval(m, &ids, 128, chunks, Some(0.99), KvPolicy::Full, SkipFill::Copy, candle_core::DType::F16).unwrap();
     assert!((f16.ppl / q99.ppl - 1.0).abs() < 1e-3, "f16 KV {} vs f32 {}", f16.ppl, q99.ppl);
-    assert_eq!(f16.kv_dtype, "F16");
+    assert_eq!(f16.kv_dtype, "f16");
 
     // masking the skipped slots instead: nothing changes when nothing is skipped, and at q = 0.5
     // and 0.9 it costs far less than copying the exit loop forward (README table)

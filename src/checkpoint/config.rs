@@ -4,7 +4,7 @@
 //! Never relies on the upstream config class defaults (they are Qwen2's): every value that changes
 //! the model's shape or arithmetic must be present in the file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -360,11 +360,6 @@ fn find_corrections(cfg: &OuroConfig, map: &Map<String, Value>) -> Vec<Correctio
         });
     }
     out
-}
-
-/// Where a config came from, for messages.
-pub fn config_path(dir: &Path) -> PathBuf {
-    dir.join("config.json")
 }
 
 #[cfg(test)]

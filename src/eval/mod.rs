@@ -9,7 +9,7 @@ pub mod verdict;
 
 use serde::Serialize;
 
-use crate::model::exit::{exit_pdf, threshold_exit};
+use crate::model::exit::threshold_exit;
 use crate::model::{KvPolicy, OuroModel};
 
 /// Per-token results of a model over a text.
@@ -138,11 +138,6 @@ impl TextEval {
     }
 }
 
-/// The exit pdf of gate logits, re-exported for callers that only have gate logits.
-pub fn pdf_from_gates(gates: &[f32]) -> Vec<f32> {
-    exit_pdf(gates)
-}
-
 /// Unigram perplexity of the scored tokens under the token frequencies of the whole text: the
 /// baseline a model that learned nothing about context would reach at best.
 pub fn unigram_perplexity(tokens: &[u32], positions: &[usize]) -> f64 {
@@ -265,7 +260,7 @@ mod tests {
             exit_threshold: None,
             kv: KvPolicy::Full,
             kv_fill: crate::model::SkipFill::Copy,
-            kv_dtype: "F32".into(),
+            kv_dtype: "f32".into(),
             scored_tokens: 0,
             ppl: 1.0,
             ppl_se: 0.0,
@@ -387,7 +382,7 @@ pub fn decode_evals(
                 exit_threshold,
                 kv,
                 kv_fill,
-                kv_dtype: format!("{kv_dtype:?}"),
+                kv_dtype: format!("{kv_dtype:?}").to_lowercase(),
                 scored_tokens: n,
                 ppl,
                 ppl_se,

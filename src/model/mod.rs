@@ -48,6 +48,7 @@ pub type CResult<T> = candle_core::Result<T>;
 
 /// How the KV cache keeps keys and values across loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
 pub enum KvPolicy {
     /// One cache per (loop, layer), as upstream: `T * L` slots.
     Full,
@@ -219,6 +220,7 @@ impl OuroModel {
 
 /// What the full cache holds for a (loop, layer) slot that a token skipped by exiting early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
 pub enum SkipFill {
     /// The K/V of the token's exit loop, copied forward into every deeper loop.
     Copy,
