@@ -119,6 +119,35 @@ fn check_consistent(buf: &[u8]) {
     fuzzing::safetensors_header(buf);
 }
 
+/// Our header parser and the `safetensors` crate on the same bytes: both accept or both refuse,
+/// and what both accept describes the same tensors (name, dtype, shape, byte range). Returns
+/// whether they accepted. Backs docs/hardening.md's "accepts what the safetensors crate accepts".
+fn agrees_with_the_safetensors_crate(buf: &[u8]) -> bool {
+    let ours = ouro_quant::stfile::parse_header(buf);
+    let theirs = safetensors::SafeTensors::deserialize(buf);
+    match (&ours, &theirs) {
+        (Ok(h), Ok(st)) => {
+            let mut a: Vec<(String, String, Vec<usize>, usize)> =
+                h.tensors.iter().map(|t| (t.name.clone(), format!("{:?}", t.dtype).replace('_', "").to_uppercase(), t.shape.clone(), t.end - t.begin)).collect();
+            let mut b: Vec<(String, String, Vec<usize>, usize)> =
+                st.tensors().into_iter().map(|(n, v)| (n, format!("{:?}", v.dtype()).replace('_', "").to_uppercase(), v.shape().to_vec(), v.data().len())).collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "the two parsers read different tensors");
+            true
+        }
+        (Err(_), Err(_)) => false,
+        (Ok(_), Err(e)) => panic!("we accept what the safetensors crate refuses ({e:?})"),
+        (Err(e), Ok(st)) => {
+            // the one difference allowed: a dtype the crate knows that we refuse by name (none
+            // of the generated ones today; new crate versions add sub-byte and exotic floats)
+            let exotic = st.tensors().iter().any(|(_, v)| !matches!(format!("{:?}", v.dtype()).as_str(), "F32" | "F16" | "BF16" | "F64" | "I8" | "U8" | "I16" | "U16" | "I32" | "U32" | "I64" | "U64" | "BOOL"));
+            assert!(exotic, "we refuse what the safetensors crate accepts: {e}");
+            false
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 3000,
@@ -141,6 +170,50 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         check_consistent(&bytes);
+    }
+
+    #[test]
+    fn the_safetensors_crate_agrees_on_mutated_files(
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        let mut b = valid_file();
+        for (i, v) in edits {
+            let k = i.index(b.len());
+            b[k] = v;
+        }
+        if let Some(c) = cut {
+            let k = c.index(b.len() + 1);
+            b.truncate(k);
+        }
+        agrees_with_the_safetensors_crate(&b);
+    }
+
+    #[test]
+    fn the_safetensors_crate_agrees_on_header_shapes(
+        entries in proptest::collection::vec((
+            "(a|b|c|__metadata__)",
+            "(F32|BF16|F16|F64|I64|I32|U8|I8|BOOL|F8_E4M3|F8_E5M2|X)",
+            proptest::collection::vec(0usize..5, 0..3),
+            prop_oneof![8 => Just(0i64), 1 => Just(-1i64), 1 => Just(1i64)],
+        ), 0..4),
+        extra in prop_oneof![8 => Just(0usize), 1 => 1usize..4],
+    ) {
+        // byte ranges that tile the data section in order, unless a slip moves one end
+        let size = |d: &str| match d { "F64" | "I64" => 8, "F32" | "I32" => 4, "BF16" | "F16" => 2, _ => 1 };
+        let mut obj = serde_json::Map::new();
+        let mut at = 0i64;
+        for (name, dtype, shape, slip) in entries {
+            let len = (shape.iter().product::<usize>() * size(&dtype)) as i64;
+            let end = (at + len + slip).max(at);
+            obj.insert(name, serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, end]}));
+            at = end;
+        }
+        let json = serde_json::to_vec(&serde_json::Value::Object(obj)).unwrap();
+        let mut v = (json.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(&json);
+        v.extend(std::iter::repeat_n(0u8, at as usize + extra));
+        agrees_with_the_safetensors_crate(&v);
     }
 
     #[test]

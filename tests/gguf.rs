@@ -277,6 +277,26 @@ fn oracle(file: &Path) -> Oracle {
     Oracle { meta, tensors }
 }
 
+/// A metadata value as gguf-py's `contents()` gives it, in JSON.
+fn json_of(v: &Value) -> serde_json::Value {
+    use serde_json::json;
+    match v {
+        Value::U8(x) => json!(x),
+        Value::I8(x) => json!(x),
+        Value::U16(x) => json!(x),
+        Value::I16(x) => json!(x),
+        Value::U32(x) => json!(x),
+        Value::I32(x) => json!(x),
+        Value::U64(x) => json!(x),
+        Value::I64(x) => json!(x),
+        Value::F32(x) => json!(*x as f64),
+        Value::F64(x) => json!(x),
+        Value::Bool(x) => json!(x),
+        Value::Str(s) => json!(s),
+        Value::Array(_, a) => serde_json::Value::Array(a.iter().map(json_of).collect()),
+    }
+}
+
 #[test]
 fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
     let d = tempfile::tempdir().unwrap();
@@ -287,16 +307,20 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
         convert(&fixtures().join("tiny-random"), ty, &out);
         let ours = GgufFile::open(&out).unwrap();
         let o = oracle(&out);
-        // metadata: every key, with the GGUF type llama.cpp checks
+        // metadata: every key, with the GGUF type llama.cpp checks and the value gguf-py reads
+        // (floats exactly: gguf-py widens the f32 to a double, as we do here)
+        assert_eq!(o.meta.as_object().unwrap().len(), ours.header.kvs.len() + 3, "{ty}: keys besides GGUF.version/tensor_count/kv_count");
         for (k, v) in &ours.header.kvs {
             let m = &o.meta[k];
             assert!(!m.is_null(), "{ty}: gguf-py lost key {k}");
             assert_eq!(m["types"][0], v.type_name(), "{ty}: type of {k}");
             match v {
-                Value::Str(s) => assert_eq!(m["value"], serde_json::json!(s), "{ty}: {k}"),
-                Value::U32(x) => assert_eq!(m["value"], serde_json::json!(x), "{ty}: {k}"),
-                Value::Array(_, a) => assert_eq!(m["len"], a.len(), "{ty}: {k}"),
-                _ => {}
+                Value::Array(_, a) => {
+                    assert_eq!(m["len"], a.len(), "{ty}: {k}");
+                    let want: Vec<serde_json::Value> = a.iter().map(json_of).collect();
+                    assert_eq!(m["all"], serde_json::Value::Array(want), "{ty}: {k}");
+                }
+                v => assert_eq!(m["value"], json_of(v), "{ty}: {k}"),
             }
         }
         assert_eq!(o.meta["general.file_type"]["types"][0], "UINT32");

@@ -2,7 +2,7 @@
 
 usage: gguf_dump.py FILE OUTDIR
 
-OUTDIR/meta.json: every key with its GGUF value type(s) and value (arrays: length, first items);
+OUTDIR/meta.json: every key with its GGUF value type(s) and value (arrays: length and every item);
 OUTDIR/tensors.json: name, ggml type, shape (gguf-py order), dequantized .f32 file;
 OUTDIR/<i>.f32: gguf-py's dequantization of tensor i, little-endian float32, in row-major order.
 """
@@ -20,7 +20,7 @@ for k, f in r.fields.items():
     types = [GGUFValueType(t).name for t in f.types]
     v = f.contents()
     if isinstance(v, list):
-        meta[k] = {"types": types, "len": len(v), "head": v[:8], "all": v if len(v) <= 4096 else None}
+        meta[k] = {"types": types, "len": len(v), "all": v}
     else:
         meta[k] = {"types": types, "value": v}
 tensors = []
