@@ -1,4 +1,4 @@
-//! Failures of the machine rather than of the input: a full disk.
+//! Failures of the machine rather than of the input: a full disk, a file-size limit, a kill.
 
 mod common;
 
@@ -39,7 +39,7 @@ fn entries(p: &Path) -> Vec<String> {
 fn a_full_disk_gives_a_clear_error_and_leaves_nothing() {
     let Some(disk) = SmallDisk::new() else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
-        ouro_quant::test_report::note("NOT RUN here: convert onto a full disk (a small tmpfs needs root to mount)");
+        ouro_quant::test_report::note("NOT RUN here: convert onto a full disk (a small tmpfs needs root to mount; the RLIMIT_FSIZE test still fails writes mid-file)");
         return;
     };
     ouro_quant::test_report::note("ran: convert onto a full disk (a 300 KiB tmpfs)");
@@ -73,6 +73,42 @@ fn a_full_disk_gives_a_clear_error_and_leaves_nothing() {
     assert_ne!(o.status.code(), Some(0));
     let left = entries(&disk.path().join("b"));
     assert!(!left.iter().any(|f| f.ends_with(".gguf") || f.contains(".ouro-quant-tmp")), "{left:?}");
+}
+
+/// The same failure without privileges: a file-size limit (`RLIMIT_FSIZE`, 300 KiB, with SIGXFSZ
+/// ignored so that the write fails with EFBIG instead of killing the process) stops each
+/// conversion mid-file; it must say so once, exit 2 and leave nothing behind.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_file_size_limit_gives_a_clear_error_and_leaves_nothing() {
+    use std::os::unix::process::CommandExt;
+    ouro_quant::test_report::note("ran: convert under a 300 KiB file-size limit (RLIMIT_FSIZE)");
+    let src = fixtures().join("tiny-random");
+    let d = tempfile::tempdir().unwrap();
+    for (name, args) in [
+        ("x.gguf", vec!["--type", "Q8_0"]),
+        ("x-8bit", vec!["--format", "mlx", "--bits", "8"]),
+        ("x.F32.gguf", vec!["--type", "F32"]),
+    ] {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("ouro-quant"));
+        c.arg("convert").arg(&src).args(&args).arg("-o").arg(d.path().join(name));
+        // Safety: only async-signal-safe calls between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit { rlim_cur: 300 << 10, rlim_max: 300 << 10 };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.matches("File too large").count(), 1, "{name}: said once: {err}");
+        assert!(entries(d.path()).is_empty(), "{name} left {:?}", entries(d.path()));
+    }
 }
 
 #[test]
