@@ -1,4 +1,4 @@
-//! Q8_0, Q4_K, Q6_K and IQ4_NL weights times f32 activations on x86-64 CPUs with AVX2 (and faster
+//! Q8_0, Q4_0, Q4_K, Q5_K, Q6_K and IQ4_NL weights times f32 activations on x86-64 CPUs with AVX2 (and faster
 //! with AVX-512 VNNI), straight from the GGUF block bytes that candle's tensor holds (IQ4_NL, which
 //! candle lacks, from our own buffer): nothing is copied, widened or repacked, so a model takes its
 //! file's size in memory.
@@ -58,7 +58,11 @@ const SERIAL_BELOW: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QKind {
     Q8_0,
+    /// Per 32 weights an f16 scale and 16 bytes of 4-bit codes, weight = d * (code - 8).
+    Q4_0,
     Q4K,
+    /// Q4_K's layout with a fifth bit per weight (32 bytes `qh` before the nibbles).
+    Q5K,
     Q6K,
     /// ggml's IQ4_NL (which candle cannot hold): per 32 weights an f16 scale and 16 bytes of
     /// 4-bit indices into a fixed table of 16 int8 values.
@@ -69,7 +73,9 @@ impl QKind {
     fn of(dtype: GgmlDType) -> Option<QKind> {
         match dtype {
             GgmlDType::Q8_0 => Some(QKind::Q8_0),
+            GgmlDType::Q4_0 => Some(QKind::Q4_0),
             GgmlDType::Q4K => Some(QKind::Q4K),
+            GgmlDType::Q5K => Some(QKind::Q5K),
             GgmlDType::Q6K => Some(QKind::Q6K),
             _ => None,
         }
@@ -78,8 +84,8 @@ impl QKind {
     /// Weights per block.
     pub fn block_len(self) -> usize {
         match self {
-            QKind::Q8_0 | QKind::IQ4NL => 32,
-            QKind::Q4K | QKind::Q6K => QK,
+            QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => 32,
+            QKind::Q4K | QKind::Q5K | QKind::Q6K => QK,
         }
     }
 
@@ -87,7 +93,8 @@ impl QKind {
     pub fn block_bytes(self) -> usize {
         match self {
             QKind::Q8_0 => 34,
-            QKind::IQ4NL => 18,
+            QKind::IQ4NL | QKind::Q4_0 => 18,
+            QKind::Q5K => 176,
             QKind::Q4K => 144,
             QKind::Q6K => 210,
         }
@@ -96,8 +103,8 @@ impl QKind {
     /// Row lengths the kernels take (Q8_0 and IQ4_NL blocks go in pairs).
     fn row_multiple(self) -> usize {
         match self {
-            QKind::Q8_0 | QKind::IQ4NL => 64,
-            QKind::Q4K | QKind::Q6K => QK,
+            QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => 64,
+            QKind::Q4K | QKind::Q5K | QKind::Q6K => QK,
         }
     }
 }
@@ -171,7 +178,7 @@ pub fn selected() -> Option<Isa> {
     })
 }
 
-/// Whether the runner multiplies Q8_0/Q4_K/Q6_K/IQ4_NL blocks with these kernels ([`selected`]).
+/// Whether the runner multiplies Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/IQ4_NL blocks with these kernels ([`selected`]).
 pub fn available() -> bool {
     selected().is_some()
 }
@@ -202,7 +209,7 @@ impl Blocks {
 }
 
 impl QuantMatrix {
-    /// `None` when the tensor is not a 2-D CPU Q8_0/Q4_K/Q6_K tensor with whole blocks (pairs of
+    /// `None` when the tensor is not a 2-D CPU Q8_0/Q4_0/Q4_K/Q5_K/Q6_K tensor with whole blocks (pairs of
     /// blocks for Q8_0) per row, or no build is [`selected`]: the caller then uses candle.
     pub fn new(q: Arc<QTensor>) -> Option<Self> {
         Self::new_for(q, selected()?)
@@ -274,8 +281,8 @@ impl QuantMatrix {
     /// One activation row quantized and laid out for this matrix's kernel.
     fn activations(&self, x: &[f32]) -> Acts {
         match self.kind {
-            QKind::Q8_0 | QKind::IQ4NL => Acts::q8_0(x),
-            QKind::Q4K => Acts::q8k(x).in_nibble_order(),
+            QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => Acts::q8_0(x),
+            QKind::Q4K | QKind::Q5K => Acts::q8k(x).in_nibble_order(),
             QKind::Q6K => Acts::q8k(x),
         }
     }
@@ -428,10 +435,14 @@ fn kernel(kind: QKind, isa: Isa) -> Dot {
     assert!(isa.supported(), "the {} kernels on a CPU without them", isa.name());
     #[cfg(target_arch = "x86_64")]
     match isa {
+        // (Q4_0 and Q5_K have no AVX-512 kernel of their own: the AVX2 one, which that CPU runs
+        // and whose bits are the same)
         Isa::Avx512Vnni => {
             return match kind {
                 QKind::Q8_0 => vnni::q8_0,
+                QKind::Q4_0 => avx2::q4_0,
                 QKind::Q4K => vnni::q4k,
+                QKind::Q5K => avx2::q5k,
                 QKind::Q6K => vnni::q6k,
                 QKind::IQ4NL => vnni::iq4_nl,
             }
@@ -439,7 +450,9 @@ fn kernel(kind: QKind, isa: Isa) -> Dot {
         Isa::Avx2 => {
             return match kind {
                 QKind::Q8_0 => avx2::q8_0,
+                QKind::Q4_0 => avx2::q4_0,
                 QKind::Q4K => avx2::q4k,
+                QKind::Q5K => avx2::q5k,
                 QKind::Q6K => avx2::q6k,
                 QKind::IQ4NL => avx2::iq4_nl,
             }
@@ -448,7 +461,9 @@ fn kernel(kind: QKind, isa: Isa) -> Dot {
     }
     match kind {
         QKind::Q8_0 => portable::q8_0,
+        QKind::Q4_0 => portable::q4_0,
         QKind::Q4K => portable::q4k,
+        QKind::Q5K => portable::q5k,
         QKind::Q6K => portable::q6k,
         QKind::IQ4NL => portable::iq4_nl,
     }
@@ -477,7 +492,7 @@ fn each<const N: usize>(
     // the kernels index the activations by block without bounds checks
     assert!(match block {
         34 | 18 => nb.is_multiple_of(2) && k == nb * 32,
-        144 => k == nb * QK && sums == nb * 8,
+        144 | 176 => k == nb * QK && sums == nb * 8,
         _ => k == nb * QK && sums == nb * 16,
     });
     let rows = w.len().checked_div(rb).unwrap_or(0);
@@ -574,6 +589,19 @@ mod portable {
         })
     }
 
+    pub fn q4_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 18, acts, out, |w, a| {
+            int8_pairs(w, a, 36, |p| {
+                std::array::from_fn(|i| {
+                    // as IQ4_NL, with code - 8 in place of the table
+                    let (blk, k) = (i / 32, i % 32);
+                    let byte = p[18 * blk + 2 + k % 16];
+                    (if k < 16 { byte & 15 } else { byte >> 4 }) as i8 - 8
+                })
+            })
+        })
+    }
+
     /// Q4_K's 6-bit scales and mins of its 8 sub-blocks (ggml's `get_scale_min_k4`).
     pub fn q4k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
         let mut sc = [0u8; 8];
@@ -591,35 +619,49 @@ mod portable {
     /// high nibbles of bytes `64 (c / 2)..+64`, sub-blocks `4 (c / 2) + c % 2` (lanes 0-7) and
     /// that + 2 (lanes 8-15). The mins, 4 lanes of pairs of sub-blocks, are subtracted at the end.
     pub fn q4k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each(w, 144, acts, out, |w, a| {
-            let mut acc = [0f32; 16];
-            let mut acc_min = [0f32; 4];
-            for (b, p) in w.chunks_exact(144).enumerate() {
-                let (sc, m) = q4k_scales_mins(&p[4..16]);
-                let dx = f16_at(p, 0) * a.d[b];
-                let dmx = f16_at(p, 2) * a.d[b];
-                let bs = &a.bsums[8 * b..8 * b + 8];
-                for (i, acc) in acc_min.iter_mut().enumerate() {
-                    let v = m[2 * i] as i32 * bs[2 * i] as i32 + m[2 * i + 1] as i32 * bs[2 * i + 1] as i32;
-                    *acc = (v as f32).mul_add(dmx, *acc);
-                }
-                let q = &p[16..];
-                let x = &a.qs[b * QK..(b + 1) * QK];
-                let mut isum = [0i32; 16];
-                for c in 0..4 {
-                    let (h, t) = (c / 2, c % 2);
-                    for i in 0..64 {
-                        let code = (q[64 * h + i] >> (4 * t)) & 15;
-                        let s = sc[4 * h + t + 2 * (i / 32)];
-                        isum[i / 4] += code as i32 * x[64 * c + i] as i32 * s as i32;
+        each(w, 144, acts, out, |w, a| q4k5k_row(w, a, false))
+    }
+
+    /// Q5_K: as Q4_K (block `d`, `dmin`, 12 bytes of scales and mins, then 32 bytes `qh`, then the
+    /// nibbles), the code's fifth bit being bit `2g + t` of `qh[l]` for the weight at `l` of the
+    /// 32-byte group `g` (`t`: 0 low nibble, 1 high).
+    pub fn q5k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 176, acts, out, |w, a| q4k5k_row(w, a, true))
+    }
+
+    fn q4k5k_row(w: &[u8], a: &Acts, five: bool) -> f32 {
+        let bb = if five { 176 } else { 144 };
+        let mut acc = [0f32; 16];
+        let mut acc_min = [0f32; 4];
+        for (b, p) in w.chunks_exact(bb).enumerate() {
+            let (sc, m) = q4k_scales_mins(&p[4..16]);
+            let dx = f16_at(p, 0) * a.d[b];
+            let dmx = f16_at(p, 2) * a.d[b];
+            let bs = &a.bsums[8 * b..8 * b + 8];
+            for (i, acc) in acc_min.iter_mut().enumerate() {
+                let v = m[2 * i] as i32 * bs[2 * i] as i32 + m[2 * i + 1] as i32 * bs[2 * i + 1] as i32;
+                *acc = (v as f32).mul_add(dmx, *acc);
+            }
+            let (qh, q) = if five { (&p[16..48], &p[48..]) } else { (&p[..0], &p[16..]) };
+            let x = &a.qs[b * QK..(b + 1) * QK];
+            let mut isum = [0i32; 16];
+            for c in 0..4 {
+                let (h, t) = (c / 2, c % 2);
+                for i in 0..64 {
+                    let mut code = (q[64 * h + i] >> (4 * t)) & 15;
+                    if five {
+                        let g = 2 * h + i / 32;
+                        code |= ((qh[i % 32] >> (2 * g + t)) & 1) << 4;
                     }
-                }
-                for (acc, v) in acc.iter_mut().zip(isum) {
-                    *acc = (v as f32).mul_add(dx, *acc);
+                    let s = sc[4 * h + t + 2 * (i / 32)];
+                    isum[i / 4] += code as i32 * x[64 * c + i] as i32 * s as i32;
                 }
             }
-            hsum16(&acc) - hsum4(&acc_min)
-        })
+            for (acc, v) in acc.iter_mut().zip(isum) {
+                *acc = (v as f32).mul_add(dx, *acc);
+            }
+        }
+        hsum16(&acc) - hsum4(&acc_min)
     }
 
     /// Q6_K: step `c` (64 weights, in order), sub-blocks of 16 (`4c + j / 4` for lane `j`); the
@@ -690,11 +732,24 @@ mod avx2 {
     }
 
     pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each::<ACTS>(w, 18, acts, out, |w, a| unsafe { iq4_nl_impl(w, a) }, |w, a| unsafe { iq4_nl_impl(w, a) })
+        let t = &crate::quant::iq4nl::KVALUES;
+        each::<ACTS>(w, 18, acts, out, |w, a| unsafe { table4_impl(w, a, t) }, |w, a| unsafe { table4_impl(w, a, t) })
+    }
+
+    /// Q4_0's codes stand for `code - 8`: IQ4_NL's kernel with that table.
+    const Q4_0_VALUES: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
+
+    pub fn q4_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        let t = &Q4_0_VALUES;
+        each::<ACTS>(w, 18, acts, out, |w, a| unsafe { table4_impl(w, a, t) }, |w, a| unsafe { table4_impl(w, a, t) })
     }
 
     pub fn q4k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each::<AVX2_ACTS>(w, 144, acts, out, |w, a| unsafe { q4k_impl(w, a) }, |w, a| unsafe { q4k_impl(w, a) })
+        each::<AVX2_ACTS>(w, 144, acts, out, |w, a| unsafe { q4k_impl::<false, 1>(w, a) }, |w, a| unsafe { q4k_impl::<false, AVX2_ACTS>(w, a) })
+    }
+
+    pub fn q5k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each::<AVX2_ACTS>(w, 176, acts, out, |w, a| unsafe { q4k_impl::<true, 1>(w, a) }, |w, a| unsafe { q4k_impl::<true, AVX2_ACTS>(w, a) })
     }
 
     pub fn q6k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
@@ -745,11 +800,11 @@ mod avx2 {
         })
     }
 
-    /// IQ4_NL: a block's 32 indices (low nibbles, then high) looked up in the 16-entry table by
-    /// one byte shuffle, then as Q8_0.
+    /// IQ4_NL (and Q4_0): a block's 32 indices (low nibbles, then high) looked up in the 16-entry
+    /// `values` by one byte shuffle, then as Q8_0.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn iq4_nl_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
-        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(crate::quant::iq4nl::KVALUES.as_ptr() as *const __m128i));
+    unsafe fn table4_impl<const A: usize>(w: &[u8], a: [&Acts; A], values: &[i8; 16]) -> [f32; A] {
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(values.as_ptr() as *const __m128i));
         let nibble = _mm_set1_epi8(0x0F);
         let block = |q: *const u8| {
             let raw = _mm_loadu_si128(q as *const __m128i);
@@ -763,6 +818,18 @@ mod avx2 {
     /// each) and one step's codes and scales fit the 16 registers.
     pub const AVX2_ACTS: usize = 4;
 
+    /// Each byte's bit `k` moved to bit 4 (other bits of the byte: garbage; the caller masks).
+    /// 16-bit shifts by at most 4 left or 3 right bring bit 4 only from the same byte.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn bit_to_4(v: __m256i, k: usize) -> __m256i {
+        if k <= 4 {
+            _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - k as i32))
+        } else {
+            _mm256_srl_epi16(v, _mm_cvtsi32_si128(k as i32 - 4))
+        }
+    }
+
     /// The shuffle that copies 16-bit lane `i` of a 128-bit half into all 8 of its lanes.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -770,33 +837,43 @@ mod avx2 {
         _mm256_set1_epi16((((2 * i + 1) << 8) | (2 * i)) as i16)
     }
 
-    /// Q4_K (see [`super::portable::q4k`] for the lanes). Step-major: each 32 bytes of nibbles
-    /// (two steps' halves) are unpacked once and multiplied by every activation row.
+    /// Q4_K, and Q5_K with `FIVE` (see [`super::portable::q4k`] and `q5k` for the lanes).
+    /// Step-major: each 32 bytes of nibbles (two steps' halves) are unpacked once and multiplied
+    /// by every activation row.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4k_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+    unsafe fn q4k_impl<const FIVE: bool, const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        let bb = if FIVE { 176 } else { 144 };
         let nibble = _mm256_set1_epi8(0x0F);
+        let bit4 = _mm256_set1_epi8(0x10);
         let mut lo = [_mm256_setzero_ps(); A];
         let mut hi = [_mm256_setzero_ps(); A];
         let mut acc_min = [_mm_setzero_ps(); A];
-        for (b, blk) in w.chunks_exact(144).enumerate() {
+        for (b, blk) in w.chunks_exact(bb).enumerate() {
             let p = blk.as_ptr();
-            prefetch(p, 144);
+            prefetch(p, bb);
             let dd = _mm_cvtph_ps(_mm_loadu_si32(p));
             let (s0, s1, s2) = (read_u32(p.add(4)), read_u32(p.add(8)), read_u32(p.add(12)));
             let sc_lo = s0 & 0x3f3f3f3f;
             let m_lo = s1 & 0x3f3f3f3f;
             let sc_hi = (s2 & 0x0f0f0f0f) | (((s0 >> 6) & 0x03030303) << 4);
             let m_hi = ((s2 >> 4) & 0x0f0f0f0f) | (((s1 >> 6) & 0x03030303) << 4);
+            // Q5_K's fifth bits: bit 2g + t of byte l for group g, nibble t
+            let qh = if FIVE { _mm256_loadu_si256(p.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
             // the 8 scales as 16-bit lanes, in both halves
             let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((sc_lo as u64 | (sc_hi as u64) << 32) as i64)));
             let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((m_lo as u64 | (m_hi as u64) << 32) as i64));
-            let q = p.add(16);
+            let q = p.add(if FIVE { 48 } else { 16 });
             let mut isum = [[_mm256_setzero_si256(); 2]; A];
             for h in 0..2 {
                 for e in 0..2 {
                     let raw = _mm256_loadu_si256(q.add(64 * h + 32 * e) as *const __m256i);
-                    let c0 = _mm256_and_si256(raw, nibble);
-                    let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                    let mut c0 = _mm256_and_si256(raw, nibble);
+                    let mut c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                    if FIVE {
+                        let g = 2 * h + e;
+                        c0 = _mm256_or_si256(c0, _mm256_and_si256(bit_to_4(qh, 2 * g), bit4));
+                        c1 = _mm256_or_si256(c1, _mm256_and_si256(bit_to_4(qh, 2 * g + 1), bit4));
+                    }
                     let s0 = _mm256_shuffle_epi8(scales, lane16(4 * h + 2 * e));
                     let s1 = _mm256_shuffle_epi8(scales, lane16(4 * h + 1 + 2 * e));
                     for k in 0..A {
@@ -1293,8 +1370,8 @@ mod tests {
         let bb = kind.block_bytes();
         let mut bytes: Vec<u8> = lcg(seed, rows * cols / kind.block_len() * bb).iter().map(|v| (v.to_bits() >> 7) as u8).collect();
         let scales: &[usize] = match kind {
-            QKind::Q8_0 | QKind::IQ4NL => &[0],
-            QKind::Q4K => &[0, 2],
+            QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => &[0],
+            QKind::Q4K | QKind::Q5K => &[0, 2],
             QKind::Q6K => &[208],
         };
         for (b, blk) in bytes.chunks_exact_mut(bb).enumerate() {
@@ -1305,7 +1382,9 @@ mod tests {
         }
         let dtype = match kind {
             QKind::Q8_0 => GgmlDType::Q8_0,
+            QKind::Q4_0 => GgmlDType::Q4_0,
             QKind::Q4K => GgmlDType::Q4K,
+            QKind::Q5K => GgmlDType::Q5K,
             QKind::Q6K => GgmlDType::Q6K,
             QKind::IQ4NL => {
                 let mut dense = vec![];
@@ -1326,7 +1405,9 @@ mod tests {
         }
         let dtype = match kind {
             QKind::Q8_0 => GgmlDType::Q8_0,
+            QKind::Q4_0 => GgmlDType::Q4_0,
             QKind::Q4K => GgmlDType::Q4K,
+            QKind::Q5K => GgmlDType::Q5K,
             QKind::Q6K => GgmlDType::Q6K,
             QKind::IQ4NL => {
                 let (m, dense) = iq4_nl_weights(rows, cols, seed);
@@ -1338,7 +1419,7 @@ mod tests {
         (QuantMatrix::new_for(q, isa).expect("CPU tensor"), dense)
     }
 
-    const KINDS: [QKind; 4] = [QKind::Q8_0, QKind::Q4K, QKind::Q6K, QKind::IQ4NL];
+    const KINDS: [QKind; 6] = [QKind::Q8_0, QKind::Q4_0, QKind::Q4K, QKind::Q5K, QKind::Q6K, QKind::IQ4NL];
 
     /// The portable definition against an f64 dot product of the dequantized weights (candle's
     /// dequantizer; ours, ggml's table and layout, for IQ4_NL) with the values the quantized
@@ -1361,7 +1442,7 @@ mod tests {
                     assert_eq!(candle.is_none(), kind == QKind::IQ4NL);
                     for i in 0..n {
                         let xi = &xs[i * cols..(i + 1) * cols];
-                        let a = if matches!(m.kind, QKind::Q8_0 | QKind::IQ4NL) { Acts::q8_0(xi) } else { Acts::q8k(xi) }.dequantize();
+                        let a = if matches!(m.kind, QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL) { Acts::q8_0(xi) } else { Acts::q8k(xi) }.dequantize();
                         for r in 0..rows {
                             let terms = dense[r].iter().zip(&a).map(|(w, x)| *w as f64 * *x as f64);
                             let exact: f64 = terms.clone().sum();
@@ -1408,7 +1489,7 @@ mod tests {
                     }
                 }
             }
-            crate::test_report::note(&format!("ran: {} kernels (Q8_0, Q4_K, Q6_K, IQ4_NL) equal the portable definition bit for bit", isa.name()));
+            crate::test_report::note(&format!("ran: {} kernels (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL) equal the portable definition bit for bit", isa.name()));
         }
     }
 
@@ -1543,8 +1624,10 @@ mod tests {
     #[test]
     fn other_types_and_shapes_stay_with_candle() {
         let t = Tensor::from_vec(lcg(1, 4 * 256), (4, 256), &Device::Cpu).unwrap();
-        let q5 = Arc::new(QTensor::quantize(&t, GgmlDType::Q5K).unwrap());
-        assert!(QuantMatrix::new(q5).is_none());
+        for other in [GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4_1, GgmlDType::Q3K, GgmlDType::Q2K] {
+            let q = Arc::new(QTensor::quantize(&t, other).unwrap());
+            assert!(QuantMatrix::new_for(q, Isa::Portable).is_none(), "{other:?}");
+        }
         // Q8_0 rows must hold whole pairs of blocks
         let t96 = Tensor::from_vec(lcg(1, 4 * 96), (4, 96), &Device::Cpu).unwrap();
         let q8 = Arc::new(QTensor::quantize(&t96, GgmlDType::Q8_0).unwrap());
