@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long)]
     pub chat: Option<String>,
     /// Append `<think>\n` after the assistant header (Thinking models only think then).
-    #[arg(long, requires = "chat")]
+    #[arg(long, requires = "chat", conflicts_with_all = ["prompt", "prompt_tokens"])]
     pub thinking: bool,
     /// Generate at most this many tokens (generation also stops at a stop token and at the
     /// model's context).
@@ -64,8 +64,6 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     use std::io::Write;
     check_thresholds(a.exit_threshold.as_slice())?;
-    // (clap's `requires` lets a flag through beside --prompt; said here instead)
-    anyhow::ensure!(!a.thinking || a.chat.is_some(), "--thinking appends <think> to a --chat prompt: add --chat MESSAGE, or put the tag in --prompt yourself");
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     anyhow::ensure!((0.0..=1.0).contains(&sampling.top_p) && sampling.top_p > 0.0, "--top-p must lie in (0, 1]");
     anyhow::ensure!(

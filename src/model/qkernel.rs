@@ -469,12 +469,16 @@ fn kernel(kind: QKind, isa: Isa) -> Dot {
     }
 }
 
+/// Q4_0's codes stand for `code - 8`: IQ4_NL's kernels with this table in place of ggml's.
+const Q4_0_VALUES: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
+
 /// Activation rows per kernel call (AVX-512): each block's weights are unpacked once for all
 /// of them.
+#[cfg(target_arch = "x86_64")]
 const ACTS: usize = 4;
 
-/// Runs `kernel` over every weight row and every group of `N` activations, then one by one.
-#[cfg(target_arch = "x86_64")]
+/// Runs `kernel` over every weight row and every group of `N` activations, then one by one
+/// (every build; the portable one takes them one by one).
 #[inline(always)]
 fn each<const N: usize>(
     w: &[u8],
@@ -538,18 +542,9 @@ mod portable {
         f16::from_le_bytes([p[i], p[i + 1]]).to_f32()
     }
 
-    /// Every weight row against every activation row: `out[i * rows + r]`.
+    /// Every weight row against every activation row, one by one: `out[i * rows + r]`.
     fn each(w: &[u8], block: usize, acts: &[Acts], out: &mut [f32], row: impl Fn(&[u8], &Acts) -> f32) {
-        let nb = acts.first().map_or(0, |a| a.d.len());
-        let rb = nb * block;
-        let rows = w.len().checked_div(rb).unwrap_or(0);
-        assert_eq!(w.len(), rb * rows);
-        assert_eq!(out.len(), rows * acts.len());
-        for (r, wr) in w.chunks_exact(rb.max(1)).enumerate() {
-            for (i, a) in acts.iter().enumerate() {
-                out[i * rows + r] = row(wr, a);
-            }
-        }
+        super::each::<1>(w, block, acts, out, |w, [a]| [row(w, a)], |w, [a]| [row(w, a)])
     }
 
     /// Pairs of 32-weight blocks (`pair` bytes, each block `d` (f16) then its weights):
@@ -576,27 +571,22 @@ mod portable {
     }
 
     pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        use crate::quant::iq4nl::KVALUES;
-        each(w, 18, acts, out, |w, a| {
-            int8_pairs(w, a, 36, |p| {
-                std::array::from_fn(|i| {
-                    // block i / 32; in it, byte j holds weight j (low nibble) and 16 + j (high)
-                    let (blk, k) = (i / 32, i % 32);
-                    let byte = p[18 * blk + 2 + k % 16];
-                    KVALUES[if k < 16 { byte & 15 } else { byte >> 4 } as usize]
-                })
-            })
-        })
+        table4(w, acts, out, &crate::quant::iq4nl::KVALUES)
     }
 
     pub fn q4_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        table4(w, acts, out, &super::Q4_0_VALUES)
+    }
+
+    /// Blocks of `d` (f16) and 16 bytes of 4-bit indices into `values`: byte `j` holds weight `j`
+    /// (low nibble) and `16 + j` (high).
+    fn table4(w: &[u8], acts: &[Acts], out: &mut [f32], values: &[i8; 16]) {
         each(w, 18, acts, out, |w, a| {
             int8_pairs(w, a, 36, |p| {
                 std::array::from_fn(|i| {
-                    // as IQ4_NL, with code - 8 in place of the table
                     let (blk, k) = (i / 32, i % 32);
                     let byte = p[18 * blk + 2 + k % 16];
-                    (if k < 16 { byte & 15 } else { byte >> 4 }) as i8 - 8
+                    values[if k < 16 { byte & 15 } else { byte >> 4 } as usize]
                 })
             })
         })
@@ -736,11 +726,8 @@ mod avx2 {
         each::<ACTS>(w, 18, acts, out, |w, a| unsafe { table4_impl(w, a, t) }, |w, a| unsafe { table4_impl(w, a, t) })
     }
 
-    /// Q4_0's codes stand for `code - 8`: IQ4_NL's kernel with that table.
-    const Q4_0_VALUES: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
-
     pub fn q4_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        let t = &Q4_0_VALUES;
+        let t = &super::Q4_0_VALUES;
         each::<ACTS>(w, 18, acts, out, |w, a| unsafe { table4_impl(w, a, t) }, |w, a| unsafe { table4_impl(w, a, t) })
     }
 
