@@ -9,6 +9,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::Device;
 use common::{bin, fixtures};
 use ouro_quant::gguf::file::{GgufFile, Value};
+use ouro_quant::model::qkernel::{Isa, QuantMatrix};
 use ouro_quant::model::source;
 use ouro_quant::model::{KvPolicy, LoopOutputs};
 use ouro_quant::stfile::SafetensorsFile;
@@ -127,26 +128,6 @@ fn runner_on_q8_0_gguf_stays_close_to_f32() {
     assert!(kls[0] * 4.0 < kls[1], "Q8_0 KL {} not well below Q4_0 KL {}", kls[0], kls[1]);
 }
 
-#[test]
-fn runner_executes_every_mix() {
-    let d = tempfile::tempdir().unwrap();
-    let toks = golden_tokens("gqa_bf16");
-    let hf = step_logits(&fixtures().join("golden/gqa_bf16"), &toks);
-    let v = 320;
-    let mut kl = std::collections::BTreeMap::new();
-    for ty in ["BF16", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "IQ4_NL"] {
-        let f = d.path().join(format!("g.{ty}.gguf"));
-        convert(&fixtures().join("golden/gqa_bf16"), ty, &f);
-        let got = step_logits(&f, &toks);
-        let k = mean_kl(&hf[3], &got[3], v);
-        eprintln!("{ty}: mean KL to the HF run {k:.5}");
-        assert!(k.is_finite(), "{ty}: {k}");
-        kl.insert(ty, k);
-    }
-    // BF16 of a bf16 checkpoint is lossless; fewer bits lose more.
-    assert_eq!(kl["BF16"], 0.0);
-    assert!(kl["Q6_K"] > 0.0 && kl["Q6_K"] < kl["Q3_K_M"], "{kl:?}");
-}
 
 #[test]
 fn output_is_byte_identical_for_any_thread_count() {
@@ -297,11 +278,120 @@ fn json_of(v: &Value) -> serde_json::Value {
     }
 }
 
+/// An HF checkpoint holding, in f32, exactly the weights a GGUF file stores as gguf-py (llama.cpp's
+/// reader) dequantizes them, rows back in HF order; the exit gate (a key in GGUF) from `hf`.
+fn dequantized_checkpoint(file: &Path, hf: &Path, dir: &Path) {
+    use ouro_quant::stfile::DType;
+    let o = oracle(file);
+    let cfg = ouro_quant::checkpoint::OuroConfig::from_file(&hf.join("config.json")).unwrap();
+    let map = ouro_quant::gguf::arch::tensor_map(&cfg);
+    let mut ts = common::read_tensors(&hf.join("model.safetensors"));
+    for t in &mut ts {
+        let Some(m) = map.iter().find(|m| m.hf_name == t.spec.name) else { continue };
+        let (_, _, vals) = o.tensors.iter().find(|(n, _, _)| n == &m.gguf_name).unwrap_or_else(|| panic!("{} missing", m.gguf_name));
+        let n: usize = t.spec.shape.iter().product();
+        assert_eq!(vals.len(), n, "{}", m.gguf_name);
+        let cols = *t.spec.shape.last().unwrap();
+        let rows = n / cols;
+        let mut out = Vec::with_capacity(n * 4);
+        for s in 0..rows {
+            let r = m.row_order.target_row(s, rows);
+            out.extend(vals[r * cols..(r + 1) * cols].iter().flat_map(|v| v.to_le_bytes()));
+        }
+        t.spec.dtype = DType::F32;
+        t.bytes = out;
+    }
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(hf.join(f), dir.join(f)).unwrap();
+    }
+    common::write_tensors(&dir.join("model.safetensors"), &ts);
+}
+
+/// Every mix on a model whose rows are whole K-quant blocks (tiny-random: hidden and FFN 256), so
+/// each K-quant type really is written and multiplied: the runner on the file computes what an f32
+/// forward pass computes with the file's weights as gguf-py dequantizes them. What separates the
+/// two is only how the kernels quantize activations (8 bits per 32 or 256 values, as ggml does).
+#[test]
+fn runner_executes_every_mix() {
+    let d = tempfile::tempdir().unwrap();
+    let hf = fixtures().join("tiny-random");
+    let toks = golden_tokens("gqa_bf16");
+    let v = 384;
+    let original = step_logits(&hf, &toks);
+    let mut kl_to_hf = std::collections::BTreeMap::new();
+    for (ty, must_hold) in [
+        ("BF16", &["BF16"][..]),
+        ("Q8_0", &["Q8_0"]),
+        ("Q6_K", &["Q6_K"]),
+        ("Q5_K_M", &["Q5_K", "Q6_K"]),
+        ("Q4_K_M", &["Q4_K", "Q6_K"]),
+        ("Q3_K_M", &["Q3_K", "Q4_K", "Q5_K"]),
+        ("Q4_0", &["Q4_0"]),
+        ("IQ4_NL", &["IQ4_NL"]),
+    ] {
+        let f = d.path().join(format!("t.{ty}.gguf"));
+        convert(&hf, ty, &f);
+        let held: std::collections::BTreeSet<&str> = GgufFile::open(&f).unwrap().header.tensors.iter().map(|t| t.ggml_type.name()).collect();
+        for t in must_hold {
+            assert!(held.contains(t), "{ty}: no {t} tensor in {held:?}");
+        }
+        let refdir = d.path().join(format!("ref-{ty}"));
+        std::fs::create_dir(&refdir).unwrap();
+        dequantized_checkpoint(&f, &hf, &refdir);
+        let (got, want) = (step_logits(&f, &toks), step_logits(&refdir, &toks));
+        let mut worst = (0f32, 0f64);
+        for l in 0..4 {
+            worst.0 = worst.0.max(max_diff(&got[l], &want[l]));
+            worst.1 = worst.1.max(mean_kl(&want[l], &got[l], v));
+        }
+        let k = mean_kl(&original[3], &got[3], v);
+        eprintln!("{ty} ({held:?}): runner vs its weights in f32: max abs diff {:.5}, mean KL {:.2e}; vs the bf16 checkpoint: mean KL {k:.5}", worst.0, worst.1);
+        // measured on every mix (AVX2 and portable kernels, candle for Q3_K): at most 0.059 and
+        // 4.9e-5, and 0 for BF16 (multiplied in f32); bounds twice that. A wrong scale or code in
+        // one block moves the logits like the quantization itself (KL to the bf16 run 3e-4 to 9e-3
+        // from Q6_K down).
+        assert!(worst.0 < 0.12 && worst.1 < 1e-4, "{ty}: the runner does not multiply the file's weights: {worst:?}");
+        if ty == "BF16" {
+            assert_eq!(worst, (0.0, 0.0), "BF16 is widened exactly");
+        }
+        if ty != "BF16" && ouro_quant::model::qkernel::available() {
+            let m = source::load(&f, &Device::Cpu).unwrap().model;
+            assert!(m.kernels().keys().any(|k| k.starts_with("quantized")), "{ty}: our kernels unused: {:?}", m.kernels());
+        }
+        kl_to_hf.insert(ty, k);
+    }
+    // fewer bits lose more (measured 0, 5.4e-5, 3.2e-4, 1.2e-3, 6.5e-3, 9.3e-3)
+    let order = ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M"];
+    assert!(order.windows(2).all(|w| kl_to_hf[w[0]] < kl_to_hf[w[1]]), "{kl_to_hf:?}");
+    assert_eq!(kl_to_hf["BF16"], 0.0);
+}
+
+/// The weights a kernel build multiplies, `[rows, cols]` row-major: the product with the
+/// activations 127·e_j, which the kernels' activation quantizers (Q8_0: scale 1; Q8_K: scale -1)
+/// hold exactly, so each column comes back through the kernel's own decoding of the blocks.
+fn kernel_weights(m: &QuantMatrix) -> Vec<f32> {
+    let (rows, cols) = (m.rows, m.cols);
+    let mut eye = vec![0f32; cols * cols];
+    for j in 0..cols {
+        eye[j * cols + j] = 127.0;
+    }
+    let x = candle_core::Tensor::from_vec(eye, (cols, cols), &Device::Cpu).unwrap();
+    let y: Vec<f32> = m.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap(); // [cols, rows]
+    let mut w = vec![0f32; rows * cols];
+    for j in 0..cols {
+        for r in 0..rows {
+            w[r * cols + j] = y[j * rows + r] / 127.0;
+        }
+    }
+    w
+}
+
 #[test]
 fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
     let d = tempfile::tempdir().unwrap();
     let cases = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q4_0", "IQ4_NL"];
     let mut seen_types = std::collections::BTreeSet::new();
+    let mut kernel_checked = std::collections::BTreeSet::new();
     for ty in cases {
         let out = d.path().join(format!("t.{ty}.gguf"));
         convert(&fixtures().join("tiny-random"), ty, &out);
@@ -327,7 +417,7 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
         assert_eq!(o.meta["ouro.num_loops"]["value"], 4);
         assert_eq!(o.meta["ouro.skip_loop_final_norm"]["types"][0], "BOOL");
         assert_eq!(o.meta["ouro.attention.layer_norm_rms_epsilon"]["types"][0], "FLOAT32");
-        // tensors: gguf-py's dequantization equals candle's (what our runner computes with)
+        // tensors: gguf-py's dequantization equals what our runner multiplies
         assert_eq!(o.tensors.len(), ours.header.tensors.len());
         for ((name, oty, vals), t) in o.tensors.iter().zip(&ours.header.tensors) {
             assert_eq!(name, &t.name);
@@ -360,6 +450,27 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
                     q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap()
                 }
             };
+            // where our kernels multiply the type, the weights they multiply, read through every
+            // build this CPU runs (candle's dequantization above, and our IQ4_NL dequantizer, are
+            // what the runner multiplies otherwise)
+            if t.shape.len() == 2 {
+                for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+                    let (rows, cols) = (t.shape[0], t.shape[1]);
+                    let m = match dt {
+                        None => QuantMatrix::iq4_nl_for(ours.tensor_bytes(t).to_vec(), rows, cols, isa).ok(),
+                        Some(dt) => {
+                            let q = qtensor_from_ggml(dt, ours.tensor_bytes(t), t.shape.clone(), &Device::Cpu).unwrap();
+                            QuantMatrix::new_for(std::sync::Arc::new(q), isa)
+                        }
+                    };
+                    let Some(m) = m else { continue };
+                    let w = kernel_weights(&m);
+                    let dd = max_diff(&w, vals);
+                    let scale = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    assert!(dd <= 1e-6 * scale.max(1.0), "{ty} {name} ({}, {} kernels): max diff {dd} vs scale {scale}", t.ggml_type, isa.name());
+                    kernel_checked.insert((t.ggml_type.name(), isa.name()));
+                }
+            }
             assert_eq!(mine.len(), vals.len(), "{ty} {name}");
             let dd = max_diff(&mine, vals);
             let scale = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -369,6 +480,12 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
     // the cases exercised every type a mix can produce on this model
     for t in ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q4_0", "IQ4_NL"] {
         assert!(seen_types.contains(t), "{t} never produced: {seen_types:?}");
+    }
+    // and every type our kernels take was read through each build this CPU runs
+    for t in ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "IQ4_NL"] {
+        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+            assert!(kernel_checked.contains(&(t, isa.name())), "{t} never multiplied by the {} kernels: {kernel_checked:?}", isa.name());
+        }
     }
 }
 
