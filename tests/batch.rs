@@ -122,9 +122,12 @@ fn a_failing_target_does_not_stop_the_others_and_validation_is_summarised() {
         let o = by(n);
         assert_eq!(o["status"], "converted", "{o}");
         assert_eq!(o["validation_pass"], true, "{o}");
-        let r = o["ppl_ratio"].as_f64().unwrap();
-        assert!((r - 1.0).abs() < 0.01, "{n}: ppl ratio {r}");
-        assert!(o["exit_agreement_pct"].as_f64().unwrap() > 90.0);
+        // measured (ctx 128, 20 chunks): ppl ratio 0.99957 / 1.00034, mean KL 8.6e-5 / 6.8e-5,
+        // exit agreement 99.7% / 100% (GGUF Q8_0 / MLX 8-bit); bounds about twice the distance
+        let (r, kl, agree) = (o["ppl_ratio"].as_f64().unwrap(), o["kl_mean"].as_f64().unwrap(), o["exit_agreement_pct"].as_f64().unwrap());
+        assert!((r - 1.0).abs() < 1e-3, "{n}: ppl ratio {r}");
+        assert!(kl < 2e-4, "{n}: mean KL {kl}");
+        assert!(agree >= 99.0, "{n}: exit agreement {agree}%");
     }
     assert_eq!(by("custom-t.gguf")["status"], "converted");
     // validated outputs carry the summary in their model cards, and the GGUF card is checksummed

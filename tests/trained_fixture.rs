@@ -64,11 +64,17 @@ fn the_fixture_converts_to_gguf_and_mlx_and_runs_like_the_original() {
     bin().arg("convert").arg(fixture()).args(["--format", "mlx", "--bits", "8", "-o"]).arg(&mlx).assert().success();
     for (name, path) in [("GGUF Q8_0", &gguf), ("MLX 8-bit", &mlx)] {
         let r = report(path);
+        // Measured (this fixture, ctx 128): per-loop ppl ratios within 0.013% (GGUF Q8_0) and
+        // 0.019% (MLX 8-bit), the default mode's within 0.053% and 0.004%; Q6_K reaches 0.054%
+        // per loop, Q4_K_M 0.088% and MLX 4-bit 0.52%. Bounds 0.05% per loop and 0.1% for the
+        // default mode: a 4-bit file fails them (ppl alone hardly separates 6 from 8 bits on this
+        // model; tests/validate.rs does that with KL).
         let ratio = r.ppl_default / hf.ppl_default;
-        assert!((ratio - 1.0).abs() < 0.02, "{name}: default ppl {} vs HF {}", r.ppl_default, hf.ppl_default);
-        for t in 0..4 {
-            let q = r.ppl_per_loop[t] / hf.ppl_per_loop[t];
-            assert!((q - 1.0).abs() < 0.02, "{name}: loop {} ppl {} vs {}", t + 1, r.ppl_per_loop[t], hf.ppl_per_loop[t]);
+        let per_loop: Vec<f64> = (0..4).map(|t| r.ppl_per_loop[t] / hf.ppl_per_loop[t]).collect();
+        eprintln!("{name}: default ppl ratio {ratio:.6}, per loop {per_loop:.6?}");
+        assert!((ratio - 1.0).abs() < 1e-3, "{name}: default ppl {} vs HF {}", r.ppl_default, hf.ppl_default);
+        for (t, q) in per_loop.iter().enumerate() {
+            assert!((q - 1.0).abs() < 5e-4, "{name}: loop {} ppl {} vs {}", t + 1, r.ppl_per_loop[t], hf.ppl_per_loop[t]);
         }
     }
     // and generates: the same greedy answer to a recall question from all three
@@ -103,12 +109,15 @@ fn adaptive_exit_while_decoding_keeps_quality_at_high_q() {
     let ppl_last = perplexity(&full.nll_loop(3, None)).0;
     let all = decode_eval(m, &ids, 128, chunks, None, KvPolicy::Full, SkipFill::Copy, candle_core::DType::F32).unwrap();
     assert_eq!(all.scored_tokens, full.len());
-    assert!((all.ppl / ppl_last - 1.0).abs() < 1e-4, "decode {} vs full pass {}", all.ppl, ppl_last);
+    // measured 3e-8 (the same f32 products, summed in another order)
+    assert!((all.ppl / ppl_last - 1.0).abs() < 1e-6, "decode {} vs full pass {}", all.ppl, ppl_last);
     assert_eq!(all.loops_histogram[..3], [0, 0, 0]);
 
     let q99 = decode_eval(m, &ids, 128, chunks, Some(0.99), KvPolicy::Full, SkipFill::Copy, candle_core::DType::F32).unwrap();
+    eprintln!("q=0.99: ppl ratio {:.6}, {:.4} loops", q99.ppl / all.ppl, q99.mean_loops_per_token);
+    // measured: 2.64 loops per token, ppl +0.33%
     assert!(q99.mean_loops_per_token < 3.0, "q=0.99 ran {} loops per token", q99.mean_loops_per_token);
-    assert!(q99.ppl < all.ppl * 1.01, "q=0.99: ppl {} vs {} with all loops", q99.ppl, all.ppl);
+    assert!(q99.ppl < all.ppl * 1.005, "q=0.99: ppl {} vs {} with all loops", q99.ppl, all.ppl);
     let q50 = decode_eval(m, &ids, 128, chunks, Some(0.5), KvPolicy::Full, SkipFill::Copy, candle_core::DType::F32).unwrap();
     // the thresholds taken in turn on each chunk (the `perplexity` command's way, for timing)
     // score exactly what separate runs score
@@ -117,16 +126,25 @@ fn adaptive_exit_while_decoding_keeps_quality_at_high_q() {
         assert_eq!((a.ppl.to_bits(), &a.loops_histogram), (b.ppl.to_bits(), &b.loops_histogram), "q {:?}", a.exit_threshold);
         assert_eq!(a.step_seconds.len(), 8);
     }
+    eprintln!("q=0.5: ppl ratio {:.6}, {:.4} loops", q50.ppl / all.ppl, q50.mean_loops_per_token);
     assert!(q50.mean_loops_per_token < 1.5, "q=0.5 ran {} loops per token", q50.mean_loops_per_token);
-    // the measured cost of filling skipped slots from the exit loop when most tokens exit at loop 1
-    assert!(q50.ppl > all.ppl * 1.05, "q=0.5: ppl {} vs {}", q50.ppl, all.ppl);
+    // the cost of filling skipped slots from the exit loop when most tokens exit at loop 1
+    // (measured 1.24 loops per token, ppl +26%)
+    assert!(q50.ppl > all.ppl * 1.15, "q=0.5: ppl {} vs {}", q50.ppl, all.ppl);
     // the exit loop's readout of a full pass (no skipped KV) does not degrade like that
+    // (measured -0.34%)
     let full50 = perplexity(&full.nll_threshold(0.5, None)).0;
-    assert!(full50 < all.ppl * 1.01, "full-pass readout at q=0.5: {full50}");
+    assert!(full50 < all.ppl * 1.003, "full-pass readout at q=0.5: {full50}");
 
-    // keys and values stored as f16: half the bytes, the same perplexity within 0.1%
+    // one slot per layer holding each token's last loop (`--kv shared-last`; its decoding is
+    // checked against its definition in src/model/mod.rs): far from free on this fixture
+    // (measured ppl x7.9 with all loops, docs/performance.md), unlike the paper's Ouro-1.4B
+    let sh = decode_eval(m, &ids, 128, chunks, None, KvPolicy::SharedLast, SkipFill::Copy, candle_core::DType::F32).unwrap();
+    assert!(sh.ppl > all.ppl * 4.0, "shared-last: ppl {} vs {}", sh.ppl, all.ppl);
+    // keys and values stored as f16: half the bytes, the same perplexity (measured +5.3e-6;
+    // bound 4x that)
     let f16 = decode_eval(m, &ids, 128, chunks, Some(0.99), KvPolicy::Full, SkipFill::Copy, candle_core::DType::F16).unwrap();
-    assert!((f16.ppl / q99.ppl - 1.0).abs() < 1e-3, "f16 KV {} vs f32 {}", f16.ppl, q99.ppl);
+    assert!((f16.ppl / q99.ppl - 1.0).abs() < 2e-5, "f16 KV {} vs f32 {}", f16.ppl, q99.ppl);
     assert_eq!(f16.kv_dtype, "f16");
 
     // masking the skipped slots instead: nothing changes when nothing is skipped, and at q = 0.5
@@ -137,6 +155,7 @@ fn adaptive_exit_while_decoding_keeps_quality_at_high_q() {
         let mask = decode_eval(m, &ids, 128, chunks, Some(q), KvPolicy::Full, SkipFill::Mask, candle_core::DType::F32).unwrap();
         assert!(mask.mean_loops_per_token < 2.0, "q={q}: {} loops", mask.mean_loops_per_token);
         let (rise_mask, rise_copy) = (mask.ppl / all.ppl - 1.0, copy.ppl / all.ppl - 1.0);
+        // measured: q = 0.5 mask +9.2% vs copy +26%, q = 0.9 +6.6% vs +47%
         assert!(rise_mask < 0.5 * rise_copy, "q={q}: mask +{rise_mask}, copy +{rise_copy}");
     }
 }

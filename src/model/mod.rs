@@ -700,3 +700,51 @@ impl OuroModel {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--kv shared-last` against its definition ("every loop of a new token reads the earlier
+    /// tokens' last-loop keys and values", spec section 4, the paper's Table 14) run through the
+    /// full per-loop cache: before each new token, every loop's slot of layer i is made a copy of
+    /// the last loop's. Both decoders must give the same states bit for bit at every loop.
+    #[test]
+    fn shared_last_decodes_as_its_definition_through_the_full_cache() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/golden/gqa_bf16");
+        let src = source::HfSource { checkpoint: crate::checkpoint::Checkpoint::open(&dir).unwrap() };
+        let m = OuroModel::load(&src, &Device::Cpu).unwrap();
+        let (loops, layers) = (m.dims.loops, m.dims.layers);
+        let toks: Vec<u32> = (0..14).map(|i| (i * 53 + 7) % 300).collect();
+        let mut shared = KvCache::new(&m.dims, KvPolicy::SharedLast);
+        let mut full = KvCache::new(&m.dims, KvPolicy::Full);
+        m.forward(&toks[..5], &mut shared, LoopControl::All).unwrap();
+        m.forward(&toks[..5], &mut full, LoopControl::All).unwrap();
+        // the plain full cache, for contrast: the first new token's loop 1 reads other keys there
+        let mut plain = KvCache::new(&m.dims, KvPolicy::Full);
+        m.forward(&toks[..5], &mut plain, LoopControl::All).unwrap();
+        let p = m.forward(&toks[5..6], &mut plain, LoopControl::All).unwrap();
+        let mut first = None;
+        for &t in &toks[5..] {
+            // the definition: all loops' slots hold the last loop's keys and values (deep copies:
+            // the cache writes into its buffers in place)
+            for i in 0..layers {
+                let last = full.slots[(loops - 1) * layers + i].as_ref().unwrap();
+                let (k, v, len) = (last.k.copy().unwrap(), last.v.copy().unwrap(), last.len);
+                for l in 0..loops - 1 {
+                    full.slots[l * layers + i] = Some(KvSlot { k: k.copy().unwrap(), v: v.copy().unwrap(), len });
+                }
+            }
+            let a = m.forward(&[t], &mut shared, LoopControl::All).unwrap();
+            let b = m.forward(&[t], &mut full, LoopControl::All).unwrap();
+            assert_eq!(a.hidden.len(), loops);
+            for (x, y) in a.hidden.iter().zip(&b.hidden) {
+                assert_eq!(x.to_vec2::<f32>().unwrap(), y.to_vec2::<f32>().unwrap(), "token {t}");
+            }
+            first.get_or_insert(a.hidden[0].to_vec2::<f32>().unwrap());
+        }
+        assert_eq!((shared.len, full.len), (toks.len(), toks.len()));
+        assert_ne!(first, Some(p.hidden[0].to_vec2::<f32>().unwrap()), "shared-last must differ from the full cache");
+        assert_eq!(shared.bytes() * loops as u64, full.bytes());
+    }
+}
