@@ -174,7 +174,8 @@ fn bf16_and_f32_checkpoints_agree_to_bf16_precision() {
     let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = max_diff(&x, &y);
     assert!(d > 0.0, "bf16 rounding must change something");
-    assert!(d < 0.05 * scale, "diff {d} vs scale {scale}");
+    // measured 0.0135 with logits up to 1.10 (1.23%): bound twice that
+    assert!(d < 0.025 * scale, "diff {d} vs scale {scale}");
 }
 
 #[test]
@@ -319,7 +320,17 @@ fn quantized_kernels_agree_with_candle_through_the_model() {
         let candle = logits(&[("OURO_QUANT_KERNELS", "candle")], "candle");
         let exact = logits(&[("OURO_QUANT_KERNELS", "candle"), ("CANDLE_DEQUANTIZE_ALL", "1")], "f32");
         let (to_exact, candle_to_exact) = (max_diff(&ours, &exact), max_diff(&candle, &exact));
-        assert!(to_exact < 0.5, "{ty}: {to_exact} from the dequantized f32 logits");
+        // What quantizing the activations to 8 bits moves (logits reach 15 here), measured from
+        // the f32 product of the same weights: ours 0.231 (Q4_K_M), 0.205 (Q8_0), 0.150
+        // (IQ4_NL); candle's 0.231, 0.205, 0.103. Bounds 1.5x the larger of the two (where no
+        // build of ours is selected, candle's kernels run under the first name).
+        let bound = match ty {
+            "Q4_K_M" => 0.35,
+            "Q8_0" => 0.31,
+            _ => 0.23,
+        };
+        eprintln!("{ty}: step logits from the dequantized f32 ones: ours {to_exact}, candle's {candle_to_exact}");
+        assert!(to_exact < bound && candle_to_exact < bound, "{ty}: {to_exact} (ours) / {candle_to_exact} (candle) from the dequantized f32 logits");
         if ty == "Q4_K_M" {
             let diff = max_diff(&ours, &candle);
             assert!(diff < 1e-3, "{ty}: step logits differ from candle's by {diff}");
