@@ -561,3 +561,49 @@ fn a_convert_killed_mid_write_leaves_no_target_and_the_next_run_cleans_up() {
     assert_eq!(only(&out_dir), vec!["big.gguf".to_string()]);
     assert!(GgufFile::open(&target).is_ok());
 }
+
+/// `src/gguf/mix.rs` against the types llama-quantize chose (`fixtures/llama-quantize/*.tsv`,
+/// written by `scripts/compare-llama.sh` from llama-quantize's log, or recorded from a one-off
+/// check as each file's header says): every tensor of every listed file type, the whole file.
+#[test]
+fn mixes_match_what_llama_quantize_chose() {
+    use ouro_quant::gguf::mix::{tensor_type, FileType};
+    use ouro_quant::quant::ggml::GgmlType;
+    let dir = fixtures().join("llama-quantize");
+    let mut files = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "tsv") {
+            continue;
+        }
+        files += 1;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let model = text.lines().find_map(|l| l.strip_prefix("# model: ")).unwrap_or_else(|| panic!("{}: no `# model:` line", path.display()));
+        let cfg_json = match model.split_whitespace().collect::<Vec<_>>()[..] {
+            ["synth", "--preset", p, ..] => {
+                use clap::ValueEnum;
+                let preset = ouro_quant::synth::Preset::from_str(p, false).unwrap();
+                ouro_quant::synth::preset_config(preset, None)
+            }
+            [dir, ..] => serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join("config.json")).unwrap()).unwrap(),
+            [] => panic!("{}: empty model line", path.display()),
+        };
+        let cfg = ouro_quant::checkpoint::OuroConfig::from_map(cfg_json.as_object().unwrap().clone(), &path).unwrap();
+        let every: std::collections::BTreeSet<String> = ouro_quant::gguf::arch::tensor_map(&cfg).into_iter().map(|m| m.gguf_name).collect();
+        let mut seen: std::collections::BTreeMap<&str, std::collections::BTreeSet<String>> = Default::default();
+        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.starts_with('#') && !l.trim().is_empty()) {
+            let f: Vec<&str> = line.split('\t').collect();
+            let [mix, name, shape, ty] = f[..] else { panic!("{}:{}: expected 4 columns: {line}", path.display(), n + 1) };
+            let ft = FileType::from_name(mix).unwrap_or_else(|| panic!("{}:{}: file type {mix}", path.display(), n + 1));
+            let shape: Vec<usize> = shape.split(',').map(|d| d.parse().unwrap()).collect();
+            let want = GgmlType::from_name(ty).unwrap_or_else(|| panic!("{}:{}: type {ty}", path.display(), n + 1));
+            assert_eq!(tensor_type(ft, &cfg, name, &shape, &[]), want, "{}: {mix} {name}", path.display());
+            seen.entry(mix).or_default().insert(name.to_string());
+        }
+        assert!(!seen.is_empty(), "{}: no rows", path.display());
+        for (mix, names) in &seen {
+            assert_eq!(names, &every, "{}: {mix} does not list exactly the model's tensors", path.display());
+        }
+    }
+    assert!(files > 0, "no fixture in {}", dir.display());
+}
