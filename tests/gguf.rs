@@ -607,3 +607,21 @@ fn mixes_match_what_llama_quantize_chose() {
     }
     assert!(files > 0, "no fixture in {}", dir.display());
 }
+
+/// The golden llama.cpp-layout files are what gguf-py alone writes from their checkpoints
+/// (`scripts/golden/gguf_files.py`, the recipe in fixtures/golden/gguf/README.md): byte for byte.
+#[test]
+fn golden_gguf_files_are_what_gguf_py_writes() {
+    let py = std::env::var("OURO_QUANT_PYTHON").expect("OURO_QUANT_PYTHON (scripts/test.sh sets it)");
+    let d = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/golden/gguf_files.py");
+    for (src, ty, golden) in [("mha_f32", "F32", "mha_f32.F32.gguf"), ("gqa_bf16", "Q8_0", "gqa_bf16.Q8_0.gguf")] {
+        let out = d.path().join(golden);
+        let o = std::process::Command::new(&py)
+            .arg(&script).arg(fixtures().join("golden").join(src)).arg(ty).arg(&out)
+            .arg("--compare").arg(fixtures().join("golden/gguf").join(golden))
+            .output().unwrap();
+        assert!(o.status.success(), "{golden}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(fixtures().join("golden/gguf").join(golden)).unwrap(), "{golden}");
+    }
+}
