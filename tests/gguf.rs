@@ -78,12 +78,15 @@ fn runner_on_f32_and_f16_gguf_matches_upstream() {
     for p in [f32_file.clone(), fixtures().join("golden/gguf/mha_f32.F32.gguf")] {
         let got = step_logits(&p, &toks).concat();
         let dd = max_diff(&got, &want);
+        // fixtures/golden/README.md: a correct f32 implementation lands within ~1e-4 of these
+        // logits (upstream's own eager and sdpa paths differ by 4e-5); a bug shows as 1e-2
         assert!(dd < 1e-4, "{}: {dd}", p.display());
     }
     let f16_file = d.path().join("m.F16.gguf");
     convert(&fixtures().join("golden/mha_f32"), "F16", &f16_file);
     let dd = max_diff(&step_logits(&f16_file, &toks).concat(), &want);
     eprintln!("F16 GGUF vs upstream f32: max abs diff {dd:e}");
+    // measured 0.033 (f16 rounding of random weights through 4 loops; logits reach |8|)
     assert!(dd > 0.0 && dd < 0.05, "F16: {dd}");
 }
 
@@ -123,7 +126,7 @@ fn runner_on_q8_0_gguf_stays_close_to_f32() {
     }
     // Random tiny weights with random norm gains amplify any error through 4 loops (llama.cpp
     // itself moves these logits by up to ~2 with Q8_0), so judge Q8_0 against Q4_0 on the same
-    // model: 8-bit must be far closer to f32 than 4-bit.
+    // model: 8-bit must be far closer to f32 than 4-bit (measured mean KL 0.082 and 1.36, 16x).
     assert!(kls[0] < 0.15, "Q8_0 KL {}", kls[0]);
     assert!(kls[0] * 4.0 < kls[1], "Q8_0 KL {} not well below Q4_0 KL {}", kls[0], kls[1]);
 }

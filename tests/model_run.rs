@@ -333,7 +333,8 @@ fn quantized_kernels_agree_with_candle_through_the_model() {
         assert!(to_exact < bound && candle_to_exact < bound, "{ty}: {to_exact} (ours) / {candle_to_exact} (candle) from the dequantized f32 logits");
         if ty == "Q4_K_M" {
             let diff = max_diff(&ours, &candle);
-            assert!(diff < 1e-3, "{ty}: step logits differ from candle's by {diff}");
+            // the same Q8_K products summed in another order: measured 4.8e-6
+            assert!(diff < 5e-5, "{ty}: step logits differ from candle's by {diff}");
         } else if ty == "Q8_0" {
             assert!(to_exact <= candle_to_exact, "{ty}: ours {to_exact}, candle {candle_to_exact} from f32");
         }
