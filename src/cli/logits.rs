@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use candle_core::Device;
 use ouro_quant::model::{dump, source};
 
-use super::{model_context, print_json};
+use super::{model_context, print_json, LoopsArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,6 +22,8 @@ pub struct Args {
     /// The safetensors file to write.
     #[arg(short = 'o', long)]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub loops: LoopsArg,
     /// Replace an existing output that ouro-quant wrote (never an input or another file).
     #[arg(long)]
     pub force: bool,
@@ -40,7 +42,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     ouro_quant::output::check_target(&a.output, a.force, false)?;
     let limit = model_context(&a.model)?;
     anyhow::ensure!(ids.len() <= limit, "{} tokens: more than the model's context of {limit} (max_position_embeddings)", ids.len());
-    let loaded = source::load(&a.model, &Device::Cpu)?;
+    let mut loaded = source::load(&a.model, &Device::Cpu)?;
+    a.loops.apply(&mut loaded.model)?;
     let path = dump::write_logits(&loaded.model, &ids, &a.output, a.force)?;
     if a.json {
         print_json("ouro-quant-logits-1", &serde_json::json!({"path": path, "tokens": ids.len(), "loops": loaded.model.dims.loops}))?;

@@ -97,6 +97,27 @@ impl Command {
     }
 }
 
+/// How many loops a token runs (`run`, `perplexity`, `validate`, `logits`, `plan`).
+#[derive(Clone, Copy, clap::Args)]
+pub struct LoopsArg {
+    /// Loops per token, 1 to 16, instead of the config's total_ut_steps (4 in the released
+    /// models): upstream's computation with total_ut_steps = N, the exit distribution over N steps
+    /// (the last takes the remaining mass). Beyond 4 the model extrapolates; the full KV cache
+    /// holds N x layers slots.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=ouro_quant::model::MAX_LOOPS as i64))]
+    pub loops: Option<u8>,
+}
+
+impl LoopsArg {
+    /// Applies `--loops` to a loaded model.
+    pub fn apply(&self, model: &mut ouro_quant::model::OuroModel) -> anyhow::Result<()> {
+        match self.loops {
+            Some(n) => model.set_loops(n as usize),
+            None => Ok(()),
+        }
+    }
+}
+
 /// How the runner keeps keys and values (`run`, `perplexity`).
 #[derive(Clone, Copy, clap::Args)]
 pub struct KvArgs {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use candle_core::Device;
 use ouro_quant::model::source;
 
-use super::{check_thresholds, print_json, EvalArgs, KvArgs};
+use super::{check_thresholds, print_json, EvalArgs, KvArgs, LoopsArg};
 
 /// The exit thresholds `validate` and `perplexity` study by default (1.0: a token stops only once
 /// its exit CDF is exhausted, the check that exiting itself changes nothing).
@@ -25,6 +25,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = THRESHOLDS)]
     pub exit_threshold: Vec<f32>,
     #[command(flatten)]
+    pub loops: LoopsArg,
+    #[command(flatten)]
     pub kv: KvArgs,
     /// Print the results as JSON.
     #[arg(long)]
@@ -38,7 +40,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     check_thresholds(&a.exit_threshold)?;
     a.eval.check(&[model])?;
     let body = std::fs::read_to_string(text).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
-    let loaded = source::load(model, &Device::Cpu)?;
+    let mut loaded = source::load(model, &Device::Cpu)?;
+    a.loops.apply(&mut loaded.model)?;
     let tok = loaded
         .tokenizer
         .as_ref()

@@ -9,7 +9,7 @@ use ouro_quant::model::{source, KvPolicy};
 use ouro_quant::plan;
 use ouro_quant::synth::{self, Preset};
 
-use super::print_json;
+use super::{print_json, LoopsArg};
 
 /// The deployment context `plan` sizes the KV cache for when none is given (the model's own,
 /// where that is shorter).
@@ -37,6 +37,8 @@ pub struct Args {
     /// KV cache: full (one slot per loop and layer, as upstream) or shared-last (one per layer).
     #[arg(long, value_enum, default_value = "full")]
     pub kv: KvPolicy,
+    #[command(flatten)]
+    pub loops: LoopsArg,
     /// KV-cache storage: f16 (the default everywhere, as in llama.cpp and mlx-lm), f32, or q8_0
     /// (llama.cpp's `--cache-type-k q8_0`; this runner does not hold it).
     #[arg(long, value_enum, default_value = "f16")]
@@ -50,7 +52,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let cfg = match (&a.model, a.preset) {
+    let mut cfg = match (&a.model, a.preset) {
         (Some(m), _) if m.is_file() => source::GgufSource::open(m)?.config,
         (Some(m), _) if ouro_quant::mlx::read::is_mlx_dir(m) => ouro_quant::mlx::read::MlxDir::open(m)?.config,
         (Some(m), _) => ouro_quant::checkpoint::OuroConfig::from_file(m.join("config.json"))?,
@@ -77,6 +79,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         "--ctx {ctx}: longer than the model's context of {} tokens (max_position_embeddings)",
         cfg.max_position_embeddings
     );
+    if let Some(n) = a.loops.loops {
+        // the full cache holds one slot per (loop, layer): N loops, N x layers slots
+        cfg.total_ut_steps = n as usize;
+    }
+    let loops = cfg.total_ut_steps;
     let (kv, kv_dtype) = (a.kv, a.kv_dtype);
     let shared = kv == KvPolicy::SharedLast;
     let rows = plan::plan(&cfg, budget, ctx, shared, kv_dtype);
@@ -90,11 +97,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if a.json {
         print_json(
             "ouro-quant-plan-1",
-            &serde_json::json!({"model": planned, "max_position_embeddings": limit, "budget_bytes": budget, "ctx": ctx, "kv": kv, "kv_dtype": kv_dtype, "kv_bytes_per_token": per_token, "formats": rows}),
+            &serde_json::json!({"model": planned, "max_position_embeddings": limit, "budget_bytes": budget, "ctx": ctx, "loops": loops, "kv": kv, "kv_dtype": kv_dtype, "kv_bytes_per_token": per_token, "formats": rows}),
         )?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{planned} on {what}; context {ctx} tokens, KV {kv:?} in {kv_dtype:?} ({} per token)", inspect::human_bytes(per_token as u64));
+    println!("{planned} on {what}; context {ctx} tokens, {loops} loops, KV {kv:?} in {kv_dtype:?} ({} per token)", inspect::human_bytes(per_token as u64));
     println!("{:<16} {:>11} {:>11} {:>11} {:>11}  {:<5} {:>10}", "format", "weights", "KV", "runtime", "total", "fits", "max ctx");
     for r in &rows {
         // a max ctx at the model's position limit is that limit, not what memory allows

@@ -9,7 +9,7 @@ use ouro_quant::inspect;
 use ouro_quant::model::generate::{self, GenerateOptions, Sampling};
 use ouro_quant::model::{dump, source};
 
-use super::{check_thresholds, device, print_json, DeviceArg, KvArgs};
+use super::{check_thresholds, device, print_json, DeviceArg, KvArgs, LoopsArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,6 +48,8 @@ pub struct Args {
     /// 1.0, every loop runs).
     #[arg(long)]
     pub exit_threshold: Option<f32>,
+    #[command(flatten)]
+    pub loops: LoopsArg,
     #[command(flatten)]
     pub kv: KvArgs,
     /// Where to run: cpu, or cuda / metal in builds with that feature.
@@ -90,7 +92,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             let width = if device.is_cpu() { ck.dtype().size() as u64 } else { 4 };
             (ck.config.clone(), ck.config.parameter_count() * width)
         };
-        let dims = ouro_quant::model::Dims::from_config(&config);
+        let mut dims = ouro_quant::model::Dims::from_config(&config);
+        if let Some(n) = a.loops.loops {
+            dims.loops = n as usize;
+        }
         let ctx = a
             .max_tokens
             .saturating_add(a.prompt.as_deref().or(a.chat.as_deref()).or(a.prompt_tokens.as_deref()).map_or(0, |p| p.len() + 16))
@@ -105,7 +110,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let loaded = source::load(&a.model, &device)?;
+    let mut loaded = source::load(&a.model, &device)?;
+    a.loops.apply(&mut loaded.model)?;
     let tok = loaded
         .tokenizer
         .as_ref()

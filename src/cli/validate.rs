@@ -13,7 +13,7 @@ use ouro_quant::output::PendingOutput;
 use ouro_quant::progress::{Progress, Unit};
 
 use super::perplexity::THRESHOLDS;
-use super::{check_ctx, check_thresholds, pass_fail, print_json, write_output, EvalArgs};
+use super::{check_ctx, check_thresholds, pass_fail, print_json, write_output, EvalArgs, LoopsArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,6 +29,10 @@ pub struct Args {
     /// The same option as run's and perplexity's (`--thresholds` is still accepted).
     #[arg(long = "exit-threshold", alias = "thresholds", value_delimiter = ',', default_value = THRESHOLDS)]
     pub thresholds: Vec<f32>,
+    /// Both models run this many loops (see run's --loops): where extra loops help or hurt, before
+    /// and after quantization.
+    #[command(flatten)]
+    pub loops: LoopsArg,
     /// Verdict profile: float, 8bit, 6bit, 4bit, 3bit (default: from the candidate's type).
     #[arg(long)]
     pub profile: Option<String>,
@@ -122,7 +126,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .get_ids()
         .to_vec();
     let ref_hash = eval_validate::model_hash(&a.reference)?;
-    let candidate = source::load(&a.candidate, &Device::Cpu)?;
+    let mut candidate = source::load(&a.candidate, &Device::Cpu)?;
+    a.loops.apply(&mut candidate.model)?;
     let opts = ValidateOptions { ctx: a.eval.ctx, chunks: a.eval.chunks, thresholds };
     let bar = Progress::new("validate", Unit::Items("chunk"), a.json);
     let progress = |done: usize, total: usize| bar.update(done as u64, total as u64, "");
@@ -132,7 +137,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let src = ReferenceSource::Stored(stored.clone());
         eval_validate::validate(src, &name(&a.reference), &candidate.model, &name(&a.candidate), &tokens, &name(text_path), &opts, &progress)?
     } else {
-        let reference = source::load(&a.reference, &Device::Cpu)?;
+        let mut reference = source::load(&a.reference, &Device::Cpu)?;
+        a.loops.apply(&mut reference.model)?;
         let src = ReferenceSource::Model { model: &reference.model, hash: ref_hash, save: save_out.as_ref().map(|p| p.path().to_path_buf()) };
         let r = eval_validate::validate(src, &name(&a.reference), &candidate.model, &name(&a.candidate), &tokens, &name(text_path), &opts, &progress)?;
         if let Some(p) = save_out {

@@ -46,6 +46,9 @@ pub(crate) fn test_values(seed: u64, n: usize) -> Vec<f32> {
 /// Errors of the model are candle's, with context added by callers.
 pub type CResult<T> = candle_core::Result<T>;
 
+/// The most loops per token [`OuroModel::set_loops`] runs (4x the released models' 4).
+pub const MAX_LOOPS: usize = 16;
+
 /// How the KV cache keeps keys and values across loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -445,6 +448,17 @@ impl OuroModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Runs `n` loops per token instead of the config's `total_ut_steps`: what upstream computes
+    /// with `total_ut_steps = n` (the same stack applied `n` times, the exit distribution over `n`
+    /// steps with the last taking the remaining mass; the full KV cache then holds `n * L` slots).
+    /// The released models were trained at 4; more loops are an extrapolation to measure.
+    pub fn set_loops(&mut self, n: usize) -> anyhow::Result<()> {
+        anyhow::ensure!((1..=MAX_LOOPS).contains(&n), "--loops {n}: must be 1 to {MAX_LOOPS}");
+        self.dims.loops = n;
+        self.config.total_ut_steps = n;
+        Ok(())
     }
 
     /// cos and sin tables `[n, head_dim / 2]` for positions `start..start+n` (each value serves
