@@ -286,7 +286,7 @@ fn json_of(v: &Value) -> serde_json::Value {
 fn dequantized_checkpoint(file: &Path, hf: &Path, dir: &Path) {
     use ouro_quant::stfile::DType;
     let o = oracle(file);
-    let cfg = ouro_quant::checkpoint::OuroConfig::from_file(&hf.join("config.json")).unwrap();
+    let cfg = ouro_quant::checkpoint::OuroConfig::from_file(hf.join("config.json")).unwrap();
     let map = ouro_quant::gguf::arch::tensor_map(&cfg);
     let mut ts = common::read_tensors(&hf.join("model.safetensors"));
     for t in &mut ts {
