@@ -98,6 +98,7 @@ fn main() -> anyhow::Result<()> {
                 max_tokens: decode_len + 1,
                 sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
                 exit_threshold: q,
+                readout: None,
                 kv: KvPolicy::Full,
                 kv_fill: ouro_quant::model::SkipFill::Copy,
                 kv_dtype: candle_core::DType::F32,

@@ -162,6 +162,41 @@ pub fn lines(w: &World, seed: u64, n: usize) -> Vec<String> {
     (0..n).map(|_| line(w, &mut rng)).collect()
 }
 
+/// Question items for answer-level validation (`validate --tasks`): the question and sum lines
+/// of the corpus drawn from `seed`, cut before their answer, without repeats, `per_kind` of each
+/// kind (`recall`: where/when/who employs; `two-hop`: the city of a person's employer;
+/// `comparison`: older, larger; `sum`: chains of 2 to 4 additions), as (prompt, answer, kind).
+pub fn task_items(w: &World, seed: u64, per_kind: usize) -> Vec<(String, String, &'static str)> {
+    let mut rng = Rng::new(seed);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut count = std::collections::BTreeMap::new();
+    let mut out = vec![];
+    for _ in 0..1_000_000 {
+        if out.len() == 4 * per_kind {
+            break;
+        }
+        let l = line(w, &mut rng);
+        let kind = if l.starts_with("Q: In which city is the employer of ") {
+            "two-hop"
+        } else if l.starts_with("Q: Who is older, ") || l.starts_with("Q: Which is larger, ") {
+            "comparison"
+        } else if l.starts_with("Sum: ") {
+            "sum"
+        } else if l.starts_with("Q: ") {
+            "recall"
+        } else {
+            continue;
+        };
+        let Some(at) = classify(&l).1 else { continue };
+        let n = count.entry(kind).or_insert(0usize);
+        if *n < per_kind && seen.insert(l.clone()) {
+            *n += 1;
+            out.push((l[..at].trim_end().to_string(), l[at..].to_string(), kind));
+        }
+    }
+    out
+}
+
 /// For each token of `text` (given by its byte span `(start, end)`), the kind of the line it lies in
 /// and whether it lies in that line's answer (after ` A: ` or ` = `).
 pub fn token_kinds(text: &str, spans: &[(usize, usize)]) -> Vec<(Kind, bool)> {

@@ -62,6 +62,7 @@ fn generate_with_cache_reproduces_upstream_greedy_tokens() {
         max_tokens: 12,
         sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
         exit_threshold: None,
+        readout: None,
         kv: KvPolicy::Full,
         kv_fill: ouro_quant::model::SkipFill::Copy,
                 kv_dtype: candle_core::DType::F32,

@@ -321,3 +321,88 @@ fn the_verdicts_the_docs_list_hold_on_the_whole_text() {
         }
     }
 }
+
+/// A task file checked by hand: what the trained fixture answers (greedy, `run`) against the facts
+/// its corpus states (validation.txt): Tana Pisha was born in Zivaife, Liro Kege in 1934, Veka
+/// Kaibai works for Solu Works: right (exact, contains, regex); the fourth item's expected answer
+/// is deliberately wrong (Papukai); on the last two the model errs (it says 9 for 1 + 4 + 3 and 42
+/// for the larger of 15 and 29). So 3 of 6 at every depth.
+const HAND_TASKS: &str = r#"{"prompt": "Q: Where was Tana Pisha born? A:", "answer": "Zivaife."}
+{"prompt": "Q: When was Liro Kege born? A:", "answer": "1934", "match": "contains"}
+{"prompt": "Q: Who employs Veka Kaibai? A:", "answer": "^ (Solu|Bilu) Works\\.", "match": "regex"}
+{"prompt": "Q: Where was Tana Pisha born? A:", "answer": "Papukai.", "kind": "a wrong answer on purpose"}
+{"prompt": "Sum: 1 + 4 + 3 =", "answer": "8."}
+{"prompt": "Q: Which is larger, 15 or 29? A:", "answer": "29.", "max_tokens": 4}
+"#;
+
+#[test]
+fn task_answers_are_scored_by_hand_checked_answers_and_compared() {
+    let d = tempfile::tempdir().unwrap();
+    let tasks = d.path().join("hand.jsonl");
+    std::fs::write(&tasks, HAND_TASKS).unwrap();
+    let t = tasks.to_str().unwrap();
+    let (code, v, out) = validate(&fixture(), &["--tasks", t, "--exit-threshold", "0.5"]);
+    assert_eq!(code, 0, "{out}");
+    let r = &v["report"]["tasks"];
+    assert_eq!(r["items"], 6);
+    let modes: Vec<&str> = r["modes"].as_array().unwrap().iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["loop 1", "loop 2", "loop 3", "loop 4", "default", "q = 0.5"]);
+    for (k, m) in r["modes"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(m["reference_correct"], 3, "{m}");
+        assert_eq!(m["answer_agreement_pct"], 100.0, "self-comparison: {m}");
+        if k < 4 {
+            assert_eq!(m["reference_mean_loops"], (k + 1) as f64, "{m}");
+        }
+    }
+    assert!(r["modes"][5]["reference_mean_loops"].as_f64().unwrap() < 2.0, "q = 0.5 exits early");
+    assert!(v["checks"].as_array().unwrap().iter().any(|c| c["name"] == "answer_agreement_pct (default mode)" && c["pass"] == true));
+    assert!(out.contains("hand.jsonl (6 items)"), "the table lists the tasks: {out}");
+
+    // a noisy copy answers differently and fails the float profile's answer check by name
+    let noisy = copy_checkpoint(&fixture());
+    edit_weights(noisy.path(), |ts| {
+        let t = ts.iter_mut().find(|t| t.spec.name == "model.layers.1.mlp.down_proj.weight").unwrap();
+        for (i, b) in t.bytes.chunks_exact_mut(2).enumerate() {
+            let v = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            let noise = if i % 2 == 0 { 0.05 } else { -0.05 };
+            b.copy_from_slice(&half::bf16::from_f32(v + noise).to_le_bytes());
+        }
+    });
+    let first40: String = std::fs::read_to_string(fixture().join("tasks.jsonl")).unwrap().lines().take(40).map(|l| format!("{l}\n")).collect();
+    let some = d.path().join("some.jsonl");
+    std::fs::write(&some, first40).unwrap();
+    let (code, v, out) = validate(noisy.path(), &["--tasks", some.to_str().unwrap(), "--exit-threshold", "0.5"]);
+    assert_eq!(code, 1, "{out}");
+    let agree = v["report"]["tasks"]["modes"][4]["answer_agreement_pct"].as_f64().unwrap();
+    eprintln!("noisy copy: answer agreement {agree}%");
+    assert!(agree < 99.0, "{agree}");
+    assert!(out.contains("FAIL answer_agreement_pct (default mode)"), "{out}");
+    assert!(!v["report"]["tasks"]["disagreements"].as_array().unwrap().is_empty());
+
+    // a bad task file is refused before any model runs, naming the line, and writes nothing
+    let bad = d.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"a\", \"answer\": \"b\"}\n{\"prompt\": \"a\", \"answr\": \"b\"}\n").unwrap();
+    let (code, v, out) = validate(&fixture(), &["--tasks", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(v.is_null(), "no report written");
+    assert!(out.contains("bad.jsonl:2") && out.contains("answr"), "{out}");
+}
+
+/// The task file the trained fixture ships: an 8-bit conversion answers it like the original and
+/// passes the 8-bit profile's answer check; the Markdown report carries the answers' table.
+#[test]
+fn an_eight_bit_conversion_answers_the_fixture_tasks_like_the_original() {
+    let d = tempfile::tempdir().unwrap();
+    let q8 = d.path().join("q8.gguf");
+    bin().arg("convert").arg(fixture()).args(["--type", "Q8_0", "-o"]).arg(&q8).assert().success();
+    let md = d.path().join("r.md");
+    let (code, v, out) = validate(&q8, &["--tasks", fixture().join("tasks.jsonl").to_str().unwrap(), "--exit-threshold", "0.5", "--markdown", md.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let m = &v["report"]["tasks"]["modes"][4];
+    eprintln!("Q8_0 on the fixture's tasks, default mode: {m}");
+    // measured 99.2% (one item of 120 differs); the 8-bit limit is 97%
+    assert!(m["answer_agreement_pct"].as_f64().unwrap() >= 97.0, "{m}");
+    assert_eq!(v["report"]["tasks"]["items"], 120);
+    let card = std::fs::read_to_string(&md).unwrap();
+    assert!(card.contains("| loop 1 |") && card.contains("same answers"), "{card}");
+}

@@ -126,7 +126,24 @@ fn check_against_runner(m: &model::Model, tokens: &[u32], dev: &Device) -> anyho
     Ok(worst)
 }
 
+/// `--tasks FILE [--seed S]`: the task file of answer-level validation (`validate --tasks`), 30
+/// items of each question kind drawn from seed S + 5 (training used S + 1, validation S + 2).
+fn write_tasks(path: &std::path::Path, seed: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let world = corpus::World::new(seed, PEOPLE);
+    let mut f = std::fs::File::create_new(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for (prompt, answer, kind) in corpus::task_items(&world, seed.wrapping_add(5), 30) {
+        let item = serde_json::json!({"prompt": prompt, "answer": answer, "kind": kind, "max_tokens": 8});
+        writeln!(f, "{item}")?;
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    if let Some(i) = std::env::args().position(|a| a == "--tasks") {
+        let path = std::env::args().nth(i + 1).ok_or_else(|| anyhow::anyhow!("--tasks FILE"))?;
+        return write_tasks(std::path::Path::new(&path), parse_args().seed);
+    }
     if let Some(i) = std::env::args().position(|a| a == "--report") {
         let dir = std::env::args().nth(i + 1).ok_or_else(|| anyhow::anyhow!("--report DIR"))?;
         return report(std::path::Path::new(&dir));

@@ -78,6 +78,7 @@ impl Command {
                 r(&a.reference);
                 r(&a.candidate);
                 r(&a.eval.text);
+                a.tasks.iter().for_each(r);
                 a.reference_logits.iter().for_each(r);
             }
             Command::Batch(a) => r(&a.manifest),

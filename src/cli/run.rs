@@ -135,6 +135,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         max_tokens: a.max_tokens,
         sampling,
         exit_threshold: a.exit_threshold,
+        readout: None,
         kv: a.kv.kv,
         kv_fill: a.kv.kv_fill,
         kv_dtype,

@@ -45,6 +45,15 @@ pub struct Args {
     /// Override the profile's minimum same-top-token share (percent).
     #[arg(long)]
     pub min_same_top: Option<f64>,
+    /// Also answer the prompts of a task file (JSON Lines: prompt, answer, chat, match,
+    /// max_tokens; see docs/validation.md) greedily with both models, at every fixed depth, in the
+    /// default mode and at each exit threshold: accuracy, loops and answer agreement.
+    #[arg(long)]
+    pub tasks: Option<PathBuf>,
+    /// Override the profile's minimum share of task items both models answer identically
+    /// (percent; needs --tasks).
+    #[arg(long, requires = "tasks")]
+    pub min_answer_agreement: Option<f64>,
     /// Write the report as JSON (schema in formats/validate-report.md).
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -107,6 +116,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         profile.min_same_top_pct = v;
         profile.name = custom(&profile.name);
     }
+    if let Some(v) = a.min_answer_agreement {
+        profile.min_answer_agreement_pct = v;
+        profile.name = custom(&profile.name);
+    }
+    // the task file is read before any model runs: a bad item fails now, naming its line
+    let tasks = match &a.tasks {
+        Some(p) => Some(ouro_quant::eval::tasks::read_tasks(p)?),
+        None => None,
+    };
     a.eval.check(&[&a.reference, &a.candidate])?;
     // Every output location is checked, and its temporary made, before any work.
     let pend = |p: &Option<PathBuf>| -> anyhow::Result<Option<PendingOutput>> {
@@ -132,13 +150,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let bar = Progress::new("validate", Unit::Items("chunk"), a.json);
     let progress = |done: usize, total: usize| bar.update(done as u64, total as u64, "");
     let name = |p: &PathBuf| p.display().to_string();
-    let report = if let Some(stored) = &a.reference_logits {
+    // the reference model runs unless its outputs are stored and no task file needs its answers
+    let mut reference = match a.reference_logits.is_none() || tasks.is_some() {
+        true => {
+            let mut r = source::load(&a.reference, &Device::Cpu)?;
+            a.loops.apply(&mut r.model)?;
+            Some(r)
+        }
+        false => None,
+    };
+    let mut report = if let Some(stored) = &a.reference_logits {
         eval_validate::check_reference_model(stored, &ref_hash)?;
         let src = ReferenceSource::Stored(stored.clone());
         eval_validate::validate(src, &name(&a.reference), &candidate.model, &name(&a.candidate), &tokens, &name(text_path), &opts, &progress)?
     } else {
-        let mut reference = source::load(&a.reference, &Device::Cpu)?;
-        a.loops.apply(&mut reference.model)?;
+        let reference = reference.as_ref().expect("loaded above");
         let src = ReferenceSource::Model { model: &reference.model, hash: ref_hash, save: save_out.as_ref().map(|p| p.path().to_path_buf()) };
         let r = eval_validate::validate(src, &name(&a.reference), &candidate.model, &name(&a.candidate), &tokens, &name(text_path), &opts, &progress)?;
         if let Some(p) = save_out {
@@ -147,6 +173,22 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         r
     };
     bar.finish();
+    if let (Some(items), Some(reference)) = (&tasks, reference.as_mut()) {
+        use ouro_quant::eval::tasks;
+        let modes = tasks::modes(candidate.model.dims.loops, &opts.thresholds);
+        // the runner's defaults (run, perplexity): full cache, skipped slots copied, f16 storage
+        let kv = tasks::KvSettings { kv: ouro_quant::model::KvPolicy::Full, fill: ouro_quant::model::SkipFill::Copy, dtype: candle_core::DType::F16 };
+        let bar = Progress::new("tasks", Unit::Items("answer"), a.json);
+        let progress = |done: usize, total: usize| bar.update(done as u64, total as u64, "");
+        let r_tok = reference.tokenizer.clone().unwrap_or_else(|| tok.clone());
+        let r_answers = tasks::answer_all(&mut reference.model, &r_tok, reference.chat_template.as_deref(), items, &modes, kv, &|d, t| progress(d, 2 * t))?;
+        let c_tok = candidate.tokenizer.clone().unwrap_or_else(|| tok.clone());
+        let n = modes.len() * items.len();
+        let c_answers = tasks::answer_all(&mut candidate.model, &c_tok, candidate.chat_template.as_deref(), items, &modes, kv, &|d, _| progress(n + d, 2 * n))?;
+        bar.finish();
+        let file = a.tasks.as_ref().expect("read above").display().to_string();
+        report.tasks = Some(tasks::TaskReport::new(&file, items, &modes, &r_answers, &c_answers));
+    }
     let checks = verdict::verdict(&report, &profile);
     let pass = checks.iter().all(|c| c.pass);
     let full = serde_json::json!({"report": report, "profile": profile, "checks": checks, "pass": pass});

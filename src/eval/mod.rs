@@ -4,6 +4,7 @@
 //! token we keep what an Ouro evaluation needs: each loop's log-probability of the true next token
 //! and the exit distribution over loops.
 
+pub mod tasks;
 pub mod validate;
 pub mod verdict;
 

@@ -166,6 +166,8 @@ pub struct ValidateReport {
     pub tokens_per_s_reference: f64,
     pub tokens_per_s_candidate: f64,
     pub reference_stored: bool,
+    /// Answer-level results (`validate --tasks`), else null.
+    pub tasks: Option<super::tasks::TaskReport>,
 }
 
 /// Accumulates per-token comparisons of one readout (a loop or the default mode).
@@ -418,6 +420,7 @@ pub fn validate(
         tokens_per_s_reference: (spans.len() * opts.ctx) as f64 / secs_r.max(1e-9),
         tokens_per_s_candidate: (spans.len() * opts.ctx) as f64 / secs_c.max(1e-9),
         reference_stored: stored.is_some(),
+        tasks: None,
     })
 }
 

@@ -15,22 +15,28 @@ pub struct Profile {
     pub min_exit_agreement_pct: f64,
     /// Default-mode same-top-token share, percent.
     pub min_same_top_pct: f64,
+    /// With a task file: default-mode items answered identically, percent.
+    pub min_answer_agreement_pct: f64,
 }
 
 /// The shipped profiles (see README, "Verdict profiles", for where the numbers come from).
 pub fn profiles() -> Vec<Profile> {
-    let p = |name: &str, r: f64, a: f64, t: f64| Profile {
+    let p = |name: &str, r: f64, a: f64, t: f64, ans: f64| Profile {
         name: name.into(),
         max_ppl_ratio: r,
         min_exit_agreement_pct: a,
         min_same_top_pct: t,
+        min_answer_agreement_pct: ans,
     };
     vec![
-        p("float", 1.001, 99.5, 99.5),
-        p("8bit", 1.005, 98.0, 97.5),
-        p("6bit", 1.02, 95.0, 95.0),
-        p("4bit", 1.05, 90.0, 90.0),
-        p("3bit", 1.15, 80.0, 80.0),
+        // answer agreement (default mode) measured on the trained fixture's 120 task items:
+        // Q8_0 99.2%, MLX 8-bit 98.3%, Q6_K 99.2%, Q4_K_M 94.2%, Q4_0 95.8%, MLX 4-bit 95.8%
+        // (gs32 93.3%), Q3_K_M 90.0%, Q2_K everywhere 77.5% (docs/validation.md)
+        p("float", 1.001, 99.5, 99.5, 99.0),
+        p("8bit", 1.005, 98.0, 97.5, 97.0),
+        p("6bit", 1.02, 95.0, 95.0, 95.0),
+        p("4bit", 1.05, 90.0, 90.0, 85.0),
+        p("3bit", 1.15, 80.0, 80.0, 75.0),
     ]
 }
 
@@ -108,6 +114,15 @@ pub fn verdict(report: &ValidateReport, profile: &Profile) -> Vec<Check> {
             pass: e.exit_agreement_pct >= profile.min_exit_agreement_pct,
         });
     }
+    if let Some(t) = &report.tasks {
+        let a = t.default_mode().answer_agreement_pct;
+        v.push(Check {
+            name: "answer_agreement_pct (default mode)".into(),
+            value: a,
+            limit: profile.min_answer_agreement_pct,
+            pass: a >= profile.min_answer_agreement_pct,
+        });
+    }
     v
 }
 
@@ -140,6 +155,15 @@ pub fn render_table(r: &ValidateReport, checks: &[Check], profile: &Profile) -> 
             e.histogram_reference,
             e.histogram_candidate
         );
+    }
+    if let Some(t) = &r.tasks {
+        s += &format!("\ntasks {} ({} items): accuracy reference -> candidate, mean loops per token, same answers\n", t.file, t.items);
+        for m in &t.modes {
+            s += &format!(
+                "{:<11} {:>6.2}% -> {:>6.2}%   loops {:.2} -> {:.2}   same {:.2}%\n",
+                m.mode, m.reference_accuracy_pct, m.candidate_accuracy_pct, m.reference_mean_loops, m.candidate_mean_loops, m.answer_agreement_pct
+            );
+        }
     }
     s += &format!("\nverdict ({} profile): ", profile.name);
     let failed: Vec<&Check> = checks.iter().filter(|c| !c.pass).collect();
@@ -182,6 +206,15 @@ pub fn render_markdown(r: &ValidateReport, checks: &[Check], profile: &Profile) 
             e.q, e.exit_agreement_pct, e.mean_exit_loop_reference, e.mean_exit_loop_candidate, e.ppl_at_exit_reference, e.ppl_at_exit_candidate
         );
     }
+    if let Some(t) = &r.tasks {
+        s += &format!("\nAnswers to `{}` ({} items, greedy):\n\n| readout | accuracy reference | accuracy candidate | mean loops (ref -> cand) | same answers |\n|---|---|---|---|---|\n", t.file, t.items);
+        for m in &t.modes {
+            s += &format!(
+                "| {} | {:.2}% | {:.2}% | {:.2} -> {:.2} | {:.2}% |\n",
+                m.mode, m.reference_accuracy_pct, m.candidate_accuracy_pct, m.reference_mean_loops, m.candidate_mean_loops, m.answer_agreement_pct
+            );
+        }
+    }
     s
 }
 
@@ -222,9 +255,14 @@ pub fn render_png(r: &ValidateReport, checks: &[Check], profile: &Profile) -> Ve
     out
 }
 
-/// The picture's size in SVG units: one panel per exit threshold, then perplexity and KL per loop.
+/// The picture's size in SVG units: one panel per exit threshold, then perplexity and KL per loop,
+/// then (with a task file) answer accuracy per loop.
 pub fn plot_size(r: &ValidateReport) -> (u32, u32) {
-    (PANEL_W * (r.exits.len() as u32 + 2), PANEL_H + TITLE_H)
+    (PANEL_W * panel_count(r) as u32, PANEL_H + TITLE_H)
+}
+
+fn panel_count(r: &ValidateReport) -> usize {
+    r.exits.len() + 2 + usize::from(r.tasks.is_some())
 }
 
 const PANEL_W: u32 = 300;
@@ -303,7 +341,7 @@ fn draw_scaled<DB: plotters::backend::DrawingBackend>(
         title.draw(&Rectangle::new([(x, px(34.0)), (x + px(10.0), px(44.0))], color.filled()))?;
         title.draw(&Text::new(name, (x + px(14.0), px(33.0)), font(11.0).color(&BLACK)))?;
     }
-    let panels = rest.split_evenly((1, r.exits.len() + 2));
+    let panels = rest.split_evenly((1, panel_count(r)));
     let t_max = r.per_loop.len();
     let loops: Vec<String> = (1..=t_max).map(|t| t.to_string()).collect();
     // paired bars: categories along x, (reference, candidate) per category
@@ -375,6 +413,14 @@ fn draw_scaled<DB: plotters::backend::DrawingBackend>(
     let hi = a.iter().chain(&b).cloned().fold(0.0, f64::max);
     let pad = ((hi - lo) * 0.25).max(hi * 0.002).max(1e-9);
     paired(&panels[r.exits.len()], format!("perplexity, loops 1-{t_max} and default"), &cats, &a, &b, (lo - pad).max(0.0)..hi + pad, "perplexity", &|v| format!("{v:.3}"))?;
+    // answer accuracy per fixed depth and in the default mode (task file)
+    if let Some(t) = &r.tasks {
+        let rows: Vec<&super::tasks::ModeResult> = t.modes.iter().filter(|m| m.mode.starts_with("loop ") || m.mode == "default").collect();
+        let cats: Vec<String> = rows.iter().map(|m| m.mode.trim_start_matches("loop ").to_string()).collect();
+        let a: Vec<f64> = rows.iter().map(|m| m.reference_accuracy_pct).collect();
+        let b: Vec<f64> = rows.iter().map(|m| m.candidate_accuracy_pct).collect();
+        paired(&panels[r.exits.len() + 2], format!("answers correct, loops 1-{t_max} and default ({} items)", t.items), &cats, &a, &b, 0.0..110.0, "% of items", &|v| format!("{v:.0}"))?;
+    }
     // KL per loop: the candidate's divergence from the reference (one bar per loop)
     let kl: Vec<f64> = r.per_loop.iter().map(|m| m.kl_mean).collect();
     let top = kl.iter().cloned().fold(0.0, f64::max);

@@ -23,6 +23,9 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// `Some(q)`: stop each decoded token's loops once its exit CDF reaches q.
     pub exit_threshold: Option<f32>,
+    /// Which loop's logits choose each token when every loop runs (default: the exit threshold's
+    /// rule, else the config's default mode); `ExitMode::Step(k)` reads loop k + 1 out.
+    pub readout: Option<ExitMode>,
     pub kv: KvPolicy,
     /// What the full cache holds for loops a token skipped (with `exit_threshold`).
     pub kv_fill: super::SkipFill,
@@ -183,7 +186,7 @@ pub fn generate(
         let h = out.hidden[t].narrow(0, n - 1, 1)?;
         Ok(model.logits(&h)?.flatten_all()?.to_vec1::<f32>()?)
     };
-    let mode = opts.exit_threshold.map(ExitMode::Threshold).unwrap_or(default_mode);
+    let mode = opts.readout.or(opts.exit_threshold.map(ExitMode::Threshold)).unwrap_or(default_mode);
     let mut next = sample(&last_row(&out, mode)?, &opts.sampling, &mut rng);
     let prefill_seconds = t0.elapsed().as_secs_f64();
 
