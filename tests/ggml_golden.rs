@@ -55,7 +55,9 @@ fn dequantize_inverts_within_the_type_error() {
     let f = vectors();
     let x = input(&f, "normal");
     let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt();
-    // relative RMSE bounds from the golden README's table (normal column), with a little slack
+    // relative RMSE from the golden README's table (normal column, printed to 4 decimals; the
+    // README's vectors.json holds 6: 0.086181, 0.078319, 0.042935, 0.038397, 0.005419). Ours
+    // measured 0.0861813, 0.0783193, 0.0429354, 0.0383968, 0.0054193: within the printing's 5e-5
     for (ty, bound) in [
         (GgmlType::Q4_0, 0.0862),
         (GgmlType::Q4_1, 0.0783),
@@ -68,6 +70,6 @@ fn dequantize_inverts_within_the_type_error() {
         let mut y = Vec::new();
         legacy::dequantize_legacy(ty, &q, &mut y);
         let err = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt() / rms;
-        assert!((err - bound).abs() < 0.0015, "{ty}: relative RMSE {err}, ggml's {bound}");
+        assert!((err - bound).abs() <= 5e-5, "{ty}: relative RMSE {err}, ggml's {bound}");
     }
 }
