@@ -223,6 +223,13 @@ fn every_command_that_runs_a_model_takes_loops() {
     let p = json(&["perplexity", fs, "--text", text.to_str().unwrap(), "--ctx", "64", "--chunks", "2", "--exit-threshold", "0.9", "--loops", "6", "--json"]);
     assert_eq!(p["runs"][0]["mean_loops_per_token"], 6.0);
     assert_eq!(p["runs"][1]["loops_histogram"].as_array().unwrap().len(), 6);
+    // quality per loop up to 6: the first 4 as at the default depth, the all-loops run's at loop 6
+    let p4 = json(&["perplexity", fs, "--text", text.to_str().unwrap(), "--ctx", "64", "--chunks", "2", "--exit-threshold", "0.9", "--json"]);
+    let (l6, l4) = (p["per_loop_ppl"].as_array().unwrap(), p4["per_loop_ppl"].as_array().unwrap());
+    assert_eq!((l6.len(), l4.len(), p["loops"].as_u64()), (6, 4, Some(6)));
+    assert_eq!(l6[..4], l4[..], "loops 1-4 do not depend on how many follow");
+    let rel = (l6[5].as_f64().unwrap() / p["runs"][0]["ppl"].as_f64().unwrap() - 1.0).abs();
+    assert!(rel < 1e-3, "loop 6 of one pass vs decoding with 6 loops (f16 KV): {rel}");
     let v = json(&["validate", "--reference", fs, "--candidate", fs, "--text", text.to_str().unwrap(), "--ctx", "64", "--chunks", "2", "--loops", "8", "--json"]);
     let per_loop = v["report"]["per_loop"].as_array().unwrap();
     assert_eq!(per_loop.len(), 8);

@@ -53,6 +53,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let qs: Vec<Option<f32>> = std::iter::once(None).chain(a.exit_threshold.iter().map(|&q| Some(q))).collect();
     let runs = ouro_quant::eval::decode_evals(m, &ids, ctx, chunks, &qs, kv, kv_fill, kv_dtype)?;
     let base = runs[0].clone();
+    // per-loop quality: each chunk in one pass with all loops, every loop's readout scored on the
+    // same tokens (what validate reports per loop; with --loops N, up to N)
+    let full = ouro_quant::eval::evaluate(m, &ids, ctx, chunks, &mut |_, _| {})?;
+    let per_loop: Vec<f64> = (0..m.dims.loops).map(|t| ouro_quant::eval::perplexity(&full.nll_loop(t, None)).0).collect();
     if a.json {
         let v = serde_json::json!({
             "model": loaded.description,
@@ -63,6 +67,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             "kv_fill": kv_fill,
             "kv_dtype": format!("{kv_dtype:?}").to_lowercase(),
             "runs": runs,
+            "loops": m.dims.loops,
+            "per_loop_ppl": per_loop,
             "ppl_rise_pct": runs.iter().map(|r| 100.0 * (r.ppl / base.ppl - 1.0)).collect::<Vec<_>>(),
             "speedup": runs.iter().map(|r| r.speedup_over(&base)).collect::<Vec<_>>(),
         });
@@ -88,5 +94,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             r.speedup_over(&base)
         );
     }
+    println!(
+        "per loop (one pass per chunk, each loop read out): {}",
+        per_loop.iter().enumerate().map(|(t, p)| format!("loop {} {p:.4}", t + 1)).collect::<Vec<_>>().join(", ")
+    );
     Ok(ExitCode::SUCCESS)
 }
