@@ -455,7 +455,7 @@ impl OuroModel {
     /// steps with the last taking the remaining mass; the full KV cache then holds `n * L` slots).
     /// The released models were trained at 4; more loops are an extrapolation to measure.
     pub fn set_loops(&mut self, n: usize) -> anyhow::Result<()> {
-        anyhow::ensure!((1..=MAX_LOOPS).contains(&n), "--loops {n}: must be 1 to {MAX_LOOPS}");
+        anyhow::ensure!((1..=MAX_LOOPS).contains(&n), "{n} loops per token: must be 1 to {MAX_LOOPS}");
         self.dims.loops = n;
         self.config.total_ut_steps = n;
         Ok(())
