@@ -28,10 +28,17 @@ pub enum FileType {
     Q3_K_M,
     Q4_0,
     IQ4_NL,
+    Q5_1,
+    Q5_0,
+    Q4_1,
+    Q3_K_L,
+    Q3_K_S,
+    Q2_K,
+    Q2_K_S,
 }
 
 impl FileType {
-    pub const ALL: [FileType; 12] = [
+    pub const ALL: [FileType; 19] = [
         FileType::F32,
         FileType::F16,
         FileType::BF16,
@@ -44,6 +51,13 @@ impl FileType {
         FileType::Q3_K_M,
         FileType::Q4_0,
         FileType::IQ4_NL,
+        FileType::Q5_1,
+        FileType::Q5_0,
+        FileType::Q4_1,
+        FileType::Q3_K_L,
+        FileType::Q3_K_S,
+        FileType::Q2_K,
+        FileType::Q2_K_S,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,11 +74,26 @@ impl FileType {
             FileType::Q3_K_M => "Q3_K_M",
             FileType::Q4_0 => "Q4_0",
             FileType::IQ4_NL => "IQ4_NL",
+            FileType::Q5_1 => "Q5_1",
+            FileType::Q5_0 => "Q5_0",
+            FileType::Q4_1 => "Q4_1",
+            FileType::Q3_K_L => "Q3_K_L",
+            FileType::Q3_K_S => "Q3_K_S",
+            FileType::Q2_K => "Q2_K",
+            FileType::Q2_K_S => "Q2_K_S",
         }
     }
 
+    /// A file type by llama-quantize's name, or one of its aliases (`Q5_K`, `Q4_K`, `Q3_K`: the
+    /// `_M` mixes).
     pub fn from_name(s: &str) -> Option<FileType> {
-        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(s))
+        let s = match s.to_ascii_uppercase().as_str() {
+            "Q5_K" => "Q5_K_M".to_string(),
+            "Q4_K" => "Q4_K_M".to_string(),
+            "Q3_K" => "Q3_K_M".to_string(),
+            _ => s.to_string(),
+        };
+        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(&s))
     }
 
     /// llama.cpp's `LLAMA_FTYPE_*` value, stored as `general.file_type`.
@@ -82,6 +111,13 @@ impl FileType {
             FileType::Q6_K => 18,
             FileType::IQ4_NL => 25,
             FileType::BF16 => 32,
+            FileType::Q4_1 => 3,
+            FileType::Q5_0 => 8,
+            FileType::Q5_1 => 9,
+            FileType::Q2_K => 10,
+            FileType::Q3_K_S => 11,
+            FileType::Q3_K_L => 13,
+            FileType::Q2_K_S => 21,
         }
     }
 
@@ -95,7 +131,11 @@ impl FileType {
             FileType::Q6_K => GgmlType::Q6_K,
             FileType::Q5_K_M | FileType::Q5_K_S => GgmlType::Q5_K,
             FileType::Q4_K_M | FileType::Q4_K_S => GgmlType::Q4_K,
-            FileType::Q3_K_M => GgmlType::Q3_K,
+            FileType::Q3_K_M | FileType::Q3_K_S | FileType::Q3_K_L => GgmlType::Q3_K,
+            FileType::Q2_K | FileType::Q2_K_S => GgmlType::Q2_K,
+            FileType::Q4_1 => GgmlType::Q4_1,
+            FileType::Q5_0 => GgmlType::Q5_0,
+            FileType::Q5_1 => GgmlType::Q5_1,
             FileType::Q4_0 => GgmlType::Q4_0,
             FileType::IQ4_NL => GgmlType::IQ4_NL,
         }
@@ -158,6 +198,9 @@ pub fn tensor_type(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usize], 
     } else if name.contains("attn_v.weight") {
         let i = layer_of(name).unwrap_or(0);
         match ft {
+            FileType::Q2_K if n_gqa >= 4 => GgmlType::Q4_K,
+            FileType::Q2_K => GgmlType::Q3_K,
+            FileType::Q2_K_S if n_gqa >= 4 => GgmlType::Q4_K,
             FileType::Q3_K_M => {
                 if i < 2 {
                     GgmlType::Q5_K
@@ -165,6 +208,7 @@ pub fn tensor_type(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usize], 
                     GgmlType::Q4_K
                 }
             }
+            FileType::Q3_K_L => GgmlType::Q5_K,
             FileType::IQ4_NL if n_gqa >= 4 => GgmlType::Q5_K,
             FileType::Q4_K_M | FileType::Q5_K_M if use_more_bits(i, l) => GgmlType::Q6_K,
             FileType::Q4_K_S if i < 4 => GgmlType::Q5_K,
@@ -174,6 +218,9 @@ pub fn tensor_type(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usize], 
         let i = layer_of(name).unwrap_or(0);
         let n = unrolled;
         match ft {
+            FileType::Q2_K => GgmlType::Q3_K,
+            FileType::Q2_K_S if i < n / 8 => GgmlType::Q4_K,
+            FileType::Q3_K_L => GgmlType::Q5_K,
             FileType::Q3_K_M => {
                 if i < n / 16 {
                     GgmlType::Q5_K
@@ -187,8 +234,13 @@ pub fn tensor_type(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usize], 
             FileType::Q4_K_S if i < n / 8 => GgmlType::Q5_K,
             _ => def,
         }
-    } else if name.contains("attn_output.weight") && ft == FileType::Q3_K_M {
-        GgmlType::Q4_K
+    } else if name.contains("attn_output.weight") {
+        match ft {
+            FileType::Q2_K => GgmlType::Q3_K,
+            FileType::Q3_K_M => GgmlType::Q4_K,
+            FileType::Q3_K_L => GgmlType::Q5_K,
+            _ => def,
+        }
     } else {
         def
     };
@@ -253,6 +305,23 @@ mod tests {
         assert_eq!(count(FileType::Q4_K_S, "attn_v.weight", GgmlType::Q5_K), 4);
         assert_eq!(count(FileType::Q3_K_M, "ffn_down.weight", GgmlType::Q5_K), 6);
         assert_eq!(count(FileType::Q3_K_M, "attn_output.weight", GgmlType::Q4_K), 24);
+        // the new mixes, by llama.cpp's rules (src/llama-quant.cpp of ggml 0.25.3's llama.cpp,
+        // non-MoE, no importance matrix); Ouro-1.4B has no GQA (n_gqa = 1)
+        assert_eq!(count(FileType::Q2_K, "attn_v.weight", GgmlType::Q3_K), 24);
+        assert_eq!(count(FileType::Q2_K, "ffn_down.weight", GgmlType::Q3_K), 24);
+        assert_eq!(count(FileType::Q2_K, "attn_output.weight", GgmlType::Q3_K), 24);
+        assert_eq!(count(FileType::Q2_K, "attn_q.weight", GgmlType::Q2_K), 24);
+        assert_eq!(count(FileType::Q2_K_S, "ffn_down.weight", GgmlType::Q4_K), 12);
+        assert_eq!(count(FileType::Q2_K_S, "attn_v.weight", GgmlType::Q2_K), 24);
+        assert_eq!(count(FileType::Q3_K_L, "attn_v.weight", GgmlType::Q5_K), 24);
+        assert_eq!(count(FileType::Q3_K_L, "ffn_down.weight", GgmlType::Q5_K), 24);
+        assert_eq!(count(FileType::Q3_K_L, "attn_output.weight", GgmlType::Q5_K), 24);
+        assert_eq!(count(FileType::Q3_K_S, "ffn_down.weight", GgmlType::Q3_K), 24);
+        assert_eq!(count(FileType::Q4_1, "ffn_down.weight", GgmlType::Q4_1), 24);
+        assert_eq!(tensor_type(FileType::Q5_0, &cfg, "output.weight", &[49152, 2048], &[]), GgmlType::Q6_K);
+        assert_eq!(tensor_type(FileType::Q2_K, &cfg, "token_embd.weight", &[49152, 2048], &[]), GgmlType::Q2_K);
+        assert_eq!(FileType::from_name("q4_k"), Some(FileType::Q4_K_M));
+        assert_eq!(FileType::from_name("Q3_K"), Some(FileType::Q3_K_M));
         assert_eq!(fallback(GgmlType::Q4_K, 64), GgmlType::Q5_0);
         assert_eq!(fallback(GgmlType::Q8_0, 48), GgmlType::F16);
         let o = TypeOverride { pattern: regex::Regex::new("attn_q").unwrap(), ty: GgmlType::Q8_0 };
