@@ -37,6 +37,29 @@ fn validate(candidate: &Path, extra: &[&str]) -> (i32, serde_json::Value, String
     (code, v, err + &String::from_utf8_lossy(&o.stdout))
 }
 
+/// A copy of the fixture with noise of +-0.05 on every weight of one bf16 matrix (layer 1's
+/// down_proj): enough to fail the float profile.
+fn noisy_copy() -> tempfile::TempDir {
+    let noisy = copy_checkpoint(&fixture());
+    edit_weights(noisy.path(), |ts| {
+        let t = ts.iter_mut().find(|t| t.spec.name == "model.layers.1.mlp.down_proj.weight").unwrap();
+        for (i, b) in t.bytes.chunks_exact_mut(2).enumerate() {
+            let v = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            let noise = if i % 2 == 0 { 0.05 } else { -0.05 };
+            b.copy_from_slice(&half::bf16::from_f32(v + noise).to_le_bytes());
+        }
+    });
+    noisy
+}
+
+/// The first `n` items of the fixture's task file, written into `dir`.
+fn first_tasks(dir: &Path, n: usize) -> PathBuf {
+    let some: String = std::fs::read_to_string(fixture().join("tasks.jsonl")).unwrap().lines().take(n).map(|l| format!("{l}\n")).collect();
+    let p = dir.join(format!("first{n}.jsonl"));
+    std::fs::write(&p, some).unwrap();
+    p
+}
+
 #[test]
 fn the_reference_against_itself_is_perfect() {
     let (code, v, out) = validate(&fixture(), &[]);
@@ -78,15 +101,7 @@ fn eight_bit_outputs_pass_and_damaged_ones_fail_naming_the_metric() {
     assert_eq!(v["pass"], false);
     assert!(out.contains("FAIL ppl_ratio (default mode)"), "{out}");
     // noise in one tensor of an HF copy: fails the float profile
-    let noisy = copy_checkpoint(&fixture());
-    edit_weights(noisy.path(), |ts| {
-        let t = ts.iter_mut().find(|t| t.spec.name == "model.layers.1.mlp.down_proj.weight").unwrap();
-        for (i, b) in t.bytes.chunks_exact_mut(2).enumerate() {
-            let v = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
-            let noise = if i % 2 == 0 { 0.05 } else { -0.05 };
-            b.copy_from_slice(&half::bf16::from_f32(v + noise).to_le_bytes());
-        }
-    });
+    let noisy = noisy_copy();
     let (code, v, out) = validate(noisy.path(), &[]);
     assert_eq!(code, 1, "{out}");
     let failed: Vec<&str> = v["checks"].as_array().unwrap().iter().filter(|c| c["pass"] == false).map(|c| c["name"].as_str().unwrap()).collect();
@@ -359,18 +374,8 @@ fn task_answers_are_scored_by_hand_checked_answers_and_compared() {
     assert!(out.contains("hand.jsonl (6 items)"), "the table lists the tasks: {out}");
 
     // a noisy copy answers differently and fails the float profile's answer check by name
-    let noisy = copy_checkpoint(&fixture());
-    edit_weights(noisy.path(), |ts| {
-        let t = ts.iter_mut().find(|t| t.spec.name == "model.layers.1.mlp.down_proj.weight").unwrap();
-        for (i, b) in t.bytes.chunks_exact_mut(2).enumerate() {
-            let v = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
-            let noise = if i % 2 == 0 { 0.05 } else { -0.05 };
-            b.copy_from_slice(&half::bf16::from_f32(v + noise).to_le_bytes());
-        }
-    });
-    let first40: String = std::fs::read_to_string(fixture().join("tasks.jsonl")).unwrap().lines().take(40).map(|l| format!("{l}\n")).collect();
-    let some = d.path().join("some.jsonl");
-    std::fs::write(&some, first40).unwrap();
+    let noisy = noisy_copy();
+    let some = first_tasks(d.path(), 40);
     let (code, v, out) = validate(noisy.path(), &["--tasks", some.to_str().unwrap(), "--exit-threshold", "0.5"]);
     assert_eq!(code, 1, "{out}");
     let agree = v["report"]["tasks"]["modes"][4]["answer_agreement_pct"].as_f64().unwrap();
@@ -409,9 +414,7 @@ fn an_eight_bit_conversion_answers_the_fixture_tasks_like_the_original() {
     // measured 98.3% on all 120)
     let m8 = d.path().join("m8");
     bin().arg("convert").arg(fixture()).args(["--format", "mlx", "--bits", "8", "-o"]).arg(&m8).assert().success();
-    let some: String = std::fs::read_to_string(fixture().join("tasks.jsonl")).unwrap().lines().take(60).map(|l| format!("{l}\n")).collect();
-    let t60 = d.path().join("t60.jsonl");
-    std::fs::write(&t60, some).unwrap();
+    let t60 = first_tasks(d.path(), 60);
     let (code, v, out) = validate(&m8, &["--tasks", t60.to_str().unwrap(), "--exit-threshold", "0.5"]);
     assert_eq!(code, 0, "{out}");
     let m = &v["report"]["tasks"]["modes"][4];

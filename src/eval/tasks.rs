@@ -171,38 +171,36 @@ pub fn answer_all(
         })
         .collect::<anyhow::Result<_>>()?;
     let (total, mut done) = (modes.len() * items.len(), 0);
-    let mut out = vec![];
-    for m in modes {
-        model.set_loops(m.depth.unwrap_or(loops))?;
-        let mut a = Answers { texts: vec![], loops: vec![] };
-        for (it, p) in items.iter().zip(&prompts) {
-            let opts = GenerateOptions {
-                max_tokens: it.max_tokens,
-                sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
-                exit_threshold: m.threshold,
-                readout: m.depth.map(|d| ExitMode::Step(d - 1)),
-                kv: kv.kv,
-                kv_fill: kv.fill,
-                kv_dtype: kv.dtype,
-                stop_ids: model.config.stop_token_ids(),
-            };
-            let g = generate::generate(model, p, &opts, &mut |_| {});
-            let g = match g {
-                Ok(g) => g,
-                Err(e) => {
-                    model.set_loops(loops)?;
-                    return Err(e);
-                }
-            };
-            a.texts.push(tok.decode(&g.tokens, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?);
-            a.loops.push(g.stats.mean_loops_per_token);
-            done += 1;
-            progress(done, total);
+    let mut answer = |model: &mut OuroModel| -> anyhow::Result<Vec<Answers>> {
+        let mut out = vec![];
+        for m in modes {
+            model.set_loops(m.depth.unwrap_or(loops))?;
+            let mut a = Answers { texts: vec![], loops: vec![] };
+            for (it, p) in items.iter().zip(&prompts) {
+                let opts = GenerateOptions {
+                    max_tokens: it.max_tokens,
+                    sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
+                    exit_threshold: m.threshold,
+                    readout: m.depth.map(|d| ExitMode::Step(d - 1)),
+                    kv: kv.kv,
+                    kv_fill: kv.fill,
+                    kv_dtype: kv.dtype,
+                    stop_ids: model.config.stop_token_ids(),
+                };
+                let g = generate::generate(model, p, &opts, &mut |_| {})?;
+                a.texts.push(tok.decode(&g.tokens, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?);
+                a.loops.push(g.stats.mean_loops_per_token);
+                done += 1;
+                progress(done, total);
+            }
+            out.push(a);
         }
-        out.push(a);
-    }
+        Ok(out)
+    };
+    let out = answer(model);
+    // the model's own depth back, whatever happened
     model.set_loops(loops)?;
-    Ok(out)
+    out
 }
 
 /// One mode's results for both models.
