@@ -13,6 +13,7 @@ pub mod eval;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gguf;
+pub mod imatrix;
 pub mod inspect;
 pub mod json;
 pub mod mlx;

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
             Command::Plan(a) => cli::plan::run(a),
             Command::Perplexity(a) => cli::perplexity::run(a),
             Command::Logits(a) => cli::logits::run(a),
+            Command::Imatrix(a) => cli::imatrix::run(a),
         }
     });
     result.unwrap_or_else(|e| {

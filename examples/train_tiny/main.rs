@@ -139,7 +139,21 @@ fn write_tasks(path: &std::path::Path, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--calibration FILE [--seed S]`: a calibration text for `imatrix`, as many lines as the
+/// validation text, drawn from seed S + 6 (disjoint draws from validation's S + 2).
+fn write_calibration(path: &std::path::Path, seed: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let world = corpus::World::new(seed, PEOPLE);
+    let mut f = std::fs::File::create_new(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    f.write_all((corpus::lines(&world, seed.wrapping_add(6), VALID_LINES).join("\n") + "\n").as_bytes())?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    if let Some(i) = std::env::args().position(|a| a == "--calibration") {
+        let path = std::env::args().nth(i + 1).ok_or_else(|| anyhow::anyhow!("--calibration FILE"))?;
+        return write_calibration(std::path::Path::new(&path), parse_args().seed);
+    }
     if let Some(i) = std::env::args().position(|a| a == "--tasks") {
         let path = std::env::args().nth(i + 1).ok_or_else(|| anyhow::anyhow!("--tasks FILE"))?;
         return write_tasks(std::path::Path::new(&path), parse_args().seed);

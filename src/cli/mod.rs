@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod convert;
+pub mod imatrix;
 pub mod inspect;
 pub mod logits;
 pub mod perplexity;
@@ -59,6 +60,9 @@ pub enum Command {
     /// --exit-threshold q (skipped loops really skipped, their KV slots filled per --kv): what early
     /// exit costs in quality and gains in speed.
     Perplexity(perplexity::Args),
+    /// Compute an importance matrix from a calibration text (llama.cpp's imatrix GGUF or .dat
+    /// layout), loop-aware, for `convert --imatrix` and llama-quantize.
+    Imatrix(imatrix::Args),
     /// Write every loop's hidden state, logits, gate logits and exit pdf for a token sequence
     /// (the tensors of the golden expected.safetensors).
     Logits(logits::Args),
@@ -91,6 +95,10 @@ impl Command {
                 r(&a.eval.text);
             }
             Command::Run(a) => r(&a.model),
+            Command::Imatrix(a) => {
+                r(&a.model);
+                r(&a.text);
+            }
             Command::Inspect(a) => r(&a.path),
             Command::Plan(a) => a.model.iter().for_each(r),
             Command::Synth(_) => {}

@@ -378,6 +378,43 @@ pub enum LoopControl {
     AdaptiveExit(f32),
 }
 
+/// Where a projection's input is seen by an [`Observer`]: the four distinct inputs of a decoder
+/// layer's seven projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Site {
+    /// The normed state that `q_proj`, `k_proj` and `v_proj` multiply.
+    AttnIn,
+    /// The attention output that `o_proj` multiplies.
+    AttnOut,
+    /// The normed state that `gate_proj` and `up_proj` multiply.
+    MlpIn,
+    /// `silu(gate) * up`, which `down_proj` multiplies.
+    MlpDown,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::AttnIn, Site::AttnOut, Site::MlpIn, Site::MlpDown];
+
+    /// The HF names (after `model.layers.{i}.`) of the weights that multiply this input.
+    pub fn weights(self) -> &'static [&'static str] {
+        match self {
+            Site::AttnIn => &["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+            Site::AttnOut => &["self_attn.o_proj.weight"],
+            Site::MlpIn => &["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+            Site::MlpDown => &["mlp.down_proj.weight"],
+        }
+    }
+}
+
+/// Sees what a forward pass multiplies (calibration: `imatrix`). The model calls it in order:
+/// for each loop `t`, each layer's inputs, then `loop_done(t, gate logits [n])`.
+pub trait Observer {
+    /// The input `x [n, in]` of the projections of `site` in `layer`, loop `t`.
+    fn input(&mut self, t: usize, layer: usize, site: Site, x: &Tensor) -> CResult<()>;
+    /// Loop `t` has finished; `gate_logits [n]` are its exit-gate logits.
+    fn loop_done(&mut self, t: usize, gate_logits: &Tensor) -> CResult<()>;
+}
+
 /// RMS norm of each row of `x` (f32) times `w`: candle-nn's fused op (CPU, CUDA and Metal
 /// kernels), one pass instead of six tensor operations.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
@@ -500,6 +537,18 @@ impl OuroModel {
     /// Runs the new `tokens` (positions `cache.len ..`) through the loops, reading and extending
     /// `cache`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, control: LoopControl) -> CResult<ForwardOut> {
+        self.forward_observed(tokens, cache, control, None)
+    }
+
+    /// [`Self::forward`], showing every projection's input and every loop's gate logits to
+    /// `observer`.
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        control: LoopControl,
+        mut observer: Option<&mut dyn Observer>,
+    ) -> CResult<ForwardOut> {
         let n = tokens.len();
         let start = cache.len;
         let (cos, sin) = self.rope_tables(start, n)?;
@@ -515,19 +564,30 @@ impl OuroModel {
         for t in 0..dims.loops {
             for (i, layer) in self.layers.iter().enumerate() {
                 let x = rms_norm(&h, &layer.n_in, dims.eps)?;
+                if let Some(o) = observer.as_deref_mut() {
+                    o.input(t, i, Site::AttnIn, &x)?;
+                }
                 // (the slot receives this call's K/V inside `attention`)
-                let attn = self.attention(layer, &x, &cos, &sin, mask.as_ref(), cache, t, i)?;
+                let attn = self.attention(layer, &x, &cos, &sin, mask.as_ref(), cache, t, i, observer.as_deref_mut())?;
                 h = (h + rms_norm(&attn, &layer.n_in2, dims.eps)?)?;
                 let x = rms_norm(&h, &layer.n_post, dims.eps)?;
-                let m = layer
-                    .down
-                    .forward(&(layer.gate.forward(&x)?.silu()? * layer.up.forward(&x)?)?)?;
+                if let Some(o) = observer.as_deref_mut() {
+                    o.input(t, i, Site::MlpIn, &x)?;
+                }
+                let act = (layer.gate.forward(&x)?.silu()? * layer.up.forward(&x)?)?;
+                if let Some(o) = observer.as_deref_mut() {
+                    o.input(t, i, Site::MlpDown, &act)?;
+                }
+                let m = layer.down.forward(&act)?;
                 h = (h + rms_norm(&m, &layer.n_post2, dims.eps)?)?;
             }
             h = rms_norm(&h, &self.norm, dims.eps)?;
             // a product and a row sum rather than candle's matmul, which on the CPU reads
             // /proc/cpuinfo on every call (it asks for the CPU count each time)
             let g = h.broadcast_mul(&self.gate_w)?.sum_keepdim(1)?.broadcast_add(&self.gate_b)?.squeeze(1)?;
+            if let Some(o) = observer.as_deref_mut() {
+                o.loop_done(t, &g)?;
+            }
             out.hidden.push(h.clone());
             out.gate_logits.push(g.clone());
             if let LoopControl::AdaptiveExit(q) = control {
@@ -589,6 +649,7 @@ impl OuroModel {
         cache: &mut KvCache,
         t: usize,
         i: usize,
+        observer: Option<&mut (dyn Observer + '_)>,
     ) -> CResult<Tensor> {
         let d = &self.dims;
         let n = x.dim(0)?;
@@ -607,6 +668,9 @@ impl OuroModel {
         }
         let (k_all, v_all) = cache.get(slot)?.expect("just written");
         let o = attend::attend(&q, &k_all, &v_all, &cache.masked[slot], mask)?;
+        if let Some(obs) = observer {
+            obs.input(t, i, Site::AttnOut, &o)?;
+        }
         layer.o.forward(&o)
     }
 

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use ouro_quant::stfile::{SafetensorsFile, TensorSpec, Writer};
 
+pub mod reference;
+
 /// The repository's fixtures directory.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")

@@ -1,0 +1,228 @@
+//! `ouro-quant imatrix`: the sums against the f64 reference of the spec (every loop's product one
+//! more matmul, as llama-imatrix counts a looped model; and `exit:q`), the files as llama.cpp's
+//! readers see them (gguf-py for GGUF, llama.cpp's legacy layout parsed in Python for `.dat`),
+//! determinism across thread counts, and the bad-input rules.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use common::reference::{reference, reference_observed};
+use common::{bin, fixtures};
+use ouro_quant::imatrix::{collect, Calibration, Weighting};
+use ouro_quant::model::source;
+
+fn trained() -> PathBuf {
+    fixtures().join("ouro-tiny-trained")
+}
+
+fn calibration_tokens(n: usize) -> Vec<u32> {
+    let tok = tokenizers::Tokenizer::from_file(trained().join("tokenizer.json")).unwrap();
+    let text = std::fs::read_to_string(trained().join("calibration.txt")).unwrap();
+    let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+    ids[..n].to_vec()
+}
+
+/// The GGUF names of the weights that multiply the reference's input `site` of layer `i`.
+fn names(i: usize, site: &str) -> Vec<String> {
+    let s: &[&str] = match site {
+        "self_attn.q_proj.weight" => &["attn_q", "attn_k", "attn_v"],
+        "self_attn.o_proj.weight" => &["attn_output"],
+        "mlp.gate_proj.weight" => &["ffn_gate", "ffn_up"],
+        "mlp.down_proj.weight" => &["ffn_down"],
+        _ => panic!("{site}"),
+    };
+    s.iter().map(|n| format!("blk.{i}.{n}.weight")).collect()
+}
+
+/// Squared inputs per column and rows counted, by GGUF weight name, from the f64 reference: each
+/// chunk run alone; with `exit_q`, loop t of a token counts only while its exit CDF over the loops
+/// before t is below q.
+fn reference_sums(tokens: &[u32], ctx: usize, exit_q: Option<f64>) -> BTreeMap<String, (Vec<f64>, u64)> {
+    let dir = trained();
+    let mut acc: BTreeMap<String, (Vec<f64>, u64)> = BTreeMap::new();
+    for chunk in tokens.chunks_exact(ctx) {
+        let full = reference(&dir, chunk, 4);
+        let keep = |t: usize, j: usize| -> bool {
+            let Some(q) = exit_q else { return true };
+            let cdf: f64 = full.pdf[..t].iter().map(|p| p[j]).sum();
+            t == 0 || cdf < q
+        };
+        reference_observed(&dir, chunk, 4, &mut |t, i, site, rows| {
+            for name in names(i, site) {
+                let e = acc.entry(name).or_insert_with(|| (vec![0.0; rows[0].len()], 0));
+                for (j, r) in rows.iter().enumerate() {
+                    if keep(t, j) {
+                        e.1 += 1;
+                        e.0.iter_mut().zip(r).for_each(|(a, v)| *a += v * v);
+                    }
+                }
+            }
+        });
+    }
+    acc
+}
+
+fn check_against_reference(weighting: Weighting, exit_q: Option<f64>) {
+    let (ctx, n) = (32, 64);
+    let tokens = calibration_tokens(n);
+    let loaded = source::load(&trained(), &Device::Cpu).unwrap();
+    let cal = Calibration { tokens: &tokens, ctx, chunks: None, weighting, dataset: "calibration.txt".into() };
+    let m = collect(&loaded.model, &cal, &mut |_, _| {}).unwrap();
+    let want = reference_sums(&tokens, ctx, exit_q);
+    assert_eq!(m.entries.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "one entry per decoder weight (7 per layer)");
+    assert_eq!(m.entries.len(), 14);
+    let mut worst = 0f64;
+    for (name, (sums, rows)) in &want {
+        let e = &m.entries[name];
+        assert_eq!(e.count, *rows as f64, "{name}: rows counted");
+        let scale = sums.iter().cloned().fold(0.0, f64::max);
+        for (a, b) in e.sums.iter().zip(sums) {
+            worst = worst.max((*a as f64 - b).abs() / scale);
+        }
+    }
+    // measured 3.7e-7 (loops) and 7.6e-7 (exit:0.5): an f32 forward pass against f64
+    assert!(worst < 5e-6, "{weighting:?}: worst difference {worst} of the largest sum");
+    let rows = m.entries.values().map(|e| e.count as u64).max().unwrap();
+    match weighting {
+        // every loop's product is one more matmul: 4 loops x 64 tokens
+        Weighting::Loops => assert_eq!(rows, 4 * n as u64),
+        // the trained fixture's gate sends tokens out early: fewer rows, never fewer than loop 0's
+        Weighting::Exit(_) => assert!(rows > n as u64 && rows < 4 * n as u64, "{rows}"),
+    }
+    assert_eq!(m.chunk_count as u64, rows / ctx as u64, "llama-imatrix's chunk count: rows over the chunk size");
+}
+
+#[test]
+fn loops_weighting_sums_every_loops_inputs_as_the_reference_does() {
+    check_against_reference(Weighting::Loops, None);
+}
+
+#[test]
+fn exit_weighting_sums_the_loops_adaptive_exit_runs() {
+    check_against_reference(Weighting::Exit(0.5), Some(0.5));
+}
+
+fn oracle(file: &Path) -> serde_json::Value {
+    let py = std::env::var("OURO_QUANT_PYTHON").expect("OURO_QUANT_PYTHON (scripts/test.sh sets it)");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/imatrix_read.py");
+    let o = std::process::Command::new(py).arg(script).arg(file).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn imatrix(out: &Path, extra: &[&str]) -> assert_cmd::assert::Assert {
+    let text = trained().join("calibration.txt");
+    bin()
+        .arg("imatrix")
+        .arg(trained())
+        .arg("--text")
+        .arg(&text)
+        .args(["--ctx", "64", "--chunks", "3", "-o"])
+        .arg(out)
+        .args(extra)
+        .assert()
+}
+
+/// The GGUF file as gguf-py reads it (llama.cpp's layout: keys, names, shapes, F32 types), the
+/// `.dat` file as llama.cpp's legacy loader reads it, both giving the same importance.
+#[test]
+fn files_read_as_llama_cpp_reads_them() {
+    let d = tempfile::tempdir().unwrap();
+    let (g, dat) = (d.path().join("m.gguf"), d.path().join("m.dat"));
+    imatrix(&g, &[]).success();
+    imatrix(&dat, &["--output-format", "dat"]).success();
+    let o = oracle(&g);
+    let k = &o["keys"];
+    assert_eq!(k["general.type"]["value"], "imatrix");
+    assert_eq!(k["imatrix.chunk_count"]["value"], 12, "4 loops x 3 chunks, as llama-imatrix counts a looped model");
+    assert_eq!(k["imatrix.chunk_count"]["type"], "UINT32");
+    assert_eq!(k["imatrix.chunk_size"]["value"], 64);
+    assert_eq!(k["imatrix.chunk_size"]["type"], "UINT32");
+    assert_eq!(k["imatrix.datasets"]["value"], serde_json::json!([trained().join("calibration.txt").display().to_string()]));
+    let t = o["tensors"].as_array().unwrap();
+    assert_eq!(t.len(), 28, "in_sum2 and counts for 7 weights x 2 layers");
+    let weights: Vec<&str> = t.iter().step_by(2).map(|x| x["name"].as_str().unwrap().trim_end_matches(".in_sum2")).collect();
+    let mut sorted = weights.clone();
+    sorted.sort();
+    assert_eq!(weights, sorted, "weights in name order, as llama-imatrix writes them");
+    let mut gguf_importance = BTreeMap::new();
+    for pair in t.chunks(2) {
+        let (s, c) = (&pair[0], &pair[1]);
+        let base = s["name"].as_str().unwrap().strip_suffix(".in_sum2").expect("in_sum2 first");
+        assert_eq!(c["name"].as_str().unwrap(), format!("{base}.counts"));
+        assert_eq!((s["type"].as_str(), c["type"].as_str()), (Some("F32"), Some("F32")));
+        let cols = if base.contains("ffn_down") { 512 } else { 256 };
+        // gguf-py reports ggml's ne order: [n_cols, 1] and [1, 1]
+        assert_eq!(s["shape"], serde_json::json!([cols, 1]), "{base}");
+        assert_eq!(c["shape"], serde_json::json!([1, 1]));
+        assert_eq!(c["values"][0], 4.0 * 3.0 * 64.0, "{base}: rows = loops x tokens");
+        let count = c["values"][0].as_f64().unwrap();
+        let imp: Vec<f64> = s["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() / count).collect();
+        gguf_importance.insert(base.to_string(), imp);
+    }
+    let o = oracle(&dat);
+    assert_eq!(o["format"], "dat");
+    assert_eq!(o["chunk_count"], 12);
+    let e = o["entries"].as_array().unwrap();
+    assert_eq!(e.len(), 14);
+    for x in e {
+        let name = x["name"].as_str().unwrap();
+        // ncall = ceil(rows / chunk size); the values are the means times ncall
+        assert_eq!(x["ncall"], 12, "{name}");
+        let want = &gguf_importance[name];
+        for (v, w) in x["values"].as_array().unwrap().iter().zip(want) {
+            let v = v.as_f64().unwrap() / 12.0;
+            assert!((v - w).abs() <= 1e-6 * w.abs().max(1e-30), "{name}: {v} vs {w}");
+        }
+    }
+}
+
+/// Same bytes with one thread as with all of them.
+#[test]
+fn output_does_not_depend_on_the_thread_count() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.gguf"), d.path().join("b.gguf"));
+    imatrix(&a, &["--weighting", "exit:0.7"]).success();
+    let text = trained().join("calibration.txt");
+    bin()
+        .env("RAYON_NUM_THREADS", "1")
+        .arg("imatrix")
+        .arg(trained())
+        .arg("--text")
+        .arg(&text)
+        .args(["--ctx", "64", "--chunks", "3", "--weighting", "exit:0.7", "-o"])
+        .arg(&b)
+        .assert()
+        .success();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
+
+#[test]
+fn bad_inputs_are_refused_before_work_with_status_2() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("m.gguf");
+    let err = |a: assert_cmd::assert::Assert| String::from_utf8(a.code(2).get_output().stderr.clone()).unwrap();
+    let e = err(imatrix(&out, &["--weighting", "exit:1.5"]));
+    assert!(e.contains("exit:1.5"), "{e}");
+    // a text too short for one chunk
+    let short = d.path().join("short.txt");
+    std::fs::write(&short, "Q: Where was").unwrap();
+    let e = err(bin().arg("imatrix").arg(trained()).arg("--text").arg(&short).arg("-o").arg(&out).assert());
+    assert!(e.contains("fewer than one chunk"), "{e}");
+    assert!(!out.exists());
+    // an existing file that ouro-quant did not write
+    std::fs::write(&out, "precious").unwrap();
+    let e = err(imatrix(&out, &[]));
+    assert!(e.contains("m.gguf"), "{e}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "precious");
+    // the text itself as the output
+    let text = d.path().join("cal.txt");
+    std::fs::copy(trained().join("calibration.txt"), &text).unwrap();
+    err(bin().arg("imatrix").arg(trained()).arg("--text").arg(&text).arg("-o").arg(&text).arg("--force").assert());
+    assert_eq!(std::fs::read(&text).unwrap(), std::fs::read(trained().join("calibration.txt")).unwrap());
+    let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 3, "nothing left behind: {left:?}");
+}
