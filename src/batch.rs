@@ -492,7 +492,7 @@ fn run_job(
                 }
                 std::fs::remove_file(&card).map_err(|e| Error::io(&card, e))?;
             }
-            let opts = crate::convert::GgufOptions { file_type: *ft, overrides: vec![], force: true };
+            let opts = crate::convert::GgufOptions { file_type: *ft, overrides: vec![], force: true, imatrix: None };
             let s = crate::convert::convert_gguf(&ck, &opts, &out_path, &cb)?;
             (s.bytes, s.bits_per_weight)
         }

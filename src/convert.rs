@@ -17,7 +17,8 @@ use crate::checkpoint::{decode_f32, Checkpoint};
 use crate::error::{Error, IoContext, Result};
 use crate::gguf::arch::{self, RowOrder};
 use crate::gguf::file::{GgufFile, Value, Writer};
-use crate::gguf::mix::{tensor_type, FileType, TypeOverride};
+use crate::gguf::mix::{requires_imatrix, tensor_type_with, FileType, TypeOverride};
+use crate::imatrix::Imatrix;
 use crate::gguf::tokenizer::tokenizer_metadata;
 use crate::output::{Checksum, Checksummer, PendingOutput};
 use crate::quant::ggml::GgmlType;
@@ -29,6 +30,21 @@ pub struct GgufOptions {
     pub file_type: FileType,
     pub overrides: Vec<TypeOverride>,
     pub force: bool,
+    /// Importance data (`--imatrix`), used as llama-quantize uses it.
+    pub imatrix: Option<ImatrixInput>,
+}
+
+/// An importance matrix and the path it was read from (as given: recorded in the output).
+#[derive(Debug, Clone)]
+pub struct ImatrixInput {
+    pub path: PathBuf,
+    pub matrix: Imatrix,
+}
+
+impl ImatrixInput {
+    pub fn read(path: &Path) -> Result<Self> {
+        Ok(ImatrixInput { path: path.to_path_buf(), matrix: Imatrix::read(path)? })
+    }
 }
 
 /// One output tensor and where it comes from.
@@ -38,8 +54,31 @@ pub struct TensorPlan {
     pub gguf_name: String,
     pub shape: Vec<usize>,
     pub ggml_type: GgmlType,
+    /// Whether the tensor is quantized with an importance vector.
+    pub imatrix: bool,
     #[serde(skip)]
     pub row_order: RowOrder,
+}
+
+/// Whether ggml's quantizer for `ty` uses an importance vector (F16, BF16 and Q8_0 ignore it).
+fn uses_importance(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0)
+}
+
+/// The importance vector of a planned tensor, checked as llama-quantize checks it: an entry of
+/// another length is an error (this matrix was made for another model), except for the token
+/// embedding, which llama-quantize quantizes without one.
+fn importance_for(im: &ImatrixInput, name: &str, cols: usize) -> Result<Option<Vec<f32>>> {
+    match im.matrix.weights(name) {
+        Some(w) if w.len() == cols => Ok(Some(w)),
+        Some(_) if name == "token_embd.weight" => Ok(None),
+        Some(w) => Err(Error::tensor(
+            &im.path,
+            name,
+            format!("holds {} importance values, but the weight has {cols} columns: this importance matrix was made for another model", w.len()),
+        )),
+        None => Ok(None),
+    }
 }
 
 /// What a conversion did.
@@ -106,18 +145,37 @@ pub fn plan_gguf(ck: &Checkpoint, opts: &GgufOptions) -> Result<Vec<TensorPlan>>
     }
     for m in arch::tensor_map(cfg) {
         let t = ck.tensor(&m.hf_name)?;
-        let ty = tensor_type(opts.file_type, cfg, &m.gguf_name, t.shape(), &opts.overrides);
+        let ty = tensor_type_with(opts.file_type, cfg, &m.gguf_name, t.shape(), &opts.overrides, opts.imatrix.is_some());
         if !has_quantizer(ty) {
             return Err(Error::Usage(format!(
                 "tensor {} would be {ty}, which this version cannot write yet",
                 m.gguf_name
             )));
         }
+        let cols = *t.shape().last().unwrap_or(&1);
+        let imatrix = match &opts.imatrix {
+            Some(im) if uses_importance(ty) => importance_for(im, &m.gguf_name, cols)?.is_some(),
+            _ => false,
+        };
+        if !imatrix && requires_imatrix(opts.file_type, &m.gguf_name, ty) {
+            return Err(match &opts.imatrix {
+                None => Error::Usage(format!(
+                    "--type {}: its {ty} tensors need an importance matrix, as llama-quantize requires (without one the result is garbage): make one with `ouro-quant imatrix MODEL --text CALIBRATION.txt -o imatrix.gguf` and add --imatrix imatrix.gguf",
+                    opts.file_type.name()
+                )),
+                Some(im) => Error::tensor(
+                    &im.path,
+                    &m.gguf_name,
+                    format!("missing: a {} file needs importance data for every {ty} tensor (llama-quantize refuses too)", opts.file_type.name()),
+                ),
+            });
+        }
         plan.push(TensorPlan {
             hf_name: m.hf_name,
             gguf_name: m.gguf_name,
             shape: t.shape().to_vec(),
             ggml_type: ty,
+            imatrix,
             row_order: m.row_order,
         });
     }
@@ -152,6 +210,24 @@ fn metadata(ck: &Checkpoint, opts: &GgufOptions, source_hash: &str) -> Result<Ve
         .ok_or_else(|| Error::file(&ck.dir, "no tokenizer.json: a GGUF file must carry the tokenizer"))?;
     let (tok_kv, _) = tokenizer_metadata(tj, cfg.vocab_size, ck.tokenizer.config_with_template().as_ref())?;
     kv.extend(tok_kv);
+    if let Some(im) = &opts.imatrix {
+        // what llama-quantize records (its values cut to 127 bytes)
+        let cut = |s: &str| -> String {
+            let mut end = s.len().min(127);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s[..end].to_string()
+        };
+        kv.push(("quantize.imatrix.file".into(), Value::Str(cut(&im.path.display().to_string()))));
+        if let Some(d) = im.matrix.datasets.first() {
+            kv.push(("quantize.imatrix.dataset".into(), Value::Str(cut(d))));
+        }
+        kv.push(("quantize.imatrix.entries_count".into(), Value::U32(im.matrix.entries.len() as u32)));
+        if im.matrix.chunk_count > 0 {
+            kv.push(("quantize.imatrix.chunks_count".into(), Value::U32(im.matrix.chunk_count)));
+        }
+    }
     let overrides: Vec<String> = opts
         .overrides
         .iter()
@@ -160,7 +236,16 @@ fn metadata(ck: &Checkpoint, opts: &GgufOptions, source_hash: &str) -> Result<Ve
     kv.push(("ouro_quant.version".into(), Value::Str(env!("CARGO_PKG_VERSION").into())));
     kv.push((
         "ouro_quant.options".into(),
-        Value::Str(format!("--type {} {}", opts.file_type.name(), overrides.iter().map(|o| format!("--type-override {o}")).collect::<Vec<_>>().join(" ")).trim().to_string()),
+        Value::Str(
+            format!(
+                "--type {} {}{}",
+                opts.file_type.name(),
+                overrides.iter().map(|o| format!("--type-override {o} ")).collect::<String>(),
+                opts.imatrix.as_ref().map(|im| format!("--imatrix {}", im.path.display())).unwrap_or_default()
+            )
+            .trim()
+            .to_string(),
+        ),
     ));
     kv.push(("ouro_quant.source.sha256".into(), Value::Str(source_hash.into())));
     kv.push((
@@ -235,6 +320,10 @@ pub fn convert_gguf(
                 let rows = t.info.numel() / cols;
                 let es = t.dtype().size();
                 let row_out = p.ggml_type.row_bytes(cols);
+                let importance = match (&opts.imatrix, p.imatrix) {
+                    (Some(im), true) => importance_for(im, &p.gguf_name, cols)?,
+                    _ => None,
+                };
                 let mut h = Checksummer::new();
                 let mut buf = vec![0u8; CHUNK_ROWS.min(rows) * row_out];
                 for r0 in (0..rows).step_by(CHUNK_ROWS) {
@@ -253,7 +342,7 @@ pub fn convert_gguf(
                             ));
                         }
                         let mut q = Vec::with_capacity(row_out);
-                        quantize_row(p.ggml_type, &row, None, &mut q);
+                        quantize_row(p.ggml_type, &row, importance.as_deref(), &mut q);
                         dst.copy_from_slice(&q);
                         Ok(())
                     })?;

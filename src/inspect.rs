@@ -91,7 +91,7 @@ pub fn inspect(ck: &Checkpoint, tensors: bool, scan: bool) -> Report {
             .sum();
         // exactly what convert writes (header, tokenizer, checksums, padding); if the metadata cannot
         // be built (no tokenizer, say), the tensors and the exit gate kept as f32 metadata
-        let opts = crate::convert::GgufOptions { file_type: ft, overrides: vec![], force: false };
+        let opts = crate::convert::GgufOptions { file_type: ft, overrides: vec![], force: false, imatrix: None };
         let bytes = crate::convert::gguf_file_bytes(ck, &opts).unwrap_or(tensor_bytes + 4 * (c.hidden_size as u64 + 1));
         sizes.push(FormatSize {
             format: format!("GGUF {}", ft.name()),

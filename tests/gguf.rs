@@ -15,7 +15,23 @@ use ouro_quant::model::{KvPolicy, LoopOutputs};
 use ouro_quant::stfile::SafetensorsFile;
 
 fn convert(model: &Path, ty: &str, out: &Path) {
-    bin().arg("convert").arg(model).args(["--type", ty, "-o"]).arg(out).assert().success();
+    let mut c = bin();
+    c.arg("convert").arg(model).args(["--type", ty, "-o"]).arg(out);
+    if ty == "Q2_K_S" {
+        // llama-quantize's Q2_K_S needs an importance matrix: one from a short calibration run
+        let im = out.with_extension("imatrix.gguf");
+        bin()
+            .arg("imatrix")
+            .arg(model)
+            .arg("--text")
+            .arg(fixtures().join("ouro-tiny-trained/calibration.txt"))
+            .args(["--ctx", "32", "--chunks", "2", "-o"])
+            .arg(&im)
+            .assert()
+            .success();
+        c.arg("--imatrix").arg(im);
+    }
+    c.assert().success();
 }
 
 #[test]

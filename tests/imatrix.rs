@@ -226,3 +226,117 @@ fn bad_inputs_are_refused_before_work_with_status_2() {
     let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 3, "nothing left behind: {left:?}");
 }
+
+/// `convert --imatrix` with the GGUF and the `.dat` layout of the same matrix writes the same
+/// file; the output records what llama-quantize records; every quantized tensor's blocks are
+/// ggml's quantizer run with that tensor's importance vector (the quantizers themselves are
+/// bit-exact with ggml's on the golden vectors: tests/ggml_golden.rs), rows in the file's order.
+#[test]
+fn convert_uses_the_importance_of_each_tensor_in_either_layout() {
+    use ouro_quant::gguf::file::GgufFile;
+    use ouro_quant::quant::{ggml::GgmlType, quantize_row};
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    imatrix(&a.join("imatrix"), &[]).success();
+    imatrix(&b.join("imatrix"), &["--output-format", "dat"]).success();
+    for dir in [&a, &b] {
+        bin().current_dir(dir).arg("convert").arg(trained()).args(["--type", "Q4_K_M", "--imatrix", "imatrix", "-o", "m.gguf"]).assert().success();
+    }
+    let file = std::fs::read(a.join("m.gguf")).unwrap();
+    assert!(file == std::fs::read(b.join("m.gguf")).unwrap(), "the same matrix in either layout gives the same file");
+    let o = oracle(&a.join("m.gguf"));
+    let k = &o["keys"];
+    assert_eq!(k["quantize.imatrix.file"]["value"], "imatrix");
+    assert_eq!(k["quantize.imatrix.dataset"]["value"], trained().join("calibration.txt").display().to_string());
+    assert_eq!((k["quantize.imatrix.entries_count"]["value"].as_u64(), k["quantize.imatrix.entries_count"]["type"].as_str()), (Some(14), Some("UINT32")));
+    assert_eq!((k["quantize.imatrix.chunks_count"]["value"].as_u64(), k["quantize.imatrix.chunks_count"]["type"].as_str()), (Some(12), Some("UINT32")));
+
+    let im = ouro_quant::imatrix::Imatrix::read(&a.join("imatrix")).unwrap();
+    let ck = ouro_quant::checkpoint::Checkpoint::open(trained()).unwrap();
+    let g = GgufFile::open(a.join("m.gguf")).unwrap();
+    let plain = d.path().join("plain.gguf");
+    bin().arg("convert").arg(trained()).args(["--type", "Q4_K_M", "-o"]).arg(&plain).assert().success();
+    let plain = GgufFile::open(&plain).unwrap();
+    let mut checked = 0;
+    for m in ouro_quant::gguf::arch::tensor_map(&ck.config) {
+        let t = g.header.tensor(&m.gguf_name).unwrap();
+        let Some(w) = im.weights(&m.gguf_name) else { continue };
+        if matches!(t.ggml_type, GgmlType::F32 | GgmlType::Q8_0) {
+            continue;
+        }
+        let vals = ck.tensor(&m.hf_name).unwrap().to_f32();
+        let cols = *t.shape.last().unwrap();
+        let rows = vals.len() / cols;
+        let mut want = vec![];
+        for r in 0..rows {
+            let s = m.row_order.source_row(r, rows);
+            quantize_row(t.ggml_type, &vals[s * cols..(s + 1) * cols], Some(&w), &mut want);
+        }
+        assert!(g.tensor_bytes(t) == want.as_slice(), "{}: not the blocks of its importance vector", m.gguf_name);
+        assert!(plain.tensor_bytes(plain.header.tensor(&m.gguf_name).unwrap()) != want.as_slice(), "{}: the importance changed nothing", m.gguf_name);
+        checked += 1;
+    }
+    assert_eq!(checked, 14, "every decoder weight was quantized with its importance");
+}
+
+/// llama-quantize's rules around importance data: the mixes that change with one, the type that
+/// needs one, a matrix of another model, and entries a matrix lacks.
+#[test]
+fn convert_follows_llama_quantize_rules_for_importance_data() {
+    use ouro_quant::gguf::file::GgufFile;
+    use ouro_quant::quant::ggml::GgmlType;
+    let d = tempfile::tempdir().unwrap();
+    let im = d.path().join("m.gguf");
+    imatrix(&im, &[]).success();
+    let ty_of = |f: &Path, name: &str| GgufFile::open(f).unwrap().header.tensor(name).unwrap().ggml_type;
+    let conv = |ty: &str, imatrix: Option<&Path>, out: &str| {
+        let mut c = bin();
+        c.arg("convert").arg(trained()).args(["--type", ty, "-o"]).arg(d.path().join(out));
+        if let Some(i) = imatrix {
+            c.arg("--imatrix").arg(i);
+        }
+        c.assert()
+    };
+    // with importance data, the first n/8 ffn_down of the unrolled depth (2 layers x 4 loops: layer
+    // 0) get Q4_1 in Q4_0 and keep IQ4_NL in IQ4_NL (Q5_K without)
+    conv("Q4_0", Some(&im), "q40.gguf").success();
+    conv("IQ4_NL", Some(&im), "iq.gguf").success();
+    conv("IQ4_NL", None, "iq-plain.gguf").success();
+    assert_eq!(ty_of(&d.path().join("q40.gguf"), "blk.0.ffn_down.weight"), GgmlType::Q4_1);
+    assert_eq!(ty_of(&d.path().join("q40.gguf"), "blk.1.ffn_down.weight"), GgmlType::Q4_0);
+    assert_eq!(ty_of(&d.path().join("iq.gguf"), "blk.0.ffn_down.weight"), GgmlType::IQ4_NL);
+    assert_eq!(ty_of(&d.path().join("iq-plain.gguf"), "blk.0.ffn_down.weight"), GgmlType::Q5_K);
+    let err = |a: assert_cmd::assert::Assert| String::from_utf8(a.code(2).get_output().stderr.clone()).unwrap();
+    // Q2_K_S needs one
+    let e = err(conv("Q2_K_S", None, "s.gguf"));
+    assert!(e.contains("Q2_K_S") && e.contains("importance matrix") && e.contains("ouro-quant imatrix"), "{e}");
+    conv("Q2_K_S", Some(&im), "s.gguf").success();
+    // a matrix of another model (tiny-random: FFN 256, the fixture's 512)
+    let other = d.path().join("other.gguf");
+    bin()
+        .arg("imatrix")
+        .arg(fixtures().join("tiny-random"))
+        .arg("--text")
+        .arg(trained().join("calibration.txt"))
+        .args(["--ctx", "32", "--chunks", "1", "-o"])
+        .arg(&other)
+        .assert()
+        .success();
+    let e = err(conv("Q4_K_M", Some(&other), "o.gguf"));
+    assert!(e.contains("other.gguf") && e.contains("blk.0.ffn_down.weight") && e.contains("another model"), "{e}");
+    assert!(!d.path().join("o.gguf").exists());
+    // a matrix without some entries: those tensors are quantized without (llama-quantize's
+    // "did not find weights"), except where the type needs one
+    let mut m = ouro_quant::imatrix::Imatrix::read(&im).unwrap();
+    m.entries.remove("blk.1.attn_q.weight");
+    let partial = d.path().join("partial.gguf");
+    m.write(&partial, ouro_quant::imatrix::Format::Gguf, false).unwrap();
+    conv("Q4_K_M", Some(&partial), "p.gguf").success();
+    let e = err(conv("Q2_K_S", Some(&partial), "p2.gguf"));
+    assert!(e.contains("partial.gguf") && e.contains("blk.1.attn_q.weight") && e.contains("missing"), "{e}");
+    // not an importance matrix at all
+    let e = err(conv("Q4_K_M", Some(&trained().join("validation.txt")), "x.gguf"));
+    assert!(e.contains("validation.txt"), "{e}");
+}

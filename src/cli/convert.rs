@@ -48,6 +48,10 @@ pub struct Args {
     /// Tokens per chunk for --validate (validate's --ctx).
     #[arg(long, default_value_t = EVAL_CTX)]
     pub validate_ctx: usize,
+    /// Quantize with this importance matrix (`ouro-quant imatrix`'s output, or llama-imatrix's in
+    /// either of its layouts), as llama-quantize --imatrix does; needed by Q2_K_S.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     /// Give tensors whose GGUF name matches REGEX this ggml type (repeatable), e.g. `attn_v=Q8_0`.
     #[arg(long = "type-override", value_name = "REGEX=TYPE")]
     pub type_override: Vec<String>,
@@ -143,7 +147,8 @@ fn convert_gguf(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
             Ok(TypeOverride { pattern, ty })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let opts = GgufOptions { file_type: ft, overrides, force: a.force };
+    let imatrix = a.imatrix.as_deref().map(convert::ImatrixInput::read).transpose()?;
+    let opts = GgufOptions { file_type: ft, overrides, force: a.force, imatrix };
     let json = a.json;
     if a.dry_run {
         let plan = convert::plan_gguf(ck, &opts)?;
@@ -189,6 +194,10 @@ fn convert_gguf(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
 /// Converts to an MLX directory; returns the directory written (`None` for a dry run).
 fn convert_mlx(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
     use ouro_quant::mlx::{write, MlxOptions, Recipe};
+    anyhow::ensure!(
+        a.imatrix.is_none(),
+        "--imatrix with --format mlx: the importance-weighted MLX quantizer is not in this version yet (issue #22); --imatrix applies to GGUF"
+    );
     let recipe = a
         .recipe
         .as_ref()

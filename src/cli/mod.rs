@@ -77,6 +77,7 @@ impl Command {
             Command::Convert(a) => {
                 r(&a.model);
                 a.validate.iter().for_each(r);
+                a.imatrix.iter().for_each(r);
             }
             Command::Validate(a) => {
                 r(&a.reference);

@@ -1,5 +1,5 @@
 //! Per-tensor type choice for a GGUF file type, following llama.cpp's `src/llama-quant.cpp`
-//! (`llama_tensor_get_type`, no importance matrix) for the mixes users ask for. Tensor names are
+//! (`llama_tensor_get_type`, with and without an importance matrix) for the mixes users ask for. Tensor names are
 //! GGUF names (`blk.{i}.attn_v.weight`, ...), as llama-quantize sees them.
 //!
 //! Looped models: llama-quantize counts `ffn_down` layers over the unrolled depth
@@ -164,8 +164,22 @@ pub struct TypeOverride {
     pub ty: GgmlType,
 }
 
-/// The type llama-quantize gives GGUF tensor `name` of `shape` (outermost first).
+/// The type llama-quantize gives GGUF tensor `name` of `shape` (outermost first), without an
+/// importance matrix.
 pub fn tensor_type(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usize], overrides: &[TypeOverride]) -> GgmlType {
+    tensor_type_with(ft, cfg, name, shape, overrides, false)
+}
+
+/// Whether llama-quantize refuses to write tensor `name` as `ty` in a file of type `ft` without
+/// importance data for it (`tensor_requires_imatrix`): the Q2_K tensors of a Q2_K_S file, except
+/// the token embedding and the output.
+pub fn requires_imatrix(ft: FileType, name: &str, ty: GgmlType) -> bool {
+    name != "token_embd.weight" && name != "output.weight" && ty == GgmlType::Q2_K && ft == FileType::Q2_K_S
+}
+
+/// [`tensor_type`] when llama-quantize has an importance matrix (`has_imatrix`): IQ4_NL keeps its
+/// type in the first ffn_down layers (Q5_K without one), and Q4_0 / Q5_0 give them Q4_1 / Q5_1.
+pub fn tensor_type_with(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usize], overrides: &[TypeOverride], has_imatrix: bool) -> GgmlType {
     // 1-D tensors (norms) and anything not a weight matrix are never quantized.
     if shape.len() < 2 || !name.ends_with("weight") || name.contains("_norm.weight") {
         return GgmlType::F32;
@@ -229,7 +243,9 @@ pub fn tensor_type(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usize], 
                 }
             }
             FileType::Q4_K_M if use_more_bits(i, n) => GgmlType::Q6_K,
-            FileType::IQ4_NL if i < n / 8 => GgmlType::Q5_K,
+            FileType::IQ4_NL if i < n / 8 && !has_imatrix => GgmlType::Q5_K,
+            FileType::Q4_0 if i < n / 8 && has_imatrix => GgmlType::Q4_1,
+            FileType::Q5_0 if i < n / 8 && has_imatrix => GgmlType::Q5_1,
             FileType::Q5_K_M if use_more_bits(i, n) => GgmlType::Q6_K,
             FileType::Q4_K_S if i < n / 8 => GgmlType::Q5_K,
             _ => def,
@@ -324,6 +340,16 @@ mod tests {
         assert_eq!(FileType::from_name("Q3_K"), Some(FileType::Q3_K_M));
         assert_eq!(fallback(GgmlType::Q4_K, 64), GgmlType::Q5_0);
         assert_eq!(fallback(GgmlType::Q8_0, 48), GgmlType::F16);
+        // with an importance matrix (llama-quantize's has_imatrix): the first n/8 ffn_down of the
+        // unrolled depth (12 of 96) change type
+        let with = |ft, i: usize| tensor_type_with(ft, &cfg, &format!("blk.{i}.ffn_down.weight"), &[2048, 5632], &[], true);
+        assert_eq!((with(FileType::IQ4_NL, 11), with(FileType::IQ4_NL, 12)), (GgmlType::IQ4_NL, GgmlType::IQ4_NL));
+        assert_eq!((with(FileType::Q4_0, 11), with(FileType::Q4_0, 12)), (GgmlType::Q4_1, GgmlType::Q4_0));
+        assert_eq!((with(FileType::Q5_0, 11), with(FileType::Q5_0, 12)), (GgmlType::Q5_1, GgmlType::Q5_0));
+        assert_eq!(count(FileType::Q4_0, "ffn_down.weight", GgmlType::Q4_0), 24);
+        assert!(requires_imatrix(FileType::Q2_K_S, "blk.0.attn_q.weight", GgmlType::Q2_K));
+        assert!(!requires_imatrix(FileType::Q2_K_S, "token_embd.weight", GgmlType::Q2_K));
+        assert!(!requires_imatrix(FileType::Q2_K, "blk.0.attn_q.weight", GgmlType::Q2_K));
         let o = TypeOverride { pattern: regex::Regex::new("attn_q").unwrap(), ty: GgmlType::Q8_0 };
         assert_eq!(tensor_type(FileType::Q4_K_M, &cfg, "blk.3.attn_q.weight", &[2048, 2048], &[o]), GgmlType::Q8_0);
     }

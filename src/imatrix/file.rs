@@ -211,8 +211,9 @@ impl Imatrix {
         }
         // read back: what a reader gets must be what we hold
         let back = Imatrix::read(pending.path())?;
-        let same = back.entries.len() == self.entries.len()
-            && back.entries.iter().zip(&self.entries).all(|((a, x), (b, y))| {
+        let written: Vec<(&String, &Entry)> = self.entries.iter().filter(|(_, e)| format == Format::Gguf || e.count > 0.0).collect();
+        let same = back.entries.len() == written.len()
+            && back.entries.iter().zip(written).all(|((a, x), (b, y))| {
                 a == b && match format {
                     Format::Gguf => x.sums == y.sums && x.count == y.count.round(),
                     Format::Dat => x.sums.len() == y.sums.len(),
@@ -253,17 +254,17 @@ impl Imatrix {
     fn write_dat(&self, path: &Path) -> Result<()> {
         let cs = self.chunk_size.max(1) as f64;
         let mut out = Vec::new();
-        out.extend((self.entries.len() as i32).to_le_bytes());
-        for (name, e) in &self.entries {
+        // entries with nothing counted are left out, as llama-imatrix leaves them out
+        let kept: Vec<(&String, &Entry)> = self.entries.iter().filter(|(_, e)| e.count > 0.0).collect();
+        out.extend((kept.len() as i32).to_le_bytes());
+        for (name, e) in kept {
             out.extend((name.len() as i32).to_le_bytes());
             out.extend(name.as_bytes());
             let ncall = (e.count / cs).ceil() as i32;
             out.extend(ncall.to_le_bytes());
             out.extend((e.sums.len() as i32).to_le_bytes());
             for &s in &e.sums {
-                // nothing counted: llama.cpp stores 1 (a neutral weight)
-                let (v, c) = if e.count == 0.0 { (1.0f32, 1.0f32) } else { (s, e.count as f32) };
-                out.extend(((v / c) * ncall as f32).to_le_bytes());
+                out.extend(((s / e.count as f32) * ncall as f32).to_le_bytes());
             }
         }
         out.extend((self.chunk_count as i32).to_le_bytes());
@@ -323,7 +324,8 @@ mod tests {
         assert_eq!(g.weights("blk.0.attn_q.weight").unwrap(), vec![0.5, 1.0, 0.0625, 0.25]);
         assert_eq!(d.weights("blk.0.attn_q.weight").unwrap(), vec![0.5, 1.0, 0.0625, 0.25]);
         assert_eq!(g.weights("blk.0.ffn_down.weight").unwrap(), vec![1.0, 1.0]);
-        assert_eq!(d.weights("blk.0.ffn_down.weight").unwrap(), vec![1.0, 1.0]);
+        // nothing counted: llama-imatrix's .dat leaves the entry out
+        assert_eq!(d.weights("blk.0.ffn_down.weight"), None);
         // ncall = ceil(8 / 4) = 2: the stored values are the means times 2
         assert_eq!(d.entries["blk.0.attn_q.weight"].count, 2.0);
         assert_eq!(d.entries["blk.0.attn_q.weight"].sums, vec![1.0, 2.0, 0.125, 0.5]);
