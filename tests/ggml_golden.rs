@@ -22,7 +22,8 @@ fn implemented_types_match_ggml_byte_for_byte() {
     let f = vectors();
     let mut checked = 0;
     for ty in GgmlType::ALL {
-        if !has_quantizer(ty) || ty == GgmlType::F32 {
+        // (IQ4_XS's bytes are in vectors_iq.safetensors: iq4_xs_matches_ggml_byte_for_byte)
+        if !has_quantizer(ty) || ty == GgmlType::F32 || ty == GgmlType::IQ4_XS {
             continue;
         }
         for dist in DISTS {
@@ -71,5 +72,29 @@ fn dequantize_inverts_within_the_type_error() {
         legacy::dequantize_legacy(ty, &q, &mut y);
         let err = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt() / rms;
         assert!((err - bound).abs() <= 5e-5, "{ty}: relative RMSE {err}, ggml's {bound}");
+    }
+}
+
+/// IQ4_XS against ggml 0.25.3's bytes (`vectors_iq.safetensors`, from the same recipe as the other
+/// vectors): with and without an importance vector, every distribution.
+#[test]
+fn iq4_xs_matches_ggml_byte_for_byte() {
+    let f = SafetensorsFile::open(common::fixtures().join("golden/ggml/vectors_iq.safetensors")).unwrap();
+    let floats = |name: &str| -> Vec<f32> { f.bytes(name).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect() };
+    for dist in DISTS {
+        let x = floats(&format!("{dist}.input"));
+        let imatrix = floats(&format!("{dist}.imatrix"));
+        for with_imatrix in [false, true] {
+            let key = format!("{dist}.IQ4_XS{}", if with_imatrix { ".imatrix" } else { "" });
+            let want = f.bytes(&key).unwrap_or_else(|| panic!("{key}"));
+            let mut got = Vec::new();
+            for row in x.chunks_exact(512) {
+                assert!(quantize_row(GgmlType::IQ4_XS, row, with_imatrix.then_some(imatrix.as_slice()), &mut got));
+            }
+            assert_eq!(got.len(), want.len(), "{key}");
+            for (r, (g, w)) in got.chunks(272).zip(want.chunks(272)).enumerate() {
+                assert!(g == w, "{key} row {r}: bytes differ from ggml's");
+            }
+        }
     }
 }

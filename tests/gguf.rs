@@ -9,7 +9,8 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::Device;
 use common::{bin, fixtures};
 use ouro_quant::gguf::file::{GgufFile, Value};
-use ouro_quant::model::qkernel::{Isa, QuantMatrix};
+use ouro_quant::model::qkernel::{Isa, QKind, QuantMatrix};
+use ouro_quant::quant::ggml::GgmlType;
 use ouro_quant::model::source;
 use ouro_quant::model::{KvPolicy, LoopOutputs};
 use ouro_quant::stfile::SafetensorsFile;
@@ -347,6 +348,7 @@ fn runner_executes_every_mix() {
         ("Q3_K_M", &["Q3_K", "Q4_K", "Q5_K"]),
         ("Q4_0", &["Q4_0"]),
         ("IQ4_NL", &["IQ4_NL"]),
+        ("IQ4_XS", &["IQ4_XS"]),
         ("Q5_1", &["Q5_1"]),
         ("Q5_0", &["Q5_0"]),
         ("Q4_1", &["Q4_1"]),
@@ -415,7 +417,7 @@ fn kernel_weights(m: &QuantMatrix) -> Vec<f32> {
 #[test]
 fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
     let d = tempfile::tempdir().unwrap();
-    let cases = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "Q4_0", "IQ4_NL"];
+    let cases = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "Q4_0", "IQ4_NL", "IQ4_XS"];
     let mut seen_types = std::collections::BTreeSet::new();
     let mut kernel_checked = std::collections::BTreeSet::new();
     for ty in cases {
@@ -451,7 +453,7 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
             seen_types.insert(t.ggml_type.name());
             use candle_core::quantized::GgmlDType;
             let dt: Option<GgmlDType> = match t.ggml_type.name() {
-                "IQ4_NL" => None,
+                "IQ4_NL" | "IQ4_XS" => None,
                 "F32" => Some(GgmlDType::F32),
                 "F16" => Some(GgmlDType::F16),
                 "BF16" => Some(GgmlDType::BF16),
@@ -470,7 +472,11 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
             let mine: Vec<f32> = match dt {
                 None => {
                     let mut v = vec![];
-                    ouro_quant::quant::iq4nl::dequantize_iq4_nl(ours.tensor_bytes(t), &mut v);
+                    if t.ggml_type == GgmlType::IQ4_XS {
+                        ouro_quant::quant::iq4nl::dequantize_iq4_xs(ours.tensor_bytes(t), &mut v);
+                    } else {
+                        ouro_quant::quant::iq4nl::dequantize_iq4_nl(ours.tensor_bytes(t), &mut v);
+                    }
                     v
                 }
                 Some(dt) => {
@@ -485,7 +491,10 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
                 for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
                     let (rows, cols) = (t.shape[0], t.shape[1]);
                     let m = match dt {
-                        None => QuantMatrix::iq4_nl_for(ours.tensor_bytes(t).to_vec(), rows, cols, isa).ok(),
+                        None => {
+                            let kind = if t.ggml_type == GgmlType::IQ4_XS { QKind::IQ4XS } else { QKind::IQ4NL };
+                            QuantMatrix::own_for(kind, ours.tensor_bytes(t).to_vec(), rows, cols, isa).ok()
+                        }
                         Some(dt) => {
                             let q = qtensor_from_ggml(dt, ours.tensor_bytes(t), t.shape.clone(), &Device::Cpu).unwrap();
                             QuantMatrix::new_for(std::sync::Arc::new(q), isa)
@@ -506,11 +515,11 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
         }
     }
     // the cases exercised every type a mix can produce on this model
-    for t in ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q3_K", "Q2_K", "Q4_0", "IQ4_NL"] {
+    for t in ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q3_K", "Q2_K", "Q4_0", "IQ4_NL", "IQ4_XS"] {
         assert!(seen_types.contains(t), "{t} never produced: {seen_types:?}");
     }
     // and every type our kernels take was read through each build this CPU runs
-    for t in ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "IQ4_NL"] {
+    for t in ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS"] {
         for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
             assert!(kernel_checked.contains(&(t, isa.name())), "{t} never multiplied by the {} kernels: {kernel_checked:?}", isa.name());
         }

@@ -308,6 +308,7 @@ fn the_verdicts_the_docs_list_hold_on_the_whole_text() {
         ("q6k.gguf", &["--type", "Q6_K"][..], "6bit"),
         ("q4km.gguf", &["--type", "Q4_K_M"], "4bit"),
         ("q40.gguf", &["--type", "Q4_0"], "4bit"),
+        ("iq4xs.gguf", &["--type", "IQ4_XS"], "4bit"),
         ("mlx4-64", &["--format", "mlx", "--bits", "4"], "4bit"),
         ("mlx4-32", &["--format", "mlx", "--bits", "4", "--group-size", "32"], "4bit"),
     ] {

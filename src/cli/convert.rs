@@ -26,7 +26,7 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "gguf")]
     pub format: Format,
-    /// GGUF file type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0, IQ4_NL, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q2_K_S (Q5_K, Q4_K, Q3_K: the _M mixes).
+    /// GGUF file type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0, IQ4_NL, IQ4_XS, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q2_K_S (Q5_K, Q4_K, Q3_K: the _M mixes).
     #[arg(long = "type", default_value = "Q8_0")]
     pub file_type: String,
     /// MLX: bits of the affine quantization (2, 3, 4, 5, 6, 8; 16 keeps the source dtype).

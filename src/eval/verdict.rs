@@ -65,7 +65,7 @@ pub fn profile_for_gguf(file_type: &str) -> &'static str {
         "F32" | "F16" | "BF16" => "float",
         "Q8_0" => "8bit",
         "Q6_K" | "Q5_K_M" | "Q5_K_S" | "Q5_0" | "Q5_1" => "6bit",
-        "Q4_K_M" | "Q4_K_S" | "Q4_0" | "Q4_1" | "IQ4_NL" => "4bit",
+        "Q4_K_M" | "Q4_K_S" | "Q4_0" | "Q4_1" | "IQ4_NL" | "IQ4_XS" => "4bit",
         _ => "3bit",
     }
 }

@@ -35,10 +35,11 @@ pub enum FileType {
     Q3_K_S,
     Q2_K,
     Q2_K_S,
+    IQ4_XS,
 }
 
 impl FileType {
-    pub const ALL: [FileType; 19] = [
+    pub const ALL: [FileType; 20] = [
         FileType::F32,
         FileType::F16,
         FileType::BF16,
@@ -58,6 +59,7 @@ impl FileType {
         FileType::Q3_K_S,
         FileType::Q2_K,
         FileType::Q2_K_S,
+        FileType::IQ4_XS,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +83,7 @@ impl FileType {
             FileType::Q3_K_S => "Q3_K_S",
             FileType::Q2_K => "Q2_K",
             FileType::Q2_K_S => "Q2_K_S",
+            FileType::IQ4_XS => "IQ4_XS",
         }
     }
 
@@ -118,6 +121,7 @@ impl FileType {
             FileType::Q3_K_S => 11,
             FileType::Q3_K_L => 13,
             FileType::Q2_K_S => 21,
+            FileType::IQ4_XS => 30,
         }
     }
 
@@ -138,6 +142,7 @@ impl FileType {
             FileType::Q5_1 => GgmlType::Q5_1,
             FileType::Q4_0 => GgmlType::Q4_0,
             FileType::IQ4_NL => GgmlType::IQ4_NL,
+            FileType::IQ4_XS => GgmlType::IQ4_XS,
         }
     }
 
@@ -223,7 +228,7 @@ pub fn tensor_type_with(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usi
                 }
             }
             FileType::Q3_K_L => GgmlType::Q5_K,
-            FileType::IQ4_NL if n_gqa >= 4 => GgmlType::Q5_K,
+            FileType::IQ4_NL | FileType::IQ4_XS if n_gqa >= 4 => GgmlType::Q5_K,
             FileType::Q4_K_M | FileType::Q5_K_M if use_more_bits(i, l) => GgmlType::Q6_K,
             FileType::Q4_K_S if i < 4 => GgmlType::Q5_K,
             _ => def,
@@ -243,7 +248,7 @@ pub fn tensor_type_with(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usi
                 }
             }
             FileType::Q4_K_M if use_more_bits(i, n) => GgmlType::Q6_K,
-            FileType::IQ4_NL if i < n / 8 && !has_imatrix => GgmlType::Q5_K,
+            FileType::IQ4_NL | FileType::IQ4_XS if i < n / 8 && !has_imatrix => GgmlType::Q5_K,
             FileType::Q4_0 if i < n / 8 && has_imatrix => GgmlType::Q4_1,
             FileType::Q5_0 if i < n / 8 && has_imatrix => GgmlType::Q5_1,
             FileType::Q5_K_M if use_more_bits(i, n) => GgmlType::Q6_K,
@@ -274,6 +279,7 @@ pub fn fallback(t: GgmlType, cols: usize) -> GgmlType {
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,
         GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
+        GgmlType::IQ4_XS => GgmlType::IQ4_NL,
         _ => GgmlType::F16,
     };
     if cols % alt.block_size() == 0 {
@@ -336,6 +342,11 @@ mod tests {
         assert_eq!(count(FileType::Q4_1, "ffn_down.weight", GgmlType::Q4_1), 24);
         assert_eq!(tensor_type(FileType::Q5_0, &cfg, "output.weight", &[49152, 2048], &[]), GgmlType::Q6_K);
         assert_eq!(tensor_type(FileType::Q2_K, &cfg, "token_embd.weight", &[49152, 2048], &[]), GgmlType::Q2_K);
+        assert_eq!(count(FileType::IQ4_XS, "ffn_down.weight", GgmlType::Q5_K), 12);
+        assert_eq!(count(FileType::IQ4_XS, "attn_q.weight", GgmlType::IQ4_XS), 24);
+        assert_eq!(tensor_type(FileType::IQ4_XS, &cfg, "output.weight", &[49152, 2048], &[]), GgmlType::Q6_K);
+        assert_eq!(fallback(GgmlType::IQ4_XS, 64), GgmlType::IQ4_NL);
+        assert_eq!(FileType::IQ4_XS.id(), 30);
         assert_eq!(FileType::from_name("q4_k"), Some(FileType::Q4_K_M));
         assert_eq!(FileType::from_name("Q3_K"), Some(FileType::Q3_K_M));
         assert_eq!(fallback(GgmlType::Q4_K, 64), GgmlType::Q5_0);

@@ -1,6 +1,6 @@
 //! Projections `y = x W^T`: candle's matmul on any device, or, on the CPU, float weights kept at
 //! their stored width (bf16/f16 stay 2 bytes per weight) with a matrix-vector kernel for decoding,
-//! or Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/IQ4_NL blocks with the kernels of [`super::qkernel`].
+//! or Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS blocks with the kernels of [`super::qkernel`].
 //!
 //! Why not candle for float weights on the CPU: candle widens bf16/f16 to f32 (twice the memory)
 //! or, in its own bf16/f16 matmul, rounds the *activations* to 16 bits (a different model). Its f32
@@ -44,7 +44,7 @@ pub enum Linear {
     Candle(QMatMul),
     /// Float weights in their stored width, on the CPU.
     Float(FloatMatrix),
-    /// Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/IQ4_NL blocks multiplied by this crate's kernels (AVX-512 VNNI or AVX2), on
+    /// Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS blocks multiplied by this crate's kernels (AVX-512 VNNI or AVX2), on
     /// x86-64 CPUs with at least AVX2.
     Quant(super::qkernel::QuantMatrix),
     /// MLX affine-quantized weights at their stored width, on the CPU.

@@ -67,6 +67,9 @@ pub enum QKind {
     /// ggml's IQ4_NL (which candle cannot hold): per 32 weights an f16 scale and 16 bytes of
     /// 4-bit indices into a fixed table of 16 int8 values.
     IQ4NL,
+    /// ggml's IQ4_XS: IQ4_NL's indices in 256-weight blocks with an f16 scale and eight 6-bit
+    /// sub-block scales (multiplied by plain Rust in every build: no hand-vectorized kernel yet).
+    IQ4XS,
 }
 
 impl QKind {
@@ -85,7 +88,7 @@ impl QKind {
     pub fn block_len(self) -> usize {
         match self {
             QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => 32,
-            QKind::Q4K | QKind::Q5K | QKind::Q6K => QK,
+            QKind::Q4K | QKind::Q5K | QKind::Q6K | QKind::IQ4XS => QK,
         }
     }
 
@@ -97,6 +100,7 @@ impl QKind {
             QKind::Q5K => 176,
             QKind::Q4K => 144,
             QKind::Q6K => 210,
+            QKind::IQ4XS => 136,
         }
     }
 
@@ -104,7 +108,7 @@ impl QKind {
     fn row_multiple(self) -> usize {
         match self {
             QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => 64,
-            QKind::Q4K | QKind::Q5K | QKind::Q6K => QK,
+            QKind::Q4K | QKind::Q5K | QKind::Q6K | QKind::IQ4XS => QK,
         }
     }
 }
@@ -241,8 +245,20 @@ impl QuantMatrix {
 
     /// [`Self::iq4_nl`] multiplied by the build `isa`.
     pub fn iq4_nl_for(blocks: Vec<u8>, rows: usize, cols: usize, isa: Isa) -> Result<Self, Vec<u8>> {
-        let kind = QKind::IQ4NL;
-        if !cols.is_multiple_of(kind.row_multiple()) || blocks.len() != rows * cols / 32 * kind.block_bytes() {
+        Self::own_for(QKind::IQ4NL, blocks, rows, cols, isa)
+    }
+
+    /// An IQ4_XS matrix from its blocks, as [`Self::iq4_nl`].
+    pub fn iq4_xs(blocks: Vec<u8>, rows: usize, cols: usize) -> Result<Self, Vec<u8>> {
+        match selected() {
+            Some(isa) => Self::own_for(QKind::IQ4XS, blocks, rows, cols, isa),
+            None => Err(blocks),
+        }
+    }
+
+    /// A matrix of a type candle lacks (IQ4_NL, IQ4_XS) from its blocks, multiplied by `isa`.
+    pub fn own_for(kind: QKind, blocks: Vec<u8>, rows: usize, cols: usize, isa: Isa) -> Result<Self, Vec<u8>> {
+        if !cols.is_multiple_of(kind.row_multiple()) || blocks.len() != rows * cols / kind.block_len() * kind.block_bytes() {
             return Err(blocks);
         }
         super::pages::advise(blocks.as_ptr(), blocks.len(), true);
@@ -283,7 +299,7 @@ impl QuantMatrix {
         match self.kind {
             QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => Acts::q8_0(x),
             QKind::Q4K | QKind::Q5K => Acts::q8k(x).in_nibble_order(),
-            QKind::Q6K => Acts::q8k(x),
+            QKind::Q6K | QKind::IQ4XS => Acts::q8k(x),
         }
     }
 
@@ -445,6 +461,7 @@ fn kernel(kind: QKind, isa: Isa) -> Dot {
                 QKind::Q5K => avx2::q5k,
                 QKind::Q6K => vnni::q6k,
                 QKind::IQ4NL => vnni::iq4_nl,
+                QKind::IQ4XS => avx2::iq4_xs,
             }
         }
         Isa::Avx2 => {
@@ -455,6 +472,7 @@ fn kernel(kind: QKind, isa: Isa) -> Dot {
                 QKind::Q5K => avx2::q5k,
                 QKind::Q6K => avx2::q6k,
                 QKind::IQ4NL => avx2::iq4_nl,
+                QKind::IQ4XS => avx2::iq4_xs,
             }
         }
         Isa::Portable => {}
@@ -466,6 +484,7 @@ fn kernel(kind: QKind, isa: Isa) -> Dot {
         QKind::Q5K => portable::q5k,
         QKind::Q6K => portable::q6k,
         QKind::IQ4NL => portable::iq4_nl,
+        QKind::IQ4XS => portable::iq4_xs,
     }
 }
 
@@ -572,6 +591,37 @@ mod portable {
 
     pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
         table4(w, acts, out, &crate::quant::iq4nl::KVALUES)
+    }
+
+    pub fn iq4_xs(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each(w, 136, acts, out, iq4_xs_row)
+    }
+
+    /// IQ4_XS against `Q8_K` activations (as ggml's `vec_dot_iq4_xs_q8_K`): per 32-weight
+    /// sub-block the exact integer dot product times its scale `ls - 32` (at most 2^24 in
+    /// magnitude: exact in f32), one lane per sub-block, multiply-added with `d_w * d_x`; the 8
+    /// lanes summed as `((0+4) + (2+6)) + ((1+5) + (3+7))`. The vector builds compile this same
+    /// function for their instruction set.
+    #[inline(always)]
+    pub fn iq4_xs_row(w: &[u8], a: &Acts) -> f32 {
+        let t = &crate::quant::iq4nl::KVALUES;
+        let mut acc = [0f32; 8];
+        for (b, blk) in w.chunks_exact(136).enumerate() {
+            let s = f16_at(blk, 0) * a.d[b];
+            let sh = u16::from_le_bytes([blk[2], blk[3]]);
+            let x = &a.qs[QK * b..QK * (b + 1)];
+            for (ib, acc) in acc.iter_mut().enumerate() {
+                let ls = ((blk[4 + ib / 2] >> (4 * (ib % 2))) & 15) as i32 | ((((sh >> (2 * ib)) & 3) as i32) << 4);
+                let qs = &blk[8 + 16 * ib..8 + 16 * (ib + 1)];
+                let xs = &x[32 * ib..32 * (ib + 1)];
+                let mut sum = 0i32;
+                for j in 0..16 {
+                    sum += t[(qs[j] & 15) as usize] as i32 * xs[j] as i32 + t[(qs[j] >> 4) as usize] as i32 * xs[j + 16] as i32;
+                }
+                *acc = ((sum * (ls - 32)) as f32).mul_add(s, *acc);
+            }
+        }
+        ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
     }
 
     pub fn q4_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
@@ -741,6 +791,16 @@ mod avx2 {
 
     pub fn q6k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
         each::<AVX2_ACTS>(w, 210, acts, out, |w, a| unsafe { q6k_impl(w, a) }, |w, a| unsafe { q6k_impl(w, a) })
+    }
+
+    /// The portable IQ4_XS row compiled for AVX2 (the same operations: the bits do not change).
+    pub fn iq4_xs(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each::<1>(w, 136, acts, out, |w, [a]| [unsafe { iq4_xs_impl(w, a) }], |w, [a]| [unsafe { iq4_xs_impl(w, a) }])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn iq4_xs_impl(w: &[u8], a: &Acts) -> f32 {
+        super::portable::iq4_xs_row(w, a)
     }
 
     /// Pairs of 32-weight blocks: `weights(p)` gives each block's 32 int8 weights. `|w|` times
@@ -1366,7 +1426,7 @@ mod tests {
         let bb = kind.block_bytes();
         let mut bytes: Vec<u8> = lcg(seed, rows * cols / kind.block_len() * bb).iter().map(|v| (v.to_bits() >> 7) as u8).collect();
         let scales: &[usize] = match kind {
-            QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => &[0],
+            QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL | QKind::IQ4XS => &[0],
             QKind::Q4K | QKind::Q5K => &[0, 2],
             QKind::Q6K => &[208],
         };
@@ -1382,10 +1442,14 @@ mod tests {
             QKind::Q4K => GgmlDType::Q4K,
             QKind::Q5K => GgmlDType::Q5K,
             QKind::Q6K => GgmlDType::Q6K,
-            QKind::IQ4NL => {
+            QKind::IQ4NL | QKind::IQ4XS => {
                 let mut dense = vec![];
-                crate::quant::iq4nl::dequantize_iq4_nl(&bytes, &mut dense);
-                let m = QuantMatrix::iq4_nl_for(bytes, rows, cols, isa).ok().expect("whole pairs of blocks");
+                if kind == QKind::IQ4NL {
+                    crate::quant::iq4nl::dequantize_iq4_nl(&bytes, &mut dense);
+                } else {
+                    crate::quant::iq4nl::dequantize_iq4_xs(&bytes, &mut dense);
+                }
+                let m = QuantMatrix::own_for(kind, bytes, rows, cols, isa).ok().expect("whole blocks");
                 return (m, dense.chunks_exact(cols).map(|r| r.to_vec()).collect());
             }
         };
@@ -1409,13 +1473,23 @@ mod tests {
                 let (m, dense) = iq4_nl_weights(rows, cols, seed);
                 return (m.with_isa(isa), dense);
             }
+            QKind::IQ4XS => {
+                let q = weights(GgmlDType::F32, rows, cols, seed);
+                let w = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut blocks = vec![];
+                crate::quant::iq4nl::quantize_iq4_xs(&w, None, &mut blocks);
+                let mut dense = vec![];
+                crate::quant::iq4nl::dequantize_iq4_xs(&blocks, &mut dense);
+                let m = QuantMatrix::own_for(kind, blocks, rows, cols, isa).ok().expect("whole blocks");
+                return (m, dense.chunks_exact(cols).map(|r| r.to_vec()).collect());
+            }
         };
         let q = weights(dtype, rows, cols, seed);
         let dense = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         (QuantMatrix::new_for(q, isa).expect("CPU tensor"), dense)
     }
 
-    const KINDS: [QKind; 6] = [QKind::Q8_0, QKind::Q4_0, QKind::Q4K, QKind::Q5K, QKind::Q6K, QKind::IQ4NL];
+    const KINDS: [QKind; 7] = [QKind::Q8_0, QKind::Q4_0, QKind::Q4K, QKind::Q5K, QKind::Q6K, QKind::IQ4NL, QKind::IQ4XS];
 
     /// The portable definition against an f64 dot product of the dequantized weights (candle's
     /// dequantizer; ours, ggml's table and layout, for IQ4_NL) with the values the quantized
@@ -1435,7 +1509,7 @@ mod tests {
                     let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
                     let got = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
                     let candle = m.candle().ok().map(|c| c.forward(&x).unwrap().to_vec2::<f32>().unwrap());
-                    assert_eq!(candle.is_none(), kind == QKind::IQ4NL);
+                    assert_eq!(candle.is_none(), matches!(kind, QKind::IQ4NL | QKind::IQ4XS));
                     for i in 0..n {
                         let xi = &xs[i * cols..(i + 1) * cols];
                         let a = if matches!(m.kind, QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL) { Acts::q8_0(xi) } else { Acts::q8k(xi) }.dequantize();
@@ -1485,7 +1559,7 @@ mod tests {
                     }
                 }
             }
-            crate::test_report::note(&format!("ran: {} kernels (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL) equal the portable definition bit for bit", isa.name()));
+            crate::test_report::note(&format!("ran: {} kernels (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) equal the portable definition bit for bit", isa.name()));
         }
     }
 

@@ -120,7 +120,7 @@ fn candle_dtype(t: GgmlType) -> anyhow::Result<GgmlDType> {
         GgmlType::Q4_K => GgmlDType::Q4K,
         GgmlType::Q5_K => GgmlDType::Q5K,
         GgmlType::Q6_K => GgmlDType::Q6K,
-        GgmlType::IQ4_NL => anyhow::bail!("IQ4_NL has no candle kernel"),
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS => anyhow::bail!("{t} has no candle kernel"),
     })
 }
 
@@ -203,14 +203,17 @@ impl GgufSource {
 
     /// A projection as the model multiplies it, and the bytes it holds.
     fn matrix(&self, info: &TensorInfo, order: RowOrder, device: &Device) -> anyhow::Result<(Linear, u64)> {
-        if info.ggml_type == GgmlType::IQ4_NL {
-            // candle has no IQ4_NL type: our kernel multiplies the blocks where the CPU has one,
-            // else a copy widened by our dequantizer is multiplied densely.
+        if matches!(info.ggml_type, GgmlType::IQ4_NL | GgmlType::IQ4_XS) {
+            // candle has no IQ4_NL or IQ4_XS type: our kernel multiplies the blocks where the CPU
+            // has one, else a copy widened by our dequantizer is multiplied densely.
+            let xs = info.ggml_type == GgmlType::IQ4_XS;
             let raw = self.hf_rows(info, order);
             let cols = *info.shape.last().expect("2-D");
             let bytes = raw.len() as u64;
             let raw = if device.is_cpu() {
-                match super::qkernel::QuantMatrix::iq4_nl(raw, info.numel() / cols, cols) {
+                let rows = info.numel() / cols;
+                let m = if xs { super::qkernel::QuantMatrix::iq4_xs(raw, rows, cols) } else { super::qkernel::QuantMatrix::iq4_nl(raw, rows, cols) };
+                match m {
                     Ok(m) => return Ok((Linear::Quant(m), bytes)),
                     Err(raw) => raw,
                 }
@@ -218,7 +221,11 @@ impl GgufSource {
                 raw
             };
             let mut v = Vec::with_capacity(info.numel());
-            crate::quant::iq4nl::dequantize_iq4_nl(&raw, &mut v);
+            if xs {
+                crate::quant::iq4nl::dequantize_iq4_xs(&raw, &mut v);
+            } else {
+                crate::quant::iq4nl::dequantize_iq4_nl(&raw, &mut v);
+            }
             let bytes = (v.len() * 4) as u64;
             return Ok((Linear::Candle(QMatMul::Tensor(Tensor::from_vec(v, info.shape.clone(), device)?)), bytes));
         }
@@ -295,6 +302,7 @@ impl WeightSource for GgufSource {
         let (info, _) = self.info("model.embed_tokens.weight")?;
         let format = match info.ggml_type {
             GgmlType::IQ4_NL => super::RowFormat::Iq4Nl,
+            GgmlType::IQ4_XS => super::RowFormat::Iq4Xs,
             t => super::RowFormat::Candle(candle_dtype(t)?),
         };
         let cols = info.shape[1];

@@ -21,10 +21,11 @@ pub enum GgmlType {
     Q5_K,
     Q6_K,
     IQ4_NL,
+    IQ4_XS,
 }
 
 impl GgmlType {
-    pub const ALL: [GgmlType; 14] = [
+    pub const ALL: [GgmlType; 15] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
@@ -39,6 +40,7 @@ impl GgmlType {
         GgmlType::Q5_K,
         GgmlType::Q6_K,
         GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
     ];
 
     /// The numeric id stored in GGUF tensor infos.
@@ -57,6 +59,7 @@ impl GgmlType {
             GgmlType::Q5_K => 13,
             GgmlType::Q6_K => 14,
             GgmlType::IQ4_NL => 20,
+            GgmlType::IQ4_XS => 23,
             GgmlType::BF16 => 30,
         }
     }
@@ -81,6 +84,7 @@ impl GgmlType {
             GgmlType::Q5_K => "Q5_K",
             GgmlType::Q6_K => "Q6_K",
             GgmlType::IQ4_NL => "IQ4_NL",
+            GgmlType::IQ4_XS => "IQ4_XS",
         }
     }
 
@@ -93,7 +97,7 @@ impl GgmlType {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::IQ4_NL => 32,
-            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => 256,
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::IQ4_XS => 256,
         }
     }
 
@@ -112,6 +116,7 @@ impl GgmlType {
             GgmlType::Q4_K => 144,
             GgmlType::Q5_K => 176,
             GgmlType::Q6_K => 210,
+            GgmlType::IQ4_XS => 136,
         }
     }
 
@@ -147,7 +152,7 @@ mod tests {
         let want = [
             ("F16", 1024), ("BF16", 1024), ("Q4_0", 288), ("Q4_1", 320), ("Q5_0", 352),
             ("Q5_1", 384), ("Q8_0", 544), ("Q2_K", 168), ("Q3_K", 220), ("Q4_K", 288),
-            ("Q5_K", 352), ("Q6_K", 420), ("IQ4_NL", 288),
+            ("Q5_K", 352), ("Q6_K", 420), ("IQ4_NL", 288), ("IQ4_XS", 272),
         ];
         for (name, bytes) in want {
             assert_eq!(GgmlType::from_name(name).unwrap().row_bytes(512), bytes, "{name}");

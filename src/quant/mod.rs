@@ -46,6 +46,7 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], imatrix: Option<&[f32]>, out: &mut 
         GgmlType::Q5_K => kquants::quantize_q5_k(x, imatrix, out),
         GgmlType::Q6_K => kquants::quantize_q6_k(x, imatrix, out),
         GgmlType::IQ4_NL => iq4nl::quantize_iq4_nl(x, imatrix, out),
+        GgmlType::IQ4_XS => iq4nl::quantize_iq4_xs(x, imatrix, out),
     }
     true
 }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# What calibration buys on the trained fixture: for each GGUF type, no importance matrix vs
+# `--weighting loops` vs `--weighting exit:0.5`, the matrix computed on calibration.txt (drawn from
+# another seed than validation.txt), each output validated on the whole validation text at --ctx 128.
+# Prints a Markdown table (docs/calibration.md holds its output).
+#
+# usage: scripts/imatrix-table.sh [OURO_QUANT_BINARY]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-target/release/ouro-quant}
+[ -x "$bin" ] || cargo build --release --locked
+fx=fixtures/ouro-tiny-trained
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$bin" imatrix "$fx" --text "$fx/calibration.txt" --ctx 128 -o "$work/loops.gguf" --json >/dev/null
+"$bin" imatrix "$fx" --text "$fx/calibration.txt" --ctx 128 --weighting exit:0.5 -o "$work/exit.gguf" --json >/dev/null
+echo "| type | imatrix | size (bytes) | ppl ratio | mean KL per loop (1, 2, 3, 4) | same top % | exit agreement q=0.5 / 0.9 % |"
+echo "|---|---|---|---|---|---|---|"
+for ty in Q4_K_M Q4_K_S IQ4_XS IQ4_NL Q3_K_M Q2_K; do
+  for w in none loops exit; do
+    out="$work/$ty-$w.gguf"
+    if [ "$w" = none ]; then
+      "$bin" convert "$fx" --type "$ty" -o "$out" --json >/dev/null
+    else
+      "$bin" convert "$fx" --type "$ty" --imatrix "$work/$w.gguf" -o "$out" --json >/dev/null
+    fi
+    "$bin" validate --reference "$fx" --candidate "$out" --text "$fx/validation.txt" --ctx 128 \
+      --exit-threshold 0.5,0.9 --report "$work/$ty-$w.json" >/dev/null 2>&1 || true
+    python3 - "$work/$ty-$w.json" "$ty" "$w" "$(stat -c %s "$out")" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["report"]
+d = r["default_mode"]
+kl = ", ".join("%.5f" % l["kl_mean"] for l in r["per_loop"])
+ex = {round(e["q"], 2): e["exit_agreement_pct"] for e in r["exits"]}
+w = {"none": "none", "loops": "loops", "exit": "exit:0.5"}[sys.argv[3]]
+print("| %s | %s | %s | %.4f | %s | %.2f | %.2f / %.2f |" % (sys.argv[2], w, sys.argv[4], d["ppl_ratio"], kl, d["same_top_token_pct"], ex[0.5], ex[0.9]))
+PY
+  done
+done
