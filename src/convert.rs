@@ -18,7 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::gguf::arch::{self, RowOrder};
 use crate::gguf::file::{GgufFile, Value, Writer};
 use crate::gguf::mix::{requires_imatrix, tensor_type_with, FileType, TypeOverride};
-use crate::imatrix::Imatrix;
+use crate::imatrix::{importance_for, ImatrixInput};
 use crate::gguf::tokenizer::tokenizer_metadata;
 use crate::output::{Checksum, Checksummer, PendingOutput};
 use crate::quant::ggml::GgmlType;
@@ -32,19 +32,6 @@ pub struct GgufOptions {
     pub force: bool,
     /// Importance data (`--imatrix`), used as llama-quantize uses it.
     pub imatrix: Option<ImatrixInput>,
-}
-
-/// An importance matrix and the path it was read from (as given: recorded in the output).
-#[derive(Debug, Clone)]
-pub struct ImatrixInput {
-    pub path: PathBuf,
-    pub matrix: Imatrix,
-}
-
-impl ImatrixInput {
-    pub fn read(path: &Path) -> Result<Self> {
-        Ok(ImatrixInput { path: path.to_path_buf(), matrix: Imatrix::read(path)? })
-    }
 }
 
 /// One output tensor and where it comes from.
@@ -63,22 +50,6 @@ pub struct TensorPlan {
 /// Whether ggml's quantizer for `ty` uses an importance vector (F16, BF16 and Q8_0 ignore it).
 fn uses_importance(ty: GgmlType) -> bool {
     !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0)
-}
-
-/// The importance vector of a planned tensor, checked as llama-quantize checks it: an entry of
-/// another length is an error (this matrix was made for another model), except for the token
-/// embedding, which llama-quantize quantizes without one.
-fn importance_for(im: &ImatrixInput, name: &str, cols: usize) -> Result<Option<Vec<f32>>> {
-    match im.matrix.weights(name) {
-        Some(w) if w.len() == cols => Ok(Some(w)),
-        Some(_) if name == "token_embd.weight" => Ok(None),
-        Some(w) => Err(Error::tensor(
-            &im.path,
-            name,
-            format!("holds {} importance values, but the weight has {cols} columns: this importance matrix was made for another model", w.len()),
-        )),
-        None => Ok(None),
-    }
 }
 
 /// What a conversion did.

@@ -464,3 +464,105 @@ fn runner_refuses_a_damaged_mlx_directory_naming_the_tensor() {
     let err = run();
     assert!(err.contains("model.layers.0.self_attn.k_proj.biases") && err.contains("missing"), "{err}");
 }
+
+/// `--imatrix` with MLX: each group's scale and bias minimise the importance-weighted error, so
+/// every weight with an entry has a lower weighted error than mx.quantize's min/max parameters
+/// (and those without one are mx.quantize's bytes); stock mlx-lm loads the directory unchanged
+/// and computes what our runner computes; the index and card record the matrix; a matrix of
+/// another model is refused naming the tensor, leaving nothing.
+#[test]
+fn importance_weighted_mlx_lowers_the_weighted_error_and_mlx_lm_runs_it() {
+    let trained = fixtures().join("ouro-tiny-trained");
+    let d = tempfile::tempdir().unwrap();
+    let im = d.path().join("imatrix.gguf");
+    let imatrix = |model: &Path, out: &Path| {
+        bin()
+            .arg("imatrix")
+            .arg(model)
+            .arg("--text")
+            .arg(trained.join("calibration.txt"))
+            .args(["--ctx", "64", "--chunks", "3", "--weighting", "exit:0.5", "-o"])
+            .arg(out)
+            .assert()
+            .success();
+    };
+    imatrix(&trained, &im);
+    let matrix = ouro_quant::imatrix::Imatrix::read(&im).unwrap();
+    let ck = ouro_quant::checkpoint::Checkpoint::open(&trained).unwrap();
+    for bits in ["4", "3"] {
+        let (plain, weighted) = (d.path().join(format!("plain{bits}")), d.path().join(format!("weighted{bits}")));
+        convert(&trained, &plain, &["--bits", bits]);
+        convert(&trained, &weighted, &["--bits", bits, "--imatrix", im.to_str().unwrap()]);
+        let (p, w) = (
+            SafetensorsFile::open(plain.join("model.safetensors")).unwrap(),
+            SafetensorsFile::open(weighted.join("model.safetensors")).unwrap(),
+        );
+        let bits: u32 = bits.parse().unwrap();
+        let (mut with, mut without) = (0, 0);
+        for e in ouro_quant::checkpoint::expected_tensors(&ck.config) {
+            let module = e.name.strip_suffix(".weight").unwrap_or(&e.name);
+            if p.bytes(&format!("{module}.scales")).is_none() {
+                assert_eq!(p.bytes(&e.name), w.bytes(&e.name), "{}: a float tensor changed", e.name);
+                continue;
+            }
+            let gguf = ouro_quant::gguf::arch::gguf_name(&ck.config, &e.name).unwrap();
+            let Some(imp) = matrix.weights(&gguf) else {
+                for part in ["weight", "scales", "biases"] {
+                    let n = format!("{module}.{part}");
+                    assert_eq!(p.bytes(&n), w.bytes(&n), "{n}: no importance entry, yet not mx.quantize's bytes");
+                }
+                without += 1;
+                continue;
+            };
+            let x = ck.tensor(&e.name).unwrap().to_f32();
+            let cols = e.shape[1];
+            let err = |f: &SafetensorsFile| -> f64 {
+                let words: Vec<u32> = f.bytes(&e.name).unwrap().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
+                let s = decode(DType::BF16, f.bytes(&format!("{module}.scales")).unwrap());
+                let b = decode(DType::BF16, f.bytes(&format!("{module}.biases")).unwrap());
+                let (wpr, gpr) = (cols * bits as usize / 32, cols / 64);
+                let mut row = vec![0f32; cols];
+                let mut total = 0.0;
+                for r in 0..e.shape[0] {
+                    affine::dequantize_row(&words[r * wpr..(r + 1) * wpr], &s[r * gpr..(r + 1) * gpr], &b[r * gpr..(r + 1) * gpr], bits, 64, &mut row);
+                    total += (0..cols).map(|j| imp[j] as f64 * ((x[r * cols + j] - row[j]) as f64).powi(2)).sum::<f64>();
+                }
+                total
+            };
+            let (ep, ew) = (err(&p), err(&w));
+            assert!(ew < ep * 0.95, "{} at {bits} bits: weighted error {ew} not below min/max's {ep}", e.name);
+            with += 1;
+        }
+        // the 14 decoder projections have entries; the embedding (a lookup) and lm_head (llama-imatrix
+        // collects `output` only with --process-output) have none
+        assert_eq!((with, without), (14, 2), "the 14 projections weighted, the embedding and lm_head not");
+        // stock mlx-lm loads it and computes what our runner computes on the stored codes
+        let tokens: Vec<u32> = (0..24).map(|i| 3 + (i * 7) % 200).collect();
+        let res = d.path().join(format!("w{bits}.mlx.safetensors"));
+        oracle(&["logits".as_ref(), weighted.as_os_str(), csv(&tokens).as_ref(), res.as_os_str()]);
+        let mlx = SafetensorsFile::open(&res).unwrap();
+        let (steps, _) = ours(&weighted, &tokens);
+        let mlx_steps = f32s(&mlx, "step_logits");
+        let per = mlx_steps.len() / steps.len();
+        for (t, s) in steps.iter().enumerate() {
+            let dd = max_diff(&mlx_steps[t * per..(t + 1) * per], s);
+            assert!(dd < 2e-4, "{bits} bits: loop {t} logits mlx vs our runner differ by {dd}");
+        }
+        let index: serde_json::Value = serde_json::from_slice(&std::fs::read(weighted.join("model.safetensors.index.json")).unwrap()).unwrap();
+        let m = &index["metadata"];
+        assert_eq!(m["quantize.imatrix.file"], im.display().to_string());
+        assert_eq!(m["quantize.imatrix.weighting"], "exit:0.5");
+        assert_eq!(m["quantize.imatrix.tensors"], 14);
+        let card = std::fs::read_to_string(weighted.join("README.md")).unwrap();
+        assert!(card.contains("importance-weighted") && card.contains("imatrix.gguf"), "{card}");
+    }
+    // a matrix of another model (tiny-random: FFN 256, the fixture's 512): named, nothing left
+    let other = d.path().join("other.gguf");
+    imatrix(&fixtures().join("tiny-random"), &other);
+    let out = d.path().join("refused");
+    let o = bin().arg("convert").arg(&trained).args(["--format", "mlx", "--imatrix"]).arg(&other).arg("-o").arg(&out).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("other.gguf") && e.contains("ffn_down") && e.contains("another model"), "{e}");
+    assert!(!out.exists());
+}

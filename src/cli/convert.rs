@@ -49,7 +49,8 @@ pub struct Args {
     #[arg(long, default_value_t = EVAL_CTX)]
     pub validate_ctx: usize,
     /// Quantize with this importance matrix (`ouro-quant imatrix`'s output, or llama-imatrix's in
-    /// either of its layouts), as llama-quantize --imatrix does; needed by Q2_K_S.
+    /// either of its layouts), as llama-quantize --imatrix does; needed by Q2_K_S. With --format
+    /// mlx, each group's scale and bias minimise the importance-weighted error.
     #[arg(long, value_name = "FILE")]
     pub imatrix: Option<PathBuf>,
     /// Give tensors whose GGUF name matches REGEX this ggml type (repeatable), e.g. `attn_v=Q8_0`.
@@ -147,7 +148,7 @@ fn convert_gguf(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
             Ok(TypeOverride { pattern, ty })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let imatrix = a.imatrix.as_deref().map(convert::ImatrixInput::read).transpose()?;
+    let imatrix = a.imatrix.as_deref().map(ouro_quant::imatrix::ImatrixInput::read).transpose()?;
     let opts = GgufOptions { file_type: ft, overrides, force: a.force, imatrix };
     let json = a.json;
     if a.dry_run {
@@ -194,10 +195,6 @@ fn convert_gguf(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
 /// Converts to an MLX directory; returns the directory written (`None` for a dry run).
 fn convert_mlx(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
     use ouro_quant::mlx::{write, MlxOptions, Recipe};
-    anyhow::ensure!(
-        a.imatrix.is_none(),
-        "--imatrix with --format mlx: the importance-weighted MLX quantizer is not in this version yet (issue #22); --imatrix applies to GGUF"
-    );
     let recipe = a
         .recipe
         .as_ref()
@@ -211,6 +208,10 @@ fn convert_mlx(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
     let mut opts = MlxOptions::new(bits, a.group_size, recipe, a.force)?;
     if let Some(b) = a.shard_bytes {
         opts.shard_bytes = b;
+    }
+    if let Some(p) = &a.imatrix {
+        anyhow::ensure!(bits.is_some(), "--imatrix with --bits 16: nothing is quantized, so an importance matrix has nothing to weight");
+        opts.imatrix = Some(ouro_quant::imatrix::ImatrixInput::read(p)?);
     }
     let json = a.json;
     if a.dry_run {

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{expected_tensors, tensor_role, OuroConfig, TensorRole};
 use crate::error::{Error, Result};
+use crate::imatrix::ImatrixInput;
 
 /// The MLX model file shipped in every output (`config.json` names it as `model_file`).
 pub const OURO_PY: &str = include_str!("../../formats/mlx/ouro.py");
@@ -99,6 +100,9 @@ pub struct MlxOptions {
     pub force: bool,
     /// Largest shard (mlx-lm: 5 GiB); a tensor bigger than this gets a shard of its own.
     pub shard_bytes: u64,
+    /// Importance data (`--imatrix`): each group's scale and bias minimise the importance-weighted
+    /// error (`affine::quantize_row_weighted`) for the weights it has an entry for.
+    pub imatrix: Option<ImatrixInput>,
 }
 
 impl MlxOptions {
@@ -121,6 +125,7 @@ impl MlxOptions {
             recipe,
             force,
             shard_bytes: DEFAULT_SHARD_BYTES,
+            imatrix: None,
         })
     }
 

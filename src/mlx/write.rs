@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 use super::{affine, MlxOptions};
 use crate::checkpoint::{decode_f32, Checkpoint};
 use crate::error::{Error, IoContext, Result};
+use crate::imatrix::{importance_for, ImatrixInput};
 use crate::output::{checksum, Checksum, PendingOutput};
 use crate::stfile::{DType, SafetensorsFile, TensorSpec, Writer};
 
@@ -31,6 +32,8 @@ pub struct MlxTensorPlan {
     pub dtype: DType,
     /// `(bits, group_size)`, or `None` to copy the tensor in its dtype.
     pub quant: Option<(u32, usize)>,
+    /// Whether the tensor is quantized with an importance vector (`--imatrix` has its entry).
+    pub imatrix: bool,
 }
 
 fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -90,17 +93,31 @@ pub fn plan_mlx(ck: &Checkpoint, opts: &MlxOptions) -> Result<Vec<MlxTensorPlan>
             let t = ck.tensor(&e.name)?;
             let module = e.name.strip_suffix(".weight").unwrap_or(&e.name).to_string();
             let quant = if t.shape().len() == 2 { opts.quant_for(&module, t.shape()[1], layers) } else { None };
+            let imatrix = match (&opts.imatrix, quant) {
+                (Some(im), Some(_)) => importance(ck, im, &e.name, t.shape()[1])?.is_some(),
+                _ => false,
+            };
             Ok(MlxTensorPlan {
                 hf_name: e.name.clone(),
                 module,
                 shape: t.shape().to_vec(),
                 dtype: t.dtype(),
                 quant,
+                imatrix,
             })
         })
         .collect::<Result<_>>()?;
     plan.sort_by(|a, b| a.hf_name.cmp(&b.hf_name));
     Ok(plan)
+}
+
+/// The importance vector of an HF weight with `cols` columns, looked up by its GGUF name (the
+/// name importance matrices use), checked as for GGUF conversion.
+fn importance(ck: &Checkpoint, im: &ImatrixInput, hf_name: &str, cols: usize) -> Result<Option<Vec<f32>>> {
+    match crate::gguf::arch::gguf_name(&ck.config, hf_name) {
+        Some(name) => importance_for(im, &name, cols),
+        None => Ok(None),
+    }
 }
 
 /// The `quantization` section of `config.json`: the top-level settings, an entry for every
@@ -151,9 +168,18 @@ fn store_floats(dtype: DType, v: &[f32], out: &mut [u8]) {
 }
 
 /// Quantizes a whole tensor: (biases, scales, packed words) as little-endian bytes.
-fn quantize_tensor(ck: &Checkpoint, p: &MlxTensorPlan, bits: u32, gs: usize) -> Result<[Vec<u8>; 3]> {
+fn quantize_tensor(ck: &Checkpoint, p: &MlxTensorPlan, bits: u32, gs: usize, im: Option<&ImatrixInput>) -> Result<[Vec<u8>; 3]> {
     let t = ck.tensor(&p.hf_name)?;
     let (rows, cols) = (p.shape[0], p.shape[1]);
+    let weights = match im {
+        Some(im) if p.imatrix => importance(ck, im, &p.hf_name, cols)?,
+        _ => None,
+    };
+    let store: fn(f32) -> f32 = match p.dtype {
+        DType::BF16 => |v| half::bf16::from_f32(v).to_f32(),
+        DType::F16 => |v| half::f16::from_f32(v).to_f32(),
+        _ => |v| v,
+    };
     let es = t.dtype().size();
     let wpr = cols * bits as usize / 32;
     let gpr = cols / gs;
@@ -179,7 +205,13 @@ fn quantize_tensor(ck: &Checkpoint, p: &MlxTensorPlan, bits: u32, gs: usize) -> 
                     let (c, v) = crate::checkpoint::first_non_finite(&row).expect("a non-finite value");
                     Error::tensor(t.file, &p.hf_name, format!("non-finite value {v} at row {r}, column {c}"))
                 };
-                if t.dtype() == DType::BF16 {
+                if let Some(imp) = &weights {
+                    decode_f32(t.dtype(), src, &mut row);
+                    if !crate::checkpoint::all_finite(&row) {
+                        return Err(non_finite());
+                    }
+                    affine::quantize_row_weighted(&row, imp, bits, gs, store, &mut w, &mut s, &mut b);
+                } else if t.dtype() == DType::BF16 {
                     // widened group by group inside the kernel: the row is read once
                     affine::quantize_row_bf16(src, bits, gs, &mut w, &mut s, &mut b).map_err(|_| non_finite())?;
                 } else {
@@ -269,7 +301,7 @@ fn pretty4<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 }
 
 /// The model card, in mlx-community's form.
-fn model_card(ck: &Checkpoint, opts: &MlxOptions, name: &str, validation: Option<&str>) -> String {
+fn model_card(ck: &Checkpoint, opts: &MlxOptions, plan: &[MlxTensorPlan], name: &str, validation: Option<&str>) -> String {
     let base = ck
         .config
         .raw
@@ -287,6 +319,17 @@ fn model_card(ck: &Checkpoint, opts: &MlxOptions, name: &str, validation: Option
             opts.group_size
         ),
         (Some(b), None) => format!("affine quantization, {b} bits, group size {}", opts.group_size),
+    };
+    let how = match &opts.imatrix {
+        Some(im) => format!(
+            "{how}; each group's scale and bias minimise the importance-weighted error (importance matrix `{}`{}{}, used for {} of {} quantized tensors; the files are standard MLX affine tensors)",
+            im.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            im.matrix.datasets.first().map(|d| format!(" from `{d}`")).unwrap_or_default(),
+            im.matrix.weighting.as_ref().map(|w| format!(", weighting `{w}`")).unwrap_or_default(),
+            plan.iter().filter(|p| p.imatrix).count(),
+            plan.iter().filter(|p| p.quant.is_some()).count(),
+        ),
+        None => how,
     };
     let validation = validation.map(str::to_string).unwrap_or_else(|| {
         "Not run at conversion time. Run `ouro-quant validate --reference <bf16 dir> --candidate <this dir> --text <file>` to measure perplexity, KL divergence and exit-gate agreement.".into()
@@ -352,7 +395,7 @@ pub fn convert_mlx(
                         }
                     }
                     Some((bits, gs)) => {
-                        let parts = quantize_tensor(ck, p, bits, gs)?;
+                        let parts = quantize_tensor(ck, p, bits, gs, opts.imatrix.as_ref())?;
                         ck.weights.release(&p.hf_name);
                         for (spec, bytes) in p.outputs().into_iter().zip(parts) {
                             if tx.send((spec.name, Bytes::Owned(bytes))).is_err() {
@@ -394,17 +437,29 @@ pub fn convert_mlx(
         files: files.iter().map(|(n, c)| (n.clone(), crate::verify::hex(*c))).collect(),
         tensors: sums.iter().map(|(n, c)| (n.clone(), crate::verify::hex(*c))).collect(),
     };
-    let index = json!({
-        "metadata": {"total_size": total_size, "total_parameters": params, crate::verify::MLX_INDEX_KEY: record},
-        "weight_map": weight_map,
-    });
+    let mut metadata = json!({"total_size": total_size, "total_parameters": params, crate::verify::MLX_INDEX_KEY: record});
+    if let Some(im) = &opts.imatrix {
+        // what llama-quantize records in a GGUF file, under the same names
+        let m = metadata.as_object_mut().expect("an object");
+        m.insert("quantize.imatrix.file".into(), json!(im.path.display().to_string()));
+        if let Some(d) = im.matrix.datasets.first() {
+            m.insert("quantize.imatrix.dataset".into(), json!(d));
+        }
+        m.insert("quantize.imatrix.entries_count".into(), json!(im.matrix.entries.len()));
+        m.insert("quantize.imatrix.chunks_count".into(), json!(im.matrix.chunk_count));
+        if let Some(w) = &im.matrix.weighting {
+            m.insert("quantize.imatrix.weighting".into(), json!(w));
+        }
+        m.insert("quantize.imatrix.tensors".into(), json!(plan.iter().filter(|p| p.imatrix).count()));
+    }
+    let index = json!({"metadata": metadata, "weight_map": weight_map});
     write_file(&dir.join("model.safetensors.index.json"), &pretty4(&index)?)?;
     let name = pending
         .target()
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| default_output_name(ck, opts));
-    write_file(&dir.join("README.md"), model_card(ck, opts, &name, None).as_bytes())?;
+    write_file(&dir.join("README.md"), model_card(ck, opts, &plan, &name, None).as_bytes())?;
 
     verify(&dir, &shards, &meta, &sums, &files)?;
     let bytes: u64 = shards
