@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What calibration buys on the trained fixture: for each GGUF type, no importance matrix vs
+# What calibration buys on the trained fixture: for each GGUF type and MLX 4/3-bit, no importance matrix vs
 # `--weighting loops` vs `--weighting exit:0.5`, the matrix computed on calibration.txt (drawn from
 # another seed than validation.txt), each output validated on the whole validation text at --ctx 128.
 # Prints a Markdown table (docs/calibration.md holds its output).
@@ -16,17 +16,20 @@ trap 'rm -rf "$work"' EXIT
 "$bin" imatrix "$fx" --text "$fx/calibration.txt" --ctx 128 --weighting exit:0.5 -o "$work/exit.gguf" --json >/dev/null
 echo "| type | imatrix | size (bytes) | ppl ratio | mean KL per loop (1, 2, 3, 4) | same top % | exit agreement q=0.5 / 0.9 % |"
 echo "|---|---|---|---|---|---|---|"
-for ty in Q4_K_M Q4_K_S IQ4_XS IQ4_NL Q3_K_M Q2_K; do
+for ty in Q4_K_M Q4_K_S IQ4_XS IQ4_NL Q3_K_M Q2_K MLX-4bit MLX-3bit; do
   for w in none loops exit; do
-    out="$work/$ty-$w.gguf"
-    if [ "$w" = none ]; then
-      "$bin" convert "$fx" --type "$ty" -o "$out" --json >/dev/null
-    else
-      "$bin" convert "$fx" --type "$ty" --imatrix "$work/$w.gguf" -o "$out" --json >/dev/null
-    fi
+    case "$ty" in
+      MLX-*) out="$work/$ty-$w"; how=(--format mlx --bits "${ty:4:1}") ;;
+      *) out="$work/$ty-$w.gguf"; how=(--type "$ty") ;;
+    esac
+    im=()
+    [ "$w" = none ] || im=(--imatrix "$work/$w.gguf")
+    "$bin" convert "$fx" "${how[@]}" "${im[@]}" -o "$out" --json >/dev/null
+    # the bytes of the weights: the GGUF file, or the MLX directory's safetensors shards
+    if [ -d "$out" ]; then size=$(cat "$out"/*.safetensors | wc -c); else size=$(stat -c %s "$out"); fi
     "$bin" validate --reference "$fx" --candidate "$out" --text "$fx/validation.txt" --ctx 128 \
       --exit-threshold 0.5,0.9 --report "$work/$ty-$w.json" >/dev/null 2>&1 || true
-    python3 - "$work/$ty-$w.json" "$ty" "$w" "$(stat -c %s "$out")" <<'PY'
+    python3 - "$work/$ty-$w.json" "$ty" "$w" "$size" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["report"]
 d = r["default_mode"]

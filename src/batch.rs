@@ -19,7 +19,18 @@
 //! format = "mlx"
 //! bits = 4
 //! group_size = 32                    # name: "{name}-4bit-gs32" unless given
+//! [calibration]                      # optional: quantize with importance matrices
+//! text = "calibration.txt"           # keep it apart from [validate]'s text
+//! ctx = 512
+//! chunks = 100                       # default: the whole text
 //! ```
+//!
+//! With a `[calibration]` table, every target whose quantizer uses importance data gets an
+//! importance matrix computed once per source and weighting (`.imatrix-<source>-<weighting>.gguf`
+//! in the output directory, reused when resuming). The weighting is the one
+//! `docs/calibration.md` measured best for the type ([`default_weighting`]); a target may say
+//! otherwise with `imatrix = "loops"`, `"exit:0.7"` or `"none"`, and `[calibration]` may set
+//! `weighting` for every target.
 //!
 //! Resuming: `ouro-quant-batch.json` in the output directory records, per output, the source's
 //! SHA-256, the options, the tool version and the SHA-256 of every file written. A target whose
@@ -36,6 +47,7 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::imatrix::{ImatrixInput, Weighting};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +61,22 @@ pub struct Manifest {
     pub sources: Vec<Source>,
     #[serde(default)]
     pub targets: Vec<Target>,
+    #[serde(default)]
+    pub calibration: Option<CalibrationCfg>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationCfg {
+    pub text: PathBuf,
+    #[serde(default = "default_ctx")]
+    pub ctx: usize,
+    pub chunks: Option<usize>,
+    /// The weighting of every target that does not name one (default: per type).
+    pub weighting: Option<String>,
+    /// SHA-256 of the text, read with the manifest (recorded in the options of the jobs it feeds).
+    #[serde(skip)]
+    pub text_sha256: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +98,8 @@ pub struct Target {
     pub name: Option<String>,
     #[serde(default)]
     pub validate: bool,
+    /// `none`, `loops` or `exit:q`: this target's importance weighting (needs `[calibration]`).
+    pub imatrix: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,6 +128,23 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
     if let Some(v) = &mut m.validate {
         v.text = abs(&v.text);
     }
+    if let Some(c) = &mut m.calibration {
+        c.text = abs(&c.text);
+        if c.ctx < 16 {
+            return Err(Error::config(path, "calibration.ctx", format!("{}: at least 16 tokens", c.ctx)));
+        }
+        if c.chunks == Some(0) {
+            return Err(Error::config(path, "calibration.chunks", "at least one chunk"));
+        }
+        if let Some(w) = &c.weighting {
+            Weighting::parse(w).map_err(|e| Error::config(path, "calibration.weighting", e))?;
+        }
+        let bytes = std::fs::read(&c.text).map_err(|e| Error::config(path, "calibration.text", format!("{}: {e}", c.text.display())))?;
+        if std::str::from_utf8(&bytes).is_err() {
+            return Err(Error::config(path, "calibration.text", format!("{}: not UTF-8 text", c.text.display())));
+        }
+        c.text_sha256 = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    }
     if m.sources.is_empty() || m.targets.is_empty() {
         return Err(Error::file(path, "needs at least one [[sources]] and one [[targets]]"));
     }
@@ -112,8 +159,26 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
             return Err(Error::config(path, format!("targets[{i}].validate"), "needs a [validate] table with the text"));
         }
         // bad options are the manifest's fault: refused before any work starts
-        if let (TargetKind::Invalid(why), _, _) = target_kind(t, "x") {
-            return Err(Error::config(path, format!("targets[{i}]"), why));
+        let (kind, _, _) = target_kind(t, "x");
+        if let TargetKind::Invalid(why) = &kind {
+            return Err(Error::config(path, format!("targets[{i}]"), why.clone()));
+        }
+        if let Some(w) = &t.imatrix {
+            if m.calibration.is_none() {
+                return Err(Error::config(path, format!("targets[{i}].imatrix"), "needs a [calibration] table with the text"));
+            }
+            if w != "none" {
+                Weighting::parse(w).map_err(|e| Error::config(path, format!("targets[{i}].imatrix"), e))?;
+            }
+        }
+        if let TargetKind::Gguf(ft) = kind {
+            if ft == crate::gguf::mix::FileType::Q2_K_S && weighting_for(&m, t, &kind).is_none() {
+                return Err(Error::config(
+                    path,
+                    format!("targets[{i}]"),
+                    "Q2_K_S is only written with an importance matrix (as llama-quantize): add a [calibration] table with a text",
+                ));
+            }
         }
     }
     // Every output is a plain name inside output_dir, and no two jobs write the same one.
@@ -151,8 +216,69 @@ pub struct Job {
     /// Canonical options, as recorded for resuming.
     pub options: String,
     pub validate: bool,
+    /// The importance weighting this job quantizes with, if any.
+    #[serde(serialize_with = "ser_weighting")]
+    pub imatrix: Option<Weighting>,
     #[serde(skip)]
     pub target: TargetKind,
+}
+
+fn ser_weighting<S: serde::Serializer>(w: &Option<Weighting>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match w {
+        Some(w) => s.serialize_str(&w.name()),
+        None => s.serialize_none(),
+    }
+}
+
+/// The weighting `docs/calibration.md` measured best for a target's type (with a calibration text):
+/// `exit:0.5` for the K-quant and legacy GGUF types (lowest KL at every loop for Q4_K_M, Q4_K_S,
+/// Q3_K_M, Q2_K), `loops` for IQ4_XS and for MLX at 3 bits or fewer (a mixed recipe: by its low
+/// bits); none for IQ4_NL and MLX at 4 bits or more (no lower KL with one) and for the types whose
+/// quantizer ignores importance (Q8_0, F16, BF16).
+pub fn default_weighting(kind: &TargetKind) -> Option<Weighting> {
+    use crate::gguf::mix::FileType;
+    match kind {
+        TargetKind::Gguf(FileType::Q8_0 | FileType::F16 | FileType::BF16 | FileType::F32 | FileType::IQ4_NL) => None,
+        TargetKind::Gguf(FileType::IQ4_XS) => Some(Weighting::Loops),
+        TargetKind::Gguf(_) => Some(Weighting::Exit(0.5)),
+        TargetKind::Mlx(o) if o.bits.is_some_and(|b| b <= 3) => Some(Weighting::Loops),
+        TargetKind::Mlx(_) | TargetKind::Invalid(_) => None,
+    }
+}
+
+/// The weighting a target quantizes with: none without `[calibration]`; else the target's own,
+/// `[calibration] weighting`, or [`default_weighting`]. Types that ignore importance get none.
+fn weighting_for(m: &Manifest, t: &Target, kind: &TargetKind) -> Option<Weighting> {
+    let c = m.calibration.as_ref()?;
+    let uses = match kind {
+        TargetKind::Gguf(ft) => !matches!(ft, crate::gguf::mix::FileType::Q8_0 | crate::gguf::mix::FileType::F16 | crate::gguf::mix::FileType::BF16 | crate::gguf::mix::FileType::F32),
+        TargetKind::Mlx(o) => o.bits.is_some(),
+        TargetKind::Invalid(_) => false,
+    };
+    if !uses {
+        return None;
+    }
+    match t.imatrix.as_deref().or(c.weighting.as_deref()) {
+        Some("none") => None,
+        Some(w) => Weighting::parse(w).ok(),
+        None => default_weighting(kind),
+    }
+}
+
+/// The options of the importance matrix a job uses, as recorded for resuming.
+fn imatrix_options(c: &CalibrationCfg, w: Weighting) -> String {
+    format!(
+        "imatrix --weighting {} --ctx {} --chunks {} (calibration text sha256 {})",
+        w.name(),
+        c.ctx,
+        c.chunks.map(|n| n.to_string()).unwrap_or_else(|| "all".into()),
+        c.text_sha256
+    )
+}
+
+/// Where a source's importance matrix for `w` is kept in the output directory.
+fn imatrix_file(source: &str, w: Weighting) -> String {
+    format!(".imatrix-{source}-{}.gguf", w.name().replace(':', "_"))
 }
 
 #[derive(Debug, Clone)]
@@ -174,7 +300,11 @@ pub fn jobs(m: &Manifest) -> Vec<Job> {
     let mut out = vec![];
     for s in &m.sources {
         for t in &m.targets {
-            let (kind, options, default_name) = target_kind(t, &s.name);
+            let (kind, mut options, default_name) = target_kind(t, &s.name);
+            let imatrix = weighting_for(m, t, &kind);
+            if let (Some(w), Some(c)) = (imatrix, &m.calibration) {
+                options.push_str(&format!(" --imatrix {}", imatrix_options(c, w)));
+            }
             let output = t
                 .name
                 .clone()
@@ -186,6 +316,7 @@ pub fn jobs(m: &Manifest) -> Vec<Job> {
                 output,
                 options,
                 validate: t.validate,
+                imatrix,
                 target: kind,
             });
         }
@@ -323,9 +454,9 @@ fn hash_output(root: &Path, output: &str) -> Result<BTreeMap<String, String>> {
 
 /// Peak memory of a job: the conversion holds a few tensors; validation holds the reference in
 /// f32 and the candidate.
-fn job_peak(ck_params: u64, validate: bool) -> u64 {
+fn job_peak(ck_params: u64, validate: bool, imatrix: bool) -> u64 {
     let convert = 256 << 20;
-    if validate {
+    if validate || imatrix {
         convert + ck_params * 4 + ck_params * 2
     } else {
         convert
@@ -355,6 +486,11 @@ pub fn run(m: &Manifest, jobs_n: usize, force: bool, progress: Progress, started
     for name in [STATE_FILE, "SHA256SUMS", "summary.md", "summary.json"] {
         crate::output::check_managed(&m.output_dir.join(name))?;
     }
+    for j in jobs(m) {
+        if let Some(w) = j.imatrix {
+            crate::output::check_target(&m.output_dir.join(imatrix_file(&j.source, w)), true, false)?;
+        }
+    }
     let state_path = m.output_dir.join(STATE_FILE);
     let state: BTreeMap<String, Record> = match std::fs::read_to_string(&state_path) {
         Ok(t) => serde_json::from_str(&t).map_err(|e| Error::file(&state_path, format!("corrupt batch state: {e}")))?,
@@ -365,6 +501,7 @@ pub fn run(m: &Manifest, jobs_n: usize, force: bool, progress: Progress, started
     let budget = m.memory.unwrap_or(8_000_000_000);
     let in_use = (Mutex::new(0u64), Condvar::new());
     let hashes: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+    let imatrices: Mutex<BTreeMap<String, ImatrixInput>> = Mutex::new(BTreeMap::new());
     let next = Mutex::new(0usize);
     let results: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; list.len()]);
     std::thread::scope(|scope| {
@@ -379,7 +516,7 @@ pub fn run(m: &Manifest, jobs_n: usize, force: bool, progress: Progress, started
                 let Some(job) = list.get(i) else { break };
                 started(i, job);
                 let params = Checkpoint::open(&job.source_path).map(|c| c.config.parameter_count()).unwrap_or(0);
-                let peak = job_peak(params, job.validate);
+                let peak = job_peak(params, job.validate, job.imatrix.is_some());
                 {
                     let (lock, cv) = &in_use;
                     let mut used = lock.lock().expect("lock");
@@ -389,7 +526,7 @@ pub fn run(m: &Manifest, jobs_n: usize, force: bool, progress: Progress, started
                     *used += peak;
                 }
                 let t0 = Instant::now();
-                let out = run_job(m, i, job, force, &state, &hashes, progress);
+                let out = run_job(m, i, job, force, &state, &hashes, &imatrices, progress);
                 {
                     let (lock, cv) = &in_use;
                     *lock.lock().expect("lock") -= peak;
@@ -423,6 +560,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_job(
     m: &Manifest,
     i: usize,
@@ -430,6 +568,7 @@ fn run_job(
     force: bool,
     state: &Mutex<BTreeMap<String, Record>>,
     hashes: &Mutex<BTreeMap<String, String>>,
+    imatrices: &Mutex<BTreeMap<String, ImatrixInput>>,
     progress: Progress,
 ) -> anyhow::Result<Outcome> {
     if let TargetKind::Invalid(why) = &job.target {
@@ -477,6 +616,10 @@ fn run_job(
             _ => {}
         }
     }
+    let imatrix = match job.imatrix {
+        Some(w) => Some(ensure_imatrix(m, i, job, w, &source_hash, state, imatrices, progress)?),
+        None => None,
+    };
     let cb = |d: u64, t: u64, w: &str| progress(i, d, t, w);
     let (bytes, bpw) = match &job.target {
         TargetKind::Gguf(ft) => {
@@ -492,13 +635,14 @@ fn run_job(
                 }
                 std::fs::remove_file(&card).map_err(|e| Error::io(&card, e))?;
             }
-            let opts = crate::convert::GgufOptions { file_type: *ft, overrides: vec![], force: true, imatrix: None };
+            let opts = crate::convert::GgufOptions { file_type: *ft, overrides: vec![], force: true, imatrix };
             let s = crate::convert::convert_gguf(&ck, &opts, &out_path, &cb)?;
             (s.bytes, s.bits_per_weight)
         }
         TargetKind::Mlx(o) => {
             let mut o = o.clone();
             o.force = true;
+            o.imatrix = imatrix;
             let s = crate::mlx::write::convert_mlx(&ck, &o, &out_path, &cb)?;
             (s.bytes, s.bits_per_weight)
         }
@@ -524,6 +668,60 @@ fn run_job(
     let files = hash_output(&m.output_dir, &job.output)?;
     state.lock().expect("lock").insert(job.output.clone(), want(files, Some(result)));
     Ok(outcome)
+}
+
+/// The importance matrix of a job's source for weighting `w`: computed once per batch run, kept in
+/// the output directory and reused by a later run when its record (source hash, options, tool
+/// version, file hash) still matches.
+#[allow(clippy::too_many_arguments)]
+fn ensure_imatrix(
+    m: &Manifest,
+    i: usize,
+    job: &Job,
+    w: Weighting,
+    source_hash: &str,
+    state: &Mutex<BTreeMap<String, Record>>,
+    imatrices: &Mutex<BTreeMap<String, ImatrixInput>>,
+    progress: Progress,
+) -> anyhow::Result<ImatrixInput> {
+    use crate::imatrix::{collect, Calibration, Format};
+    let c = m.calibration.as_ref().expect("a job with an imatrix has a [calibration] table");
+    let name = imatrix_file(&job.source, w);
+    // one computation at a time: two jobs of one source wait for the same matrix
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().expect("lock");
+    if let Some(im) = imatrices.lock().expect("lock").get(&name) {
+        return Ok(im.clone());
+    }
+    let path = m.output_dir.join(&name);
+    let want = |files: BTreeMap<String, String>| Record {
+        source_sha256: source_hash.to_string(),
+        options: imatrix_options(c, w),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        files,
+        result: None,
+    };
+    let recorded = state.lock().expect("lock").get(&name).cloned();
+    let reusable = path.is_file() && recorded.is_some_and(|r| hash_output(&m.output_dir, &name).is_ok_and(|f| r == want(f)));
+    if !reusable {
+        let text = std::fs::read_to_string(&c.text).map_err(|e| Error::io(&c.text, e))?;
+        let loaded = crate::model::source::load(&job.source_path, &candle_core::Device::Cpu)?;
+        let tok = loaded
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("{}: no tokenizer.json to tokenize the calibration text with", job.source_path.display()))?;
+        let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", c.text.display()))?.get_ids().to_vec();
+        let cal = Calibration { tokens: &ids, ctx: c.ctx, chunks: c.chunks, weighting: w, dataset: c.text.display().to_string() };
+        let what = format!("importance matrix ({})", w.name());
+        let matrix = collect(&loaded.model, &cal, &mut |done, total| progress(i, done as u64, total as u64, &what))
+            .map_err(|e| anyhow::anyhow!("{}: calibration: {e:#}", job.source_path.display()))?;
+        matrix.write(&path, Format::Gguf, true)?;
+        let files = hash_output(&m.output_dir, &name)?;
+        state.lock().expect("lock").insert(name.clone(), want(files));
+    }
+    let im = ImatrixInput::read(&path)?;
+    imatrices.lock().expect("lock").insert(name, im.clone());
+    Ok(im)
 }
 
 fn fill_from_record(o: &mut Outcome, r: &Record, root: &Path) {
@@ -593,6 +791,12 @@ fn write_summaries(m: &Manifest, outcomes: &[Outcome], state: &BTreeMap<String, 
     for o in outcomes.iter().filter(|o| o.status != "failed" || o.validation_pass == Some(false)) {
         if let Some(r) = state.get(&o.output) {
             all.extend(r.files.iter());
+        }
+    }
+    // the importance matrices the outputs were quantized with (publishable beside them)
+    for j in jobs(m) {
+        if let Some(r) = j.imatrix.and_then(|w| state.get(&imatrix_file(&j.source, w))) {
+            all.extend(r.files.iter().filter(|(f, _)| m.output_dir.join(f).is_file()));
         }
     }
     for (f, h) in all {

@@ -151,6 +151,12 @@ fn bad_manifests_are_named() {
         ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\nvalidate = true\n", "[validate]"),
         ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"mlx\"\nbits = 7\n", "targets[0]"),
         ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q9\"\n", "Q9"),
+        // calibration: a type that needs it, a weighting without it, a bad weighting, no text
+        ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q2_K_S\"\n", "[calibration]"),
+        ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q4_K_M\"\nimatrix = \"loops\"\n", "targets[0].imatrix"),
+        ("output_dir = \"o\"\n[calibration]\ntext = \"m.toml\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\nimatrix = \"exit:2\"\n", "exit:2"),
+        ("output_dir = \"o\"\n[calibration]\ntext = \"m.toml\"\nweighting = \"all\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\n", "calibration.weighting"),
+        ("output_dir = \"o\"\n[calibration]\ntext = \"nowhere.txt\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\n", "nowhere.txt"),
     ];
     for (text, want) in cases {
         let m = d.path().join("m.toml");
@@ -160,4 +166,135 @@ fn bad_manifests_are_named() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains(want) && e.contains("m.toml"), "{want}: {e}");
     }
+}
+
+/// With `[calibration]`, each target that uses importance data is quantized with a matrix computed
+/// once per source and weighting (the weighting docs/calibration.md found best for its type unless
+/// the target names one): the files are those `imatrix` + `convert --imatrix` make by hand, the
+/// matrices are kept, listed in SHA256SUMS and reused on resume; Q8_0 and IQ4_NL get none.
+#[test]
+fn calibration_quantizes_each_target_with_its_weighting_and_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let trained = fixtures().join("ouro-tiny-trained");
+    let cal = trained.join("calibration.txt");
+    let m = d.path().join("m.toml");
+    std::fs::write(
+        &m,
+        format!(
+            "output_dir = \"o\"\n[calibration]\ntext = \"{}\"\nctx = 64\nchunks = 3\n[[sources]]\nname = \"t\"\npath = \"{}\"\n\
+             [[targets]]\nformat = \"gguf\"\ntype = \"Q4_K_M\"\n\
+             [[targets]]\nformat = \"gguf\"\ntype = \"IQ4_XS\"\n\
+             [[targets]]\nformat = \"gguf\"\ntype = \"Q4_K_S\"\nimatrix = \"none\"\n\
+             [[targets]]\nformat = \"gguf\"\ntype = \"Q3_K_M\"\nimatrix = \"exit:0.9\"\n\
+             [[targets]]\nformat = \"gguf\"\ntype = \"Q8_0\"\n\
+             [[targets]]\nformat = \"gguf\"\ntype = \"IQ4_NL\"\n\
+             [[targets]]\nformat = \"mlx\"\nbits = 4\n\
+             [[targets]]\nformat = \"mlx\"\nbits = 3\n",
+            cal.display(),
+            trained.display()
+        ),
+    )
+    .unwrap();
+    let o = bin().arg("batch").arg(&m).args(["--dry-run", "--json"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let weightings: Vec<(String, serde_json::Value)> =
+        plan["jobs"].as_array().unwrap().iter().map(|j| (j["output"].as_str().unwrap().to_string(), j["imatrix"].clone())).collect();
+    let want = [
+        ("t-Q4_K_M.gguf", "exit:0.5"),
+        ("t-IQ4_XS.gguf", "loops"),
+        ("t-Q4_K_S.gguf", ""),
+        ("t-Q3_K_M.gguf", "exit:0.9"),
+        ("t-Q8_0.gguf", ""),
+        ("t-IQ4_NL.gguf", ""),
+        ("t-4bit", ""),
+        ("t-3bit", "loops"),
+    ];
+    for ((out, w), (want_out, want_w)) in weightings.iter().zip(want) {
+        assert_eq!(out, want_out);
+        assert_eq!(w.as_str().unwrap_or(""), want_w, "{out}");
+    }
+    let o = bin().arg("batch").arg(&m).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = d.path().join("o");
+    assert_eq!(statuses(&out), vec!["converted"; 8]);
+    // one matrix per weighting, as `ouro-quant imatrix` computes it
+    let mut names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".imatrix-")).collect();
+    names.sort();
+    assert_eq!(names, [".imatrix-t-exit_0.5.gguf", ".imatrix-t-exit_0.9.gguf", ".imatrix-t-loops.gguf"]);
+    let by_hand = d.path().join("hand.gguf");
+    bin().arg("imatrix").arg(&trained).arg("--text").arg(&cal).args(["--ctx", "64", "--chunks", "3", "--weighting", "exit:0.5", "-o"]).arg(&by_hand).assert().success();
+    let (a, b) = (ouro_quant::imatrix::Imatrix::read(&by_hand).unwrap(), ouro_quant::imatrix::Imatrix::read(&out.join(".imatrix-t-exit_0.5.gguf")).unwrap());
+    assert_eq!(a.entries, b.entries);
+    // the outputs are what convert --imatrix writes with that matrix (byte for byte), and what
+    // convert writes without one where the target gets none
+    let im = out.join(".imatrix-t-exit_0.5.gguf");
+    let hand = |args: &[&str], im: Option<&Path>, name: &str| -> std::path::PathBuf {
+        let p = d.path().join(name);
+        let mut c = bin();
+        c.arg("convert").arg(&trained).args(args).arg("-o").arg(&p);
+        if let Some(im) = im {
+            c.arg("--imatrix").arg(im);
+        }
+        c.assert().success();
+        p
+    };
+    let same = |a: &Path, b: &Path| std::fs::read(a).unwrap() == std::fs::read(b).unwrap();
+    assert!(same(&hand(&["--type", "Q4_K_M"], Some(&im), "a.gguf"), &out.join("t-Q4_K_M.gguf")));
+    assert!(same(&hand(&["--type", "IQ4_XS"], Some(&out.join(".imatrix-t-loops.gguf")), "b.gguf"), &out.join("t-IQ4_XS.gguf")));
+    assert!(same(&hand(&["--type", "Q4_K_S"], None, "c.gguf"), &out.join("t-Q4_K_S.gguf")));
+    assert!(same(&hand(&["--type", "IQ4_NL"], None, "e.gguf"), &out.join("t-IQ4_NL.gguf")));
+    let mlx = hand(&["--format", "mlx", "--bits", "3"], Some(&out.join(".imatrix-t-loops.gguf")), "mlx");
+    assert!(same(&mlx.join("model.safetensors"), &out.join("t-3bit/model.safetensors")));
+    let mlx = hand(&["--format", "mlx", "--bits", "4"], None, "mlx4");
+    assert!(same(&mlx.join("model.safetensors"), &out.join("t-4bit/model.safetensors")));
+    let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    assert!(sums.contains("  .imatrix-t-loops.gguf\n") && sums.contains("  .imatrix-t-exit_0.9.gguf\n"), "{sums}");
+    check_sums(&out);
+    // resume: nothing redone, the matrices not recomputed
+    let mtime = std::fs::metadata(&im).unwrap().modified().unwrap();
+    let o = bin().arg("batch").arg(&m).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(statuses(&out), vec!["skipped"; 8]);
+    assert_eq!(std::fs::metadata(&im).unwrap().modified().unwrap(), mtime);
+    // another calibration text changes the options of the jobs that use it: not trusted
+    let other = d.path().join("other.txt");
+    std::fs::write(&other, std::fs::read_to_string(&cal).unwrap().repeat(2)).unwrap();
+    std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace(&cal.display().to_string(), &other.display().to_string())).unwrap();
+    let o = bin().arg("batch").arg(&m).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let failed: Vec<String> = outcomes(&out).iter().filter(|o| o["status"] == "failed").map(|o| o["output"].as_str().unwrap().to_string()).collect();
+    assert_eq!(failed, ["t-Q4_K_M.gguf", "t-IQ4_XS.gguf", "t-Q3_K_M.gguf", "t-3bit"]);
+}
+
+/// `scripts/convert-ouro.sh --calibration`: the K-quant outputs record the matrix they were
+/// quantized with (llama-quantize's keys); Q8_0 and MLX 4-bit and 8-bit (no gain measured) none.
+#[test]
+fn the_release_script_calibrates_with_a_text() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let trained = fixtures().join("ouro-tiny-trained");
+    let o = std::process::Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/convert-ouro.sh"))
+        .arg(&out)
+        .arg(format!("trained={}", trained.display()))
+        .arg("--calibration")
+        .arg(trained.join("calibration.txt"))
+        .env("OURO_QUANT", assert_cmd::cargo::cargo_bin("ouro-quant"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let key = |f: &str| {
+        let g = ouro_quant::gguf::file::GgufFile::open(out.join(f)).unwrap();
+        g.header.get("quantize.imatrix.file").map(|v| format!("{v:?}"))
+    };
+    assert!(key("trained-Q4_K_M.gguf").is_some_and(|v| v.contains(".imatrix-trained-exit_0.5.gguf")));
+    assert!(key("trained-Q6_K.gguf").is_some());
+    assert!(key("trained-Q8_0.gguf").is_none());
+    let index = |dir: &str| -> serde_json::Value { serde_json::from_slice(&std::fs::read(out.join(dir).join("model.safetensors.index.json")).unwrap()).unwrap() };
+    for dir in ["trained-4bit", "trained-4bit-gs32", "trained-8bit"] {
+        assert!(index(dir)["metadata"].get("quantize.imatrix.file").is_none(), "{dir}");
+    }
+    let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    assert!(sums.contains("  .imatrix-trained-exit_0.5.gguf\n"), "{sums}");
 }

@@ -39,6 +39,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if let Some(v) = &m.validate {
         ouro_quant::output::register_input(&v.text);
     }
+    if let Some(c) = &m.calibration {
+        ouro_quant::output::register_input(&c.text);
+    }
     if a.dry_run {
         if a.json {
             print_json("ouro-quant-batch-plan-1", &serde_json::json!({"jobs": list}))?;
