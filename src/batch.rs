@@ -237,8 +237,11 @@ fn ser_weighting<S: serde::Serializer>(w: &Option<Weighting>, s: S) -> std::resu
 /// quantizer ignores importance (Q8_0, F16, BF16).
 pub fn default_weighting(kind: &TargetKind) -> Option<Weighting> {
     use crate::gguf::mix::FileType;
+    if !uses_importance(kind) {
+        return None;
+    }
     match kind {
-        TargetKind::Gguf(FileType::Q8_0 | FileType::F16 | FileType::BF16 | FileType::F32 | FileType::IQ4_NL) => None,
+        TargetKind::Gguf(FileType::IQ4_NL) => None,
         TargetKind::Gguf(FileType::IQ4_XS) => Some(Weighting::Loops),
         TargetKind::Gguf(_) => Some(Weighting::Exit(0.5)),
         TargetKind::Mlx(o) if o.bits.is_some_and(|b| b <= 3) => Some(Weighting::Loops),
@@ -246,16 +249,22 @@ pub fn default_weighting(kind: &TargetKind) -> Option<Weighting> {
     }
 }
 
+/// Whether a target's quantizer uses importance data at all (ggml's Q8_0, F16 and BF16 ignore it;
+/// unquantized MLX has nothing to quantize).
+fn uses_importance(kind: &TargetKind) -> bool {
+    use crate::gguf::mix::FileType;
+    match kind {
+        TargetKind::Gguf(ft) => !matches!(ft, FileType::Q8_0 | FileType::F16 | FileType::BF16 | FileType::F32),
+        TargetKind::Mlx(o) => o.bits.is_some(),
+        TargetKind::Invalid(_) => false,
+    }
+}
+
 /// The weighting a target quantizes with: none without `[calibration]`; else the target's own,
 /// `[calibration] weighting`, or [`default_weighting`]. Types that ignore importance get none.
 fn weighting_for(m: &Manifest, t: &Target, kind: &TargetKind) -> Option<Weighting> {
     let c = m.calibration.as_ref()?;
-    let uses = match kind {
-        TargetKind::Gguf(ft) => !matches!(ft, crate::gguf::mix::FileType::Q8_0 | crate::gguf::mix::FileType::F16 | crate::gguf::mix::FileType::BF16 | crate::gguf::mix::FileType::F32),
-        TargetKind::Mlx(o) => o.bits.is_some(),
-        TargetKind::Invalid(_) => false,
-    };
-    if !uses {
+    if !uses_importance(kind) {
         return None;
     }
     match t.imatrix.as_deref().or(c.weighting.as_deref()) {

@@ -557,7 +557,7 @@ mod portable {
         (m[0] + m[2]) + (m[1] + m[3])
     }
 
-    fn f16_at(p: &[u8], i: usize) -> f32 {
+    pub(super) fn f16_at(p: &[u8], i: usize) -> f32 {
         f16::from_le_bytes([p[i], p[i + 1]]).to_f32()
     }
 
@@ -793,14 +793,59 @@ mod avx2 {
         each::<AVX2_ACTS>(w, 210, acts, out, |w, a| unsafe { q6k_impl(w, a) }, |w, a| unsafe { q6k_impl(w, a) })
     }
 
-    /// The portable IQ4_XS row compiled for AVX2 (the same operations: the bits do not change).
     pub fn iq4_xs(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each::<1>(w, 136, acts, out, |w, [a]| [unsafe { iq4_xs_impl(w, a) }], |w, [a]| [unsafe { iq4_xs_impl(w, a) }])
+        each::<AVX2_ACTS>(w, 136, acts, out, |w, a| unsafe { iq4_xs_impl(w, a) }, |w, a| unsafe { iq4_xs_impl(w, a) })
     }
 
+    /// IQ4_XS as [`super::portable::iq4_xs_row`]: each 32-weight sub-block's indices looked up
+    /// in the 16-entry table by one byte shuffle (low nibbles are weights 0-15, high 16-31, the
+    /// activations' order), unpacked once per block for all `A` activation rows; `|w|` times the
+    /// activations with `w`'s sign in 16 bits, then 8 sums of 4 in 32 bits per sub-block, reduced
+    /// by horizontal adds to one exact integer sum per sub-block in lane `ib`; times `ls - 32`,
+    /// converted and multiply-added with `d_w * d_x` lane by lane, as the portable row does.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn iq4_xs_impl(w: &[u8], a: &Acts) -> f32 {
-        super::portable::iq4_xs_row(w, a)
+    unsafe fn iq4_xs_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(crate::quant::iq4nl::KVALUES.as_ptr() as *const __m128i));
+        let nibble = _mm_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); A];
+        let mut wv = [_mm256_setzero_si256(); 8];
+        let mut wa = [_mm256_setzero_si256(); 8];
+        for (b, blk) in w.chunks_exact(136).enumerate() {
+            let p = blk.as_ptr();
+            prefetch(p, 136);
+            let dw = super::portable::f16_at(blk, 0);
+            let sh = u16::from_le_bytes([blk[2], blk[3]]);
+            let ls: [i32; 8] = std::array::from_fn(|ib| {
+                (((blk[4 + ib / 2] >> (4 * (ib % 2))) & 15) as i32 | ((((sh >> (2 * ib)) & 3) as i32) << 4)) - 32
+            });
+            let ls = _mm256_loadu_si256(ls.as_ptr() as *const __m256i);
+            for ib in 0..8 {
+                let raw = _mm_loadu_si128(p.add(8 + 16 * ib) as *const __m128i);
+                let idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(raw), nibble), _mm_and_si128(raw, nibble));
+                wv[ib] = _mm256_shuffle_epi8(table, idx);
+                wa[ib] = _mm256_abs_epi8(wv[ib]);
+            }
+            for k in 0..A {
+                let x = a[k].qs.as_ptr().add(QK * b);
+                let dot = |ib: usize| {
+                    let xs = _mm256_loadu_si256(x.add(32 * ib) as *const __m256i);
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(wa[ib], _mm256_sign_epi8(xs, wv[ib])), ones)
+                };
+                // lane ib of `sums`: sub-block ib's 8 partial sums added (integers: exact in any order)
+                let h01 = _mm256_hadd_epi32(dot(0), dot(1));
+                let h23 = _mm256_hadd_epi32(dot(2), dot(3));
+                let h45 = _mm256_hadd_epi32(dot(4), dot(5));
+                let h67 = _mm256_hadd_epi32(dot(6), dot(7));
+                let e = _mm256_hadd_epi32(h01, h23);
+                let f = _mm256_hadd_epi32(h45, h67);
+                let sums = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(e, f), _mm256_permute2x128_si256::<0x31>(e, f));
+                let s = _mm256_set1_ps(dw * a[k].d[b]);
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_mullo_epi32(sums, ls)), s, acc[k]);
+            }
+        }
+        // ((0+4) + (2+6)) + ((1+5) + (3+7)), as the portable row
+        std::array::from_fn(|k| hsum128(_mm_add_ps(_mm256_castps256_ps128(acc[k]), _mm256_extractf128_ps::<1>(acc[k]))))
     }
 
     /// Pairs of 32-weight blocks: `weights(p)` gives each block's 32 int8 weights. `|w|` times
