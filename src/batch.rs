@@ -491,14 +491,12 @@ pub fn run(m: &Manifest, jobs_n: usize, force: bool, progress: Progress, started
     for j in jobs(m) {
         let is_dir = matches!(j.target, TargetKind::Mlx(_));
         crate::output::check_target(&m.output_dir.join(&j.output), true, is_dir)?;
-    }
-    for name in [STATE_FILE, "SHA256SUMS", "summary.md", "summary.json"] {
-        crate::output::check_managed(&m.output_dir.join(name))?;
-    }
-    for j in jobs(m) {
         if let Some(w) = j.imatrix {
             crate::output::check_target(&m.output_dir.join(imatrix_file(&j.source, w)), true, false)?;
         }
+    }
+    for name in [STATE_FILE, "SHA256SUMS", "summary.md", "summary.json"] {
+        crate::output::check_managed(&m.output_dir.join(name))?;
     }
     let state_path = m.output_dir.join(STATE_FILE);
     let state: BTreeMap<String, Record> = match std::fs::read_to_string(&state_path) {

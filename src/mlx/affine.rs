@@ -159,7 +159,6 @@ fn quantize_row_b<const B: u32, const AVX2: bool>(x: &[f32], group_size: usize, 
 #[inline(always)]
 fn quantize_group<const B: u32, const AVX2: bool>(g: &[f32], wg: &mut [u32]) -> (f32, f32) {
     let n = (1i32 << B) - 1;
-    let (lo, hi) = (-1.0f32, n as f32 + 1.0);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2 is true only when called from the AVX2 entry point, after detection.
     let (mn, mx) = if AVX2 { unsafe { min_max_avx2(g) } } else { min_max(g) };
@@ -176,12 +175,7 @@ fn quantize_group<const B: u32, const AVX2: bool>(g: &[f32], wg: &mut [u32]) -> 
     }
     for (g32, w) in g.chunks_exact(32).zip(wg.chunks_exact_mut(B as usize)) {
         let mut codes = [0u32; 32];
-        for (c, &v) in codes.iter_mut().zip(g32) {
-            let v = (v - bias) / scale;
-            let v = if v < lo { lo } else if v > hi { hi } else { v };
-            let r = ((v + MAGIC).to_bits() as i32).wrapping_sub(MAGIC_BITS);
-            *c = r.clamp(0, n) as u32;
-        }
+        codes_of(g32, scale, bias, n, &mut codes);
         pack32::<B>(&codes, w);
     }
     (scale, bias)
@@ -307,7 +301,7 @@ fn pack32<const B: u32>(codes: &[u32; 32], out: &mut [u32]) {
 /// [`quantize_row_weighted`].
 const SHRINK: [f32; 6] = [0.0, 0.025, 0.05, 0.075, 0.1, 0.15];
 
-/// A group's codes for `scale` and `bias`, as the plain path computes them.
+/// Codes for `scale` and `bias`: `clamp(rint((v - bias) / scale), 0, n)` (MLX's rule, half to even).
 #[inline(always)]
 fn codes_of(g: &[f32], scale: f32, bias: f32, n: i32, out: &mut [u32]) {
     let (lo, hi) = (-1.0f32, n as f32 + 1.0);
@@ -406,16 +400,18 @@ pub fn quantize_row_weighted(
     }
 }
 
-/// Packs codes of `bits` bits into a little-endian bitstream of u32 words.
+/// Packs codes of `bits` bits into a little-endian bitstream of u32 words, 32 codes at a time.
 fn pack_bits(codes: &[u32], bits: u32, out: &mut [u32]) {
-    out.fill(0);
-    for (i, &c) in codes.iter().enumerate() {
-        let bit = i * bits as usize;
-        let (w, off) = (bit / 32, (bit % 32) as u32);
-        let v = (c as u64) << off;
-        out[w] |= v as u32;
-        if off + bits > 32 {
-            out[w + 1] |= (v >> 32) as u32;
+    for (c, w) in codes.chunks_exact(32).zip(out.chunks_exact_mut(bits as usize)) {
+        let c: &[u32; 32] = c.try_into().expect("32 codes");
+        match bits {
+            2 => pack32::<2>(c, w),
+            3 => pack32::<3>(c, w),
+            4 => pack32::<4>(c, w),
+            5 => pack32::<5>(c, w),
+            6 => pack32::<6>(c, w),
+            8 => pack32::<8>(c, w),
+            _ => panic!("MLX affine quantization has no {bits}-bit mode"),
         }
     }
 }
