@@ -126,7 +126,9 @@ fn every_command_that_runs_a_model_takes_loops() {
     assert_eq!((l6.len(), l4.len(), p["loops"].as_u64()), (6, 4, Some(6)));
     assert_eq!(l6[..4], l4[..], "loops 1-4 do not depend on how many follow");
     let rel = (l6[5].as_f64().unwrap() / p["runs"][0]["ppl"].as_f64().unwrap() - 1.0).abs();
-    assert!(rel < 1e-3, "loop 6 of one pass vs decoding with 6 loops (f16 KV): {rel}");
+    // measured 5.5e-7 (the decode keeps K/V in f16, the one pass does too, rounding in another
+    // order); a wrong loop 6 moves ppl by percents
+    assert!(rel < 1e-5, "loop 6 of one pass vs decoding with 6 loops (f16 KV): {rel}");
     let v = json(&["validate", "--reference", fs, "--candidate", fs, "--text", text.to_str().unwrap(), "--ctx", "64", "--chunks", "2", "--loops", "8", "--json"]);
     let per_loop = v["report"]["per_loop"].as_array().unwrap();
     assert_eq!(per_loop.len(), 8);

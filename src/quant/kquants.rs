@@ -86,7 +86,7 @@ pub(crate) fn make_qx_quants(x: &[f32], nmax: i32, l_out: &mut [i8], qw: Option<
         isc[k] = -(nmax as f32 + 0.1 * is as f32) / max;
     }
     #[cfg(target_arch = "x86_64")]
-    let (slx, sl2) = if std::is_x86_feature_detected!("avx2") {
+    let (slx, sl2) = if super::avx2() {
         // SAFETY: the CPU has AVX2 (checked just above).
         unsafe { sums_avx2(x, wts, nmax, &isc) }
     } else {
@@ -176,7 +176,7 @@ fn make_q3_quants(x: &[f32], nmax: i32, l_out: &mut [i8]) -> f32 {
 /// nothing either, and the result is bit-identical.
 fn make_q3_quants_x16(xb: &[f32; QK_K], l_out: &mut [i8; QK_K]) -> [f32; 16] {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
+    if super::avx2() {
         // SAFETY: the CPU has AVX2 (checked just above).
         return unsafe { q3_x16_avx2(xb, l_out) };
     }
@@ -403,7 +403,7 @@ impl Candidates<'_> {
     /// (k, scale, min, error).
     fn search<const L: usize>(&self, best_error: f32) -> Option<(usize, f32, f32, f32)> {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
+        if super::avx2() {
             // SAFETY: the CPU has AVX2 (checked just above).
             return unsafe { self.search_avx2::<L>(best_error) };
         }

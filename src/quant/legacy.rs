@@ -125,7 +125,7 @@ pub fn quantize_q4_0(x: &[f32], out: &mut Vec<u8>) {
 
 pub fn quantize_q4_1(x: &[f32], out: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
+    if super::avx2() {
         // SAFETY: the CPU has AVX2 (checked just above).
         return unsafe { q4_1_avx2(x, out) };
     }

@@ -11,6 +11,18 @@ pub mod legacy;
 
 use ggml::GgmlType;
 
+/// Whether the quantizers may run their AVX2 builds (the same Rust functions compiled with AVX2
+/// enabled; they must give the portable build's bytes, which `portable_and_avx2_builds_agree`
+/// checks by turning them off).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2() -> bool {
+    #[cfg(test)]
+    if tests::PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    std::is_x86_feature_detected!("avx2")
+}
+
 /// Whether [`quantize_row`] implements `ty` (every type of [`GgmlType`]).
 pub fn has_quantizer(_ty: GgmlType) -> bool {
     true
@@ -49,4 +61,53 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], imatrix: Option<&[f32]>, out: &mut 
         GgmlType::IQ4_XS => iq4nl::quantize_iq4_xs(x, imatrix, out),
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Set by the test below; other tests of this process that quantize meanwhile take the
+    /// portable build, which gives the same bytes (what the test checks).
+    pub(super) static PORTABLE_ONLY: AtomicBool = AtomicBool::new(false);
+
+    /// Every quantizer gives the same bytes through its AVX2 build as through the portable one,
+    /// with and without an importance vector, on rows with outliers, zero and constant blocks.
+    #[test]
+    fn portable_and_avx2_builds_agree() {
+        #[cfg(target_arch = "x86_64")]
+        if !std::is_x86_feature_detected!("avx2") {
+            crate::test_report::note("NOT RUN here: avx2 quantizer builds against the portable ones (this CPU lacks avx2)");
+            return;
+        }
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let n = 4 * 256;
+        let mut x: Vec<f32> = (0..n).map(|i| rnd() * if i % 61 == 0 { 9.0 } else { 1.0 }).collect();
+        x[256..288].fill(0.0);
+        x[512..544].fill(0.3);
+        let imp: Vec<f32> = (0..n).map(|_| 0.01 + (rnd() + 0.5).powi(2) * 3.0).collect();
+        let types = [
+            GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q3_K,
+            GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::F16, GgmlType::BF16,
+        ];
+        for ty in types {
+            for imatrix in [None, Some(&imp[..])] {
+                let (mut fast, mut port) = (Vec::new(), Vec::new());
+                PORTABLE_ONLY.store(false, Ordering::Relaxed);
+                assert!(quantize_row(ty, &x, imatrix, &mut fast));
+                PORTABLE_ONLY.store(true, Ordering::Relaxed);
+                assert!(quantize_row(ty, &x, imatrix, &mut port));
+                PORTABLE_ONLY.store(false, Ordering::Relaxed);
+                assert!(fast == port, "{ty:?} (importance: {}): the AVX2 build differs from the portable one", imatrix.is_some());
+            }
+        }
+        crate::test_report::note("ran: avx2 quantizer builds (legacy, k-quants, IQ4) give the portable ones' bytes");
+    }
 }
