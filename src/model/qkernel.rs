@@ -3,9 +3,11 @@
 //! candle lacks, from our own buffer): nothing is copied, widened or repacked, so a model takes its
 //! file's size in memory.
 //!
-//! Three builds, one result: `portable` (plain Rust) is the definition, `avx2` and `vnni` give its
-//! bits exactly, and the widest this CPU runs is chosen at run time ([`selected`]). Tests run every
-//! build the CPU has against the portable one (`scripts/test.sh` lists the builds that ran).
+//! Four builds, one result: `portable` (plain Rust) is the definition; `avx2`, the same functions
+//! with AVX-VNNI's `vpdpbusd` for their sums of byte products (`avxvnni`), and `vnni` (AVX-512)
+//! give its bits exactly, and the widest this CPU runs is chosen at run time ([`selected`]). Tests
+//! run every build the CPU has against the portable one (`scripts/test.sh` lists the builds that
+//! ran).
 //!
 //! Why not candle's kernels: on this kind of CPU candle 0.11 multiplies Q4_K (always), Q8_0
 //! (always) and Q6_K (more than one input row) through a second, repacked copy of the weights that
@@ -120,17 +122,22 @@ pub enum Isa {
     Portable,
     /// AVX2 + FMA + F16C (x86-64 from 2013 on, AMD from Zen 1).
     Avx2,
+    /// The AVX2 build with AVX-VNNI's `vpdpbusd` (VEX) for the sums of 4 byte products of Q8_0,
+    /// Q4_0, IQ4_NL and IQ4_XS (Intel client chips from Alder Lake, AMD from Zen 5); the k-quants
+    /// scale pairs of products in 16 bits, which `vpdpbusd` cannot, and keep the AVX2 kernels.
+    AvxVnni,
     /// AVX-512 F/BW/VNNI + AVX2 + FMA + F16C (Intel from Ice Lake, AMD from Zen 4).
     Avx512Vnni,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni];
+    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avxvnni",
             Isa::Avx512Vnni => "avx512vnni",
         }
     }
@@ -140,6 +147,7 @@ impl Isa {
         match self {
             Isa::Portable => "quantized, portable",
             Isa::Avx2 => "quantized, AVX2",
+            Isa::AvxVnni => "quantized, AVX-VNNI",
             Isa::Avx512Vnni => "quantized, AVX-512 VNNI",
         }
     }
@@ -153,6 +161,7 @@ impl Isa {
             match self {
                 Isa::Portable => true,
                 Isa::Avx2 => avx2,
+                Isa::AvxVnni => avx2 && has!("avxvnni"),
                 Isa::Avx512Vnni => avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
             }
         }
@@ -166,7 +175,7 @@ impl Isa {
 /// The build the runner uses: the widest this CPU runs, on x86-64 with at least AVX2; `None`
 /// elsewhere (candle's kernels, vectorized for NEON, serve better than the portable build), and
 /// when the environment sets `OURO_QUANT_KERNELS=candle` (benchmarks compare the two that way,
-/// and it is the way out should a kernel ever be suspected). `OURO_QUANT_KERNELS=avx2` or
+/// and it is the way out should a kernel ever be suspected). `OURO_QUANT_KERNELS=avxvnni`, `avx2` or
 /// `portable` picks a narrower build (for comparisons; refused where the CPU lacks it).
 pub fn selected() -> Option<Isa> {
     static SEL: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
@@ -178,7 +187,7 @@ pub fn selected() -> Option<Isa> {
         if let Some(isa) = Isa::ALL.into_iter().find(|i| i.name() == want) {
             return isa.supported().then_some(isa);
         }
-        [Isa::Avx512Vnni, Isa::Avx2].into_iter().find(|i| i.supported())
+        [Isa::Avx512Vnni, Isa::AvxVnni, Isa::Avx2].into_iter().find(|i| i.supported())
     })
 }
 
@@ -456,23 +465,34 @@ fn kernel(kind: QKind, isa: Isa) -> Dot {
         Isa::Avx512Vnni => {
             return match kind {
                 QKind::Q8_0 => vnni::q8_0,
-                QKind::Q4_0 => avx2::q4_0,
+                QKind::Q4_0 => avx2::q4_0::<false>,
                 QKind::Q4K => vnni::q4k,
                 QKind::Q5K => avx2::q5k,
                 QKind::Q6K => vnni::q6k,
                 QKind::IQ4NL => vnni::iq4_nl,
-                QKind::IQ4XS => avx2::iq4_xs,
+                QKind::IQ4XS => avx2::iq4_xs::<false>,
             }
         }
         Isa::Avx2 => {
             return match kind {
-                QKind::Q8_0 => avx2::q8_0,
-                QKind::Q4_0 => avx2::q4_0,
+                QKind::Q8_0 => avx2::q8_0::<false>,
+                QKind::Q4_0 => avx2::q4_0::<false>,
                 QKind::Q4K => avx2::q4k,
                 QKind::Q5K => avx2::q5k,
                 QKind::Q6K => avx2::q6k,
-                QKind::IQ4NL => avx2::iq4_nl,
-                QKind::IQ4XS => avx2::iq4_xs,
+                QKind::IQ4NL => avx2::iq4_nl::<false>,
+                QKind::IQ4XS => avx2::iq4_xs::<false>,
+            }
+        }
+        Isa::AvxVnni => {
+            return match kind {
+                QKind::Q8_0 => avx2::q8_0::<true>,
+                QKind::Q4_0 => avx2::q4_0::<true>,
+                QKind::Q4K => avx2::q4k,
+                QKind::Q5K => avx2::q5k,
+                QKind::Q6K => avx2::q6k,
+                QKind::IQ4NL => avx2::iq4_nl::<true>,
+                QKind::IQ4XS => avx2::iq4_xs::<true>,
             }
         }
         Isa::Portable => {}
@@ -767,18 +787,19 @@ mod avx2 {
 
     // Safety (all): `Isa::Avx2.supported()` was checked before these were handed out; `each`
     // checks that every activation row has the weight rows' number of blocks.
-    pub fn q8_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each::<ACTS>(w, 34, acts, out, |w, a| unsafe { q8_0_impl(w, a) }, |w, a| unsafe { q8_0_impl(w, a) })
+    // (`V`: the AVX-VNNI build, which only `Isa::AvxVnni` hands out, after detecting it)
+    pub fn q8_0<const V: bool>(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each::<ACTS>(w, 34, acts, out, |w, a| unsafe { q8_0_impl::<V, 1>(w, a) }, |w, a| unsafe { q8_0_impl::<V, ACTS>(w, a) })
     }
 
-    pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+    pub fn iq4_nl<const V: bool>(w: &[u8], acts: &[Acts], out: &mut [f32]) {
         let t = &crate::quant::iq4nl::KVALUES;
-        each::<ACTS>(w, 18, acts, out, |w, a| unsafe { table4_impl(w, a, t) }, |w, a| unsafe { table4_impl(w, a, t) })
+        each::<ACTS>(w, 18, acts, out, |w, a| unsafe { table4_impl::<V, 1>(w, a, t) }, |w, a| unsafe { table4_impl::<V, ACTS>(w, a, t) })
     }
 
-    pub fn q4_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+    pub fn q4_0<const V: bool>(w: &[u8], acts: &[Acts], out: &mut [f32]) {
         let t = &super::Q4_0_VALUES;
-        each::<ACTS>(w, 18, acts, out, |w, a| unsafe { table4_impl(w, a, t) }, |w, a| unsafe { table4_impl(w, a, t) })
+        each::<ACTS>(w, 18, acts, out, |w, a| unsafe { table4_impl::<V, 1>(w, a, t) }, |w, a| unsafe { table4_impl::<V, ACTS>(w, a, t) })
     }
 
     pub fn q4k(w: &[u8], acts: &[Acts], out: &mut [f32]) {
@@ -793,8 +814,27 @@ mod avx2 {
         each::<AVX2_ACTS>(w, 210, acts, out, |w, a| unsafe { q6k_impl(w, a) }, |w, a| unsafe { q6k_impl(w, a) })
     }
 
-    pub fn iq4_xs(w: &[u8], acts: &[Acts], out: &mut [f32]) {
-        each::<AVX2_ACTS>(w, 136, acts, out, |w, a| unsafe { iq4_xs_impl(w, a) }, |w, a| unsafe { iq4_xs_impl(w, a) })
+    pub fn iq4_xs<const V: bool>(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        each::<AVX2_ACTS>(w, 136, acts, out, |w, a| unsafe { iq4_xs_impl::<V, 1>(w, a) }, |w, a| unsafe { iq4_xs_impl::<V, AVX2_ACTS>(w, a) })
+    }
+
+    /// Sums of 4 byte products (`u` unsigned, `s` signed) added to the 32-bit lanes of `acc`:
+    /// AVX-VNNI's `vpdpbusd` with `V`, else `vpmaddubsw` (pairs in 16 bits; the callers' operands
+    /// never saturate them) and `vpmaddwd` by ones. The same exact integers either way.
+    /// Safety: with `V` the CPU must have AVX-VNNI (`Isa::AvxVnni`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot4<const V: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        if V {
+            let mut acc = acc;
+            // the VEX encoding (AVX-VNNI), not AVX-512 VNNI's EVEX one; written as assembly so that
+            // these functions need not be compiled a second time with `avxvnni` enabled
+            std::arch::asm!("{{vex}} vpdpbusd {acc}, {u}, {s}", acc = inout(ymm_reg) acc, u = in(ymm_reg) u, s = in(ymm_reg) s,
+                options(pure, nomem, nostack, preserves_flags));
+            acc
+        } else {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+        }
     }
 
     /// IQ4_XS as [`super::portable::iq4_xs_row`]: each 32-weight sub-block's indices looked up
@@ -804,10 +844,9 @@ mod avx2 {
     /// by horizontal adds to one exact integer sum per sub-block in lane `ib`; times `ls - 32`,
     /// converted and multiply-added with `d_w * d_x` lane by lane, as the portable row does.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn iq4_xs_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+    unsafe fn iq4_xs_impl<const V: bool, const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
         let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(crate::quant::iq4nl::KVALUES.as_ptr() as *const __m128i));
         let nibble = _mm_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); A];
         let mut wv = [_mm256_setzero_si256(); 8];
         let mut wa = [_mm256_setzero_si256(); 8];
@@ -830,7 +869,7 @@ mod avx2 {
                 let x = a[k].qs.as_ptr().add(QK * b);
                 let dot = |ib: usize| {
                     let xs = _mm256_loadu_si256(x.add(32 * ib) as *const __m256i);
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(wa[ib], _mm256_sign_epi8(xs, wv[ib])), ones)
+                    dot4::<V>(_mm256_setzero_si256(), wa[ib], _mm256_sign_epi8(xs, wv[ib]))
                 };
                 // lane ib of `sums`: sub-block ib's 8 partial sums added (integers: exact in any order)
                 let h01 = _mm256_hadd_epi32(dot(0), dot(1));
@@ -853,13 +892,13 @@ mod avx2 {
     /// `vpmaddubsw` never saturates), then sums of 4 in 32 bits.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn int8_pairs<const A: usize>(
+    unsafe fn int8_pairs<const V: bool, const A: usize>(
         w: &[u8],
         a: [&Acts; A],
         pair: usize,
         weights: impl Fn(*const u8) -> (__m256i, __m256i),
     ) -> [f32; A] {
-        let ones = _mm256_set1_epi16(1);
+        let zero = _mm256_setzero_si256();
         let mut lo = [_mm256_setzero_ps(); A];
         let mut hi = [_mm256_setzero_ps(); A];
         for (b, chunk) in w.chunks_exact(pair).enumerate() {
@@ -874,8 +913,8 @@ mod avx2 {
                 let x = a[k].qs.as_ptr().add(64 * b);
                 let x0 = _mm256_loadu_si256(x as *const __m256i);
                 let x1 = _mm256_loadu_si256(x.add(32) as *const __m256i);
-                let d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, w0)), ones);
-                let d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, w1)), ones);
+                let d0 = dot4::<V>(zero, a0, _mm256_sign_epi8(x0, w0));
+                let d1 = dot4::<V>(zero, a1, _mm256_sign_epi8(x1, w1));
                 let dx = _mm_castpd_ps(_mm_load_sd(a[k].d.as_ptr().add(2 * b) as *const f64));
                 let s = _mm_mul_ps(dw, dx);
                 lo[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_broadcastss_ps(s), lo[k]);
@@ -886,8 +925,8 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_impl<const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
-        int8_pairs(w, a, 68, |p| {
+    unsafe fn q8_0_impl<const V: bool, const A: usize>(w: &[u8], a: [&Acts; A]) -> [f32; A] {
+        int8_pairs::<V, A>(w, a, 68, |p| {
             (_mm256_loadu_si256(p.add(2) as *const __m256i), _mm256_loadu_si256(p.add(36) as *const __m256i))
         })
     }
@@ -895,7 +934,7 @@ mod avx2 {
     /// IQ4_NL (and Q4_0): a block's 32 indices (low nibbles, then high) looked up in the 16-entry
     /// `values` by one byte shuffle, then as Q8_0.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn table4_impl<const A: usize>(w: &[u8], a: [&Acts; A], values: &[i8; 16]) -> [f32; A] {
+    unsafe fn table4_impl<const V: bool, const A: usize>(w: &[u8], a: [&Acts; A], values: &[i8; 16]) -> [f32; A] {
         let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(values.as_ptr() as *const __m128i));
         let nibble = _mm_set1_epi8(0x0F);
         let block = |q: *const u8| {
@@ -903,7 +942,7 @@ mod avx2 {
             let idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(raw), nibble), _mm_and_si128(raw, nibble));
             _mm256_shuffle_epi8(table, idx)
         };
-        int8_pairs(w, a, 36, |p| (block(p.add(2)), block(p.add(20))))
+        int8_pairs::<V, A>(w, a, 36, |p| (block(p.add(2)), block(p.add(20))))
     }
 
     /// Activation rows per call of the AVX2 k-quant kernels: their integer sums (2 registers
@@ -1586,7 +1625,7 @@ mod tests {
     #[test]
     fn every_build_equals_the_portable_definition() {
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+        for isa in [Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni] {
             if !isa.supported() {
                 crate::test_report::note(&format!("NOT RUN here: {} kernels against the portable definition (this CPU lacks the features)", isa.name()));
                 continue;
