@@ -181,3 +181,36 @@ fn perplexity_command_reports_the_trade_off() {
     assert_eq!(h, 3 * 63);
     assert_eq!(v["ppl_rise_pct"][0].as_f64().unwrap(), 0.0);
 }
+
+/// `perplexity --batched` scores each chunk in one pass, as llama-perplexity does: the same
+/// per-loop numbers the full command reports (the same pass), its all-loops perplexity equal to
+/// the decode's all-loops row within f16 KV rounding, and no decode rows; decode-only options
+/// beside it are refused.
+#[test]
+fn batched_perplexity_is_the_one_pass_score() {
+    let f = fixture();
+    let text = f.join("validation.txt");
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let out = bin()
+            .arg("perplexity").arg(&f).arg("--text").arg(&text)
+            .args(["--ctx", "128", "--chunks", "4", "--json"]).args(extra)
+            .output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let b = json(&["--batched"]);
+    let d = json(&["--exit-threshold", "0.5"]);
+    assert!(b.get("runs").is_none(), "no decode rows: {b}");
+    assert_eq!(b["per_loop_ppl"], d["per_loop_ppl"]);
+    let (bp, dp) = (b["batched"]["ppl"].as_f64().unwrap(), d["runs"][0]["ppl"].as_f64().unwrap());
+    assert_eq!(bp, b["per_loop_ppl"][3].as_f64().unwrap(), "all loops = loop 4's readout");
+    assert_eq!(b["batched"]["scored_tokens"].as_u64(), Some(4 * 63));
+    // measured 5.0e-7 (the decode keeps K/V in f16); a wrong pass differs by percents
+    assert!((bp / dp - 1.0).abs() < 1e-5, "batched {bp} vs decoded {dp}");
+    let refused = bin()
+        .arg("perplexity").arg(&f).arg("--text").arg(&text)
+        .args(["--batched", "--exit-threshold", "0.5"])
+        .output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--batched"));
+}

@@ -1,6 +1,8 @@
 //! `ouro-quant perplexity`: one model's perplexity over a text as a decoder sees it (prefill, then
 //! token by token through the KV cache), with all loops and with adaptive exit at each threshold:
-//! what early exit costs in quality and gains in speed.
+//! what early exit costs in quality and gains in speed. Every loop's perplexity comes from one
+//! batched pass per chunk, as llama-perplexity scores a text; `--batched` stops there (seconds
+//! instead of minutes on a large model).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +30,11 @@ pub struct Args {
     pub loops: LoopsArg,
     #[command(flatten)]
     pub kv: KvArgs,
+    /// Score each chunk in one batched pass only, as llama-perplexity does: the perplexity with all
+    /// loops and at each fixed depth, without the token-by-token decode that adaptive exit needs
+    /// (no exit rows, no decode speeds).
+    #[arg(long, conflicts_with_all = ["exit_threshold", "kv", "kv_fill", "kv_dtype"])]
+    pub batched: bool,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -49,14 +56,51 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let ids = tok.encode(body.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", text.display()))?.get_ids().to_vec();
     let spans = ouro_quant::eval::scored_chunks(ids.len(), ctx, chunks).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
     let m = &loaded.model;
+    // per-loop quality: each chunk in one pass with all loops, every loop's readout scored on the
+    // same tokens (what validate reports per loop; with --loops N, up to N)
+    let t0 = std::time::Instant::now();
+    let full = ouro_quant::eval::evaluate(m, &ids, ctx, chunks, &mut |_, _| {})?;
+    let secs = t0.elapsed().as_secs_f64();
+    let per_loop: Vec<(f64, f64)> = (0..m.dims.loops).map(|t| ouro_quant::eval::perplexity(&full.nll_loop(t, None))).collect();
+    let (ppl, ppl_se) = *per_loop.last().expect("at least one loop");
+    let batched = serde_json::json!({
+        "scored_tokens": full.len(),
+        "ppl": ppl,
+        "ppl_se": ppl_se,
+        "seconds": secs,
+        "tokens_per_s": (spans.len() * ctx) as f64 / secs.max(1e-9),
+    });
+    let per_loop: Vec<f64> = per_loop.iter().map(|p| p.0).collect();
+    let per_loop_line = || per_loop.iter().enumerate().map(|(t, p)| format!("loop {} {p:.4}", t + 1)).collect::<Vec<_>>().join(", ");
+    if a.batched {
+        if a.json {
+            let v = serde_json::json!({
+                "model": loaded.description,
+                "text": text.display().to_string(),
+                "ctx": ctx,
+                "chunks": spans.len(),
+                "loops": m.dims.loops,
+                "batched": batched,
+                "per_loop_ppl": per_loop,
+            });
+            print_json("ouro-quant-perplexity-1", &v)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "{}: {} chunks of {ctx}, {} tokens scored in one pass per chunk ({:.1} tok/s)",
+            loaded.description,
+            spans.len(),
+            full.len(),
+            batched["tokens_per_s"].as_f64().unwrap_or(0.0)
+        );
+        println!("perplexity, all {} loops: {ppl:.4} ± {ppl_se:.4}", m.dims.loops);
+        println!("per loop: {}", per_loop_line());
+        return Ok(ExitCode::SUCCESS);
+    }
     // every threshold in turn on each chunk: speeds compared moments apart, chunk by chunk
     let qs: Vec<Option<f32>> = std::iter::once(None).chain(a.exit_threshold.iter().map(|&q| Some(q))).collect();
     let runs = ouro_quant::eval::decode_evals(m, &ids, ctx, chunks, &qs, kv, kv_fill, kv_dtype)?;
     let base = runs[0].clone();
-    // per-loop quality: each chunk in one pass with all loops, every loop's readout scored on the
-    // same tokens (what validate reports per loop; with --loops N, up to N)
-    let full = ouro_quant::eval::evaluate(m, &ids, ctx, chunks, &mut |_, _| {})?;
-    let per_loop: Vec<f64> = (0..m.dims.loops).map(|t| ouro_quant::eval::perplexity(&full.nll_loop(t, None)).0).collect();
     if a.json {
         let v = serde_json::json!({
             "model": loaded.description,
@@ -68,6 +112,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             "kv_dtype": format!("{kv_dtype:?}").to_lowercase(),
             "runs": runs,
             "loops": m.dims.loops,
+            "batched": batched,
             "per_loop_ppl": per_loop,
             "ppl_rise_pct": runs.iter().map(|r| 100.0 * (r.ppl / base.ppl - 1.0)).collect::<Vec<_>>(),
             "speedup": runs.iter().map(|r| r.speedup_over(&base)).collect::<Vec<_>>(),
@@ -94,9 +139,6 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             r.speedup_over(&base)
         );
     }
-    println!(
-        "per loop (one pass per chunk, each loop read out): {}",
-        per_loop.iter().enumerate().map(|(t, p)| format!("loop {} {p:.4}", t + 1)).collect::<Vec<_>>().join(", ")
-    );
+    println!("per loop (one pass per chunk, each loop read out, {:.1} tok/s): {}", batched["tokens_per_s"].as_f64().unwrap_or(0.0), per_loop_line());
     Ok(ExitCode::SUCCESS)
 }
