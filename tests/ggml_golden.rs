@@ -98,3 +98,104 @@ fn iq4_xs_matches_ggml_byte_for_byte() {
         }
     }
 }
+
+/// The lattice i-quants against ggml 0.25.3's bytes (`vectors_iq.safetensors`): every distribution,
+/// with the importance vector and (for the types ggml quantizes without one) without.
+#[test]
+fn iq_lattice_types_match_ggml_byte_for_byte() {
+    use ouro_quant::quant::{iq1, iq2, iq3};
+    type Quantize = fn(&[f32], Option<&[f32]>, &mut Vec<u8>);
+    let f = SafetensorsFile::open(common::fixtures().join("golden/ggml/vectors_iq.safetensors")).unwrap();
+    let floats = |name: &str| -> Vec<f32> { f.bytes(name).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect() };
+    let types: [(&str, Quantize, usize, bool); 7] = [
+        ("IQ3_XXS", iq3::quantize_iq3_xxs, 196, false),
+        ("IQ3_S", iq3::quantize_iq3_s, 220, false),
+        ("IQ2_XXS", |x, q, out| iq2::quantize_iq2_xxs(x, q.unwrap(), out), 132, true),
+        ("IQ2_XS", |x, q, out| iq2::quantize_iq2_xs(x, q.unwrap(), out), 148, true),
+        ("IQ2_S", iq2::quantize_iq2_s, 164, false),
+        ("IQ1_S", |x, q, out| iq1::quantize_iq1_s(x, q.unwrap(), out), 100, true),
+        ("IQ1_M", iq1::quantize_iq1_m, 112, false),
+    ];
+    let mut failures = vec![];
+    for (name, quantize, row_bytes, needs_imatrix) in types {
+        for dist in DISTS {
+            let x = floats(&format!("{dist}.input"));
+            let imatrix = floats(&format!("{dist}.imatrix"));
+            for with_imatrix in [false, true] {
+                if needs_imatrix && !with_imatrix {
+                    continue;
+                }
+                let key = format!("{dist}.{name}{}", if with_imatrix { ".imatrix" } else { "" });
+                let want = f.bytes(&key).unwrap_or_else(|| panic!("{key}"));
+                let mut got = Vec::new();
+                for row in x.chunks_exact(512) {
+                    quantize(row, with_imatrix.then_some(imatrix.as_slice()), &mut got);
+                }
+                assert_eq!(got.len(), want.len(), "{key}");
+                for (r, (g, w)) in got.chunks(row_bytes).zip(want.chunks(row_bytes)).enumerate() {
+                    if g != w {
+                        let at = g.iter().zip(w).position(|(a, b)| a != b).unwrap();
+                        failures.push(format!("{key} row {r}: first differing byte {at}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} rows differ from ggml's:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// gguf-py reads the lattice i-quants as our dequantizers do: the same byte grids point by point,
+/// and the same floats from every golden block tensor (ggml's bytes).
+#[test]
+fn iq_lattice_types_dequantize_as_gguf_py_reads_them() {
+    use ouro_quant::quant::{iq1, iq2, iq3};
+    let py = std::env::var("OURO_QUANT_PYTHON").expect("OURO_QUANT_PYTHON (scripts/test.sh sets it)");
+    let golden = common::fixtures().join("golden/ggml/vectors_iq.safetensors");
+    let out = tempfile::tempdir().unwrap();
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/iq_dequant.py");
+    let o = std::process::Command::new(py).arg(script).arg(&golden).arg(out.path()).output().unwrap();
+    assert!(o.status.success(), "gguf-py: {}", String::from_utf8_lossy(&o.stderr));
+    let read = |name: &str| -> Vec<f32> {
+        std::fs::read(out.path().join(name)).unwrap_or_else(|e| panic!("{name}: {e}")).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let grids: [(&str, Vec<f32>); 6] = [
+        ("IQ3_XXS", iq3::grid_values(256)),
+        ("IQ3_S", iq3::grid_values(512)),
+        ("IQ2_XXS", iq2::grid_values(256)),
+        ("IQ2_XS", iq2::grid_values(512)),
+        ("IQ2_S", iq2::grid_values(1024)),
+        ("IQ1_S", iq1::grid_values()),
+    ];
+    for (t, ours) in grids {
+        assert_eq!(ours, read(&format!("grid.{t}.f32")), "{t}: grid values");
+    }
+    type Dequantize = fn(&[u8], &mut Vec<f32>);
+    let types: [(&str, Dequantize); 7] = [
+        ("IQ3_XXS", iq3::dequantize_iq3_xxs),
+        ("IQ3_S", iq3::dequantize_iq3_s),
+        ("IQ2_XXS", iq2::dequantize_iq2_xxs),
+        ("IQ2_XS", iq2::dequantize_iq2_xs),
+        ("IQ2_S", iq2::dequantize_iq2_s),
+        ("IQ1_S", iq1::dequantize_iq1_s),
+        ("IQ1_M", iq1::dequantize_iq1_m),
+    ];
+    let f = SafetensorsFile::open(&golden).unwrap();
+    let mut compared = 0;
+    for (t, dequantize) in types {
+        for dist in DISTS {
+            for suffix in ["", ".imatrix"] {
+                let key = format!("{dist}.{t}{suffix}");
+                let Some(bytes) = f.bytes(&key) else { continue };
+                let mut ours = Vec::new();
+                dequantize(bytes, &mut ours);
+                let theirs = read(&format!("{key}.f32"));
+                assert_eq!(ours.len(), 8 * 512, "{key}");
+                // the same products of the same floats: bit for bit
+                let differ = ours.iter().zip(&theirs).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(differ, 0, "{key}: {differ} values differ from gguf-py's");
+                compared += 1;
+            }
+        }
+    }
+    assert_eq!(compared, 55, "every golden i-quant tensor compared");
+}

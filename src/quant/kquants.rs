@@ -798,7 +798,10 @@ fn q3_k_finish(xb: &[f32], l: &mut [i8; QK_K], sc: &[u8; 12], d: u16, out: &mut 
 }
 
 /// `make_qp_quants`: positive values (block scales or mins) to levels 0..=nmax under weights.
-fn make_qp_quants(x: &[f32], nmax: i32, l_out: &mut [u8], qw: &[f32]) -> f32 {
+/// Like ggml, the levels live in bytes throughout: a negative value (IQ2_XXS hands it one value
+/// flipped negative) gives a negative level that wraps to 256 + l, and the refinement reads it
+/// back that way.
+pub(crate) fn make_qp_quants(x: &[f32], nmax: i32, l_out: &mut [u8], qw: &[f32]) -> f32 {
     let n = x.len();
     let mut max = 0f32;
     for &v in x {
@@ -837,10 +840,9 @@ fn make_qp_quants(x: &[f32], nmax: i32, l_out: &mut [u8], qw: &[f32]) -> f32 {
         }
     }
     let (mut sumlx, mut suml2) = (0f32, 0f32);
-    let mut lv = [0i32; 16];
     for i in 0..n {
         let l = nearest_int(iscale * x[i]).min(nmax);
-        lv[i] = l;
+        l_out[i] = l as u8;
         sumlx += qw[i] * x[i] * l as f32;
         suml2 += qw[i] * l as f32 * l as f32;
     }
@@ -848,15 +850,16 @@ fn make_qp_quants(x: &[f32], nmax: i32, l_out: &mut [u8], qw: &[f32]) -> f32 {
         let mut changed = 0;
         for i in 0..n {
             let w = qw[i];
-            let mut slx = sumlx - w * x[i] * lv[i] as f32;
-            let mut sl2 = suml2 - w * lv[i] as f32 * lv[i] as f32;
+            let li = l_out[i] as f32;
+            let mut slx = sumlx - w * x[i] * li;
+            let mut sl2 = suml2 - w * li * li;
             if slx > 0.0 && sl2 > 0.0 {
                 let new_l = nearest_int(x[i] * sl2 / slx).min(nmax);
-                if new_l != lv[i] {
+                if new_l != l_out[i] as i32 {
                     slx += w * x[i] * new_l as f32;
                     sl2 += w * new_l as f32 * new_l as f32;
                     if slx * slx * suml2 > sumlx * sumlx * sl2 {
-                        lv[i] = new_l;
+                        l_out[i] = new_l as u8;
                         sumlx = slx;
                         suml2 = sl2;
                         changed += 1;
@@ -867,9 +870,6 @@ fn make_qp_quants(x: &[f32], nmax: i32, l_out: &mut [u8], qw: &[f32]) -> f32 {
         if changed == 0 {
             break;
         }
-    }
-    for i in 0..n {
-        l_out[i] = lv[i] as u8;
     }
     if suml2 > 0.0 {
         sumlx / suml2

@@ -5,6 +5,11 @@
 //! of the 256-value k-quants.
 
 pub mod ggml;
+pub mod iq1;
+pub mod iq2;
+pub mod iq3;
+mod iq_grids;
+pub(crate) mod iqgrid;
 pub mod iq4nl;
 pub mod kquants;
 pub mod legacy;
