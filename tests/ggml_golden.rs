@@ -99,14 +99,15 @@ fn iq4_xs_matches_ggml_byte_for_byte() {
     }
 }
 
-/// The lattice i-quants against ggml 0.25.3's bytes (`vectors_iq.safetensors`): every distribution,
-/// with the importance vector and (for the types ggml quantizes without one) without.
+/// The lattice i-quants against ggml 0.25.3's bytes: `vectors_iq.safetensors` (five
+/// distributions) and `vectors_iq_edge.safetensors` (zero groups mid-block, values at the zero
+/// thresholds, ties, one large negative per 8, sparse rows, an importance vector with zeros;
+/// scripts/golden/iq_edge_vectors.py), with the importance vector and (for the types ggml
+/// quantizes without one) without.
 #[test]
 fn iq_lattice_types_match_ggml_byte_for_byte() {
     use ouro_quant::quant::{iq1, iq2, iq3};
     type Quantize = fn(&[f32], Option<&[f32]>, &mut Vec<u8>);
-    let f = SafetensorsFile::open(common::fixtures().join("golden/ggml/vectors_iq.safetensors")).unwrap();
-    let floats = |name: &str| -> Vec<f32> { f.bytes(name).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect() };
     let types: [(&str, Quantize, usize, bool); 7] = [
         ("IQ3_XXS", iq3::quantize_iq3_xxs, 196, false),
         ("IQ3_S", iq3::quantize_iq3_s, 220, false),
@@ -117,31 +118,38 @@ fn iq_lattice_types_match_ggml_byte_for_byte() {
         ("IQ1_M", iq1::quantize_iq1_m, 112, false),
     ];
     let mut failures = vec![];
-    for (name, quantize, row_bytes, needs_imatrix) in types {
-        for dist in DISTS {
-            let x = floats(&format!("{dist}.input"));
-            let imatrix = floats(&format!("{dist}.imatrix"));
-            for with_imatrix in [false, true] {
-                if needs_imatrix && !with_imatrix {
-                    continue;
-                }
-                let key = format!("{dist}.{name}{}", if with_imatrix { ".imatrix" } else { "" });
-                let want = f.bytes(&key).unwrap_or_else(|| panic!("{key}"));
-                let mut got = Vec::new();
-                for row in x.chunks_exact(512) {
-                    quantize(row, with_imatrix.then_some(imatrix.as_slice()), &mut got);
-                }
-                assert_eq!(got.len(), want.len(), "{key}");
-                for (r, (g, w)) in got.chunks(row_bytes).zip(want.chunks(row_bytes)).enumerate() {
-                    if g != w {
-                        let at = g.iter().zip(w).position(|(a, b)| a != b).unwrap();
-                        failures.push(format!("{key} row {r}: first differing byte {at}"));
+    let mut compared = 0;
+    for (file, dists) in [("vectors_iq", &DISTS[..]), ("vectors_iq_edge", &["zero_groups", "ties_and_tiny", "one_negative", "sparse"][..])] {
+        let f = SafetensorsFile::open(common::fixtures().join(format!("golden/ggml/{file}.safetensors"))).unwrap();
+        let floats = |name: &str| -> Vec<f32> { f.bytes(name).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect() };
+        for (name, quantize, row_bytes, needs_imatrix) in types {
+            for dist in dists {
+                let x = floats(&format!("{dist}.input"));
+                let imatrix = floats(&format!("{dist}.imatrix"));
+                for with_imatrix in [false, true] {
+                    if needs_imatrix && !with_imatrix {
+                        continue;
                     }
+                    let key = format!("{dist}.{name}{}", if with_imatrix { ".imatrix" } else { "" });
+                    let want = f.bytes(&key).unwrap_or_else(|| panic!("{file}: {key}"));
+                    let mut got = Vec::new();
+                    for row in x.chunks_exact(512) {
+                        quantize(row, with_imatrix.then_some(imatrix.as_slice()), &mut got);
+                    }
+                    assert_eq!(got.len(), want.len(), "{key}");
+                    for (r, (g, w)) in got.chunks(row_bytes).zip(want.chunks(row_bytes)).enumerate() {
+                        if g != w {
+                            let at = g.iter().zip(w).position(|(a, b)| a != b).unwrap();
+                            failures.push(format!("{file} {key} row {r}: first differing byte {at}"));
+                        }
+                    }
+                    compared += 1;
                 }
             }
         }
     }
     assert!(failures.is_empty(), "{} rows differ from ggml's:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(compared, 55 + 44, "every golden i-quant tensor compared");
 }
 
 /// gguf-py reads the lattice i-quants as our dequantizers do: the same byte grids point by point,
