@@ -18,8 +18,9 @@ use ouro_quant::stfile::SafetensorsFile;
 fn convert(model: &Path, ty: &str, out: &Path) {
     let mut c = bin();
     c.arg("convert").arg(model).args(["--type", ty, "-o"]).arg(out);
-    if ty == "Q2_K_S" {
-        // llama-quantize's Q2_K_S needs an importance matrix: one from a short calibration run
+    if matches!(ty, "Q2_K_S" | "IQ3_XS" | "IQ3_XXS" | "IQ2_M" | "IQ2_S" | "IQ2_XS" | "IQ2_XXS" | "IQ1_M" | "IQ1_S") {
+        // llama-quantize's Q2_K_S and the low-bit i-quant mixes need an importance matrix: one
+        // from a short calibration run
         let im = out.with_extension("imatrix.gguf");
         bin()
             .arg("imatrix")
@@ -356,6 +357,16 @@ fn runner_executes_every_mix() {
         ("Q3_K_S", &["Q3_K"]),
         ("Q2_K", &["Q2_K", "Q3_K"]),
         ("Q2_K_S", &["Q2_K", "Q4_K"]),
+        ("IQ3_M", &["IQ3_S", "Q4_K"]),
+        ("IQ3_S", &["IQ3_S"]),
+        ("IQ3_XS", &["IQ3_S", "IQ3_XXS"]),
+        ("IQ3_XXS", &["IQ3_XXS", "IQ2_S", "IQ3_S"]),
+        ("IQ2_M", &["IQ2_S", "IQ3_S"]),
+        ("IQ2_S", &["IQ2_XS", "IQ3_S"]),
+        ("IQ2_XS", &["IQ2_XS", "Q2_K"]),
+        ("IQ2_XXS", &["IQ2_XXS", "Q2_K"]),
+        ("IQ1_M", &["IQ1_M", "IQ2_XXS", "Q2_K"]),
+        ("IQ1_S", &["IQ1_S", "IQ2_XXS", "Q2_K"]),
     ] {
         let f = d.path().join(format!("t.{ty}.gguf"));
         convert(&hf, ty, &f);
@@ -382,7 +393,7 @@ fn runner_executes_every_mix() {
         if ty == "BF16" {
             assert_eq!(worst, (0.0, 0.0), "BF16 is widened exactly");
         }
-        if ty != "BF16" && ouro_quant::model::qkernel::available() {
+        if ty != "BF16" && !ty.starts_with("IQ") && ouro_quant::model::qkernel::available() {
             let m = source::load(&f, &Device::Cpu).unwrap().model;
             assert!(m.kernels().keys().any(|k| k.starts_with("quantized")), "{ty}: our kernels unused: {:?}", m.kernels());
         }
@@ -417,7 +428,10 @@ fn kernel_weights(m: &QuantMatrix) -> Vec<f32> {
 #[test]
 fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
     let d = tempfile::tempdir().unwrap();
-    let cases = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "Q4_0", "IQ4_NL", "IQ4_XS"];
+    let cases = [
+        "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "Q4_0", "IQ4_NL", "IQ4_XS",
+        "IQ3_M", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+    ];
     let mut seen_types = std::collections::BTreeSet::new();
     let mut kernel_checked = std::collections::BTreeSet::new();
     for ty in cases {
@@ -453,7 +467,7 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
             seen_types.insert(t.ggml_type.name());
             use candle_core::quantized::GgmlDType;
             let dt: Option<GgmlDType> = match t.ggml_type.name() {
-                "IQ4_NL" | "IQ4_XS" => None,
+                n if n.starts_with("IQ") => None,
                 "F32" => Some(GgmlDType::F32),
                 "F16" => Some(GgmlDType::F16),
                 "BF16" => Some(GgmlDType::BF16),
@@ -472,11 +486,7 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
             let mine: Vec<f32> = match dt {
                 None => {
                     let mut v = vec![];
-                    if t.ggml_type == GgmlType::IQ4_XS {
-                        ouro_quant::quant::iq4nl::dequantize_iq4_xs(ours.tensor_bytes(t), &mut v);
-                    } else {
-                        ouro_quant::quant::iq4nl::dequantize_iq4_nl(ours.tensor_bytes(t), &mut v);
-                    }
+                    ouro_quant::quant::dequantizer(t.ggml_type).expect("our dequantizer")(ours.tensor_bytes(t), &mut v);
                     v
                 }
                 Some(dt) => {
@@ -491,6 +501,7 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
                 for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
                     let (rows, cols) = (t.shape[0], t.shape[1]);
                     let m = match dt {
+                        None if !matches!(t.ggml_type, GgmlType::IQ4_XS | GgmlType::IQ4_NL) => None,
                         None => {
                             let kind = if t.ggml_type == GgmlType::IQ4_XS { QKind::IQ4XS } else { QKind::IQ4NL };
                             QuantMatrix::own_for(kind, ours.tensor_bytes(t).to_vec(), rows, cols, isa).ok()
@@ -515,7 +526,10 @@ fn gguf_py_reads_every_type_and_dequantizes_like_our_runner() {
         }
     }
     // the cases exercised every type a mix can produce on this model
-    for t in ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q3_K", "Q2_K", "Q4_0", "IQ4_NL", "IQ4_XS"] {
+    for t in [
+        "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q3_K", "Q2_K", "Q4_0", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS",
+        "IQ2_XXS", "IQ1_M", "IQ1_S",
+    ] {
         assert!(seen_types.contains(t), "{t} never produced: {seen_types:?}");
     }
     // and every type our kernels take was read through each build this CPU runs

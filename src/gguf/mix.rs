@@ -36,10 +36,20 @@ pub enum FileType {
     Q2_K,
     Q2_K_S,
     IQ4_XS,
+    IQ3_M,
+    IQ3_S,
+    IQ3_XS,
+    IQ3_XXS,
+    IQ2_M,
+    IQ2_S,
+    IQ2_XS,
+    IQ2_XXS,
+    IQ1_M,
+    IQ1_S,
 }
 
 impl FileType {
-    pub const ALL: [FileType; 20] = [
+    pub const ALL: [FileType; 30] = [
         FileType::F32,
         FileType::F16,
         FileType::BF16,
@@ -60,6 +70,16 @@ impl FileType {
         FileType::Q2_K,
         FileType::Q2_K_S,
         FileType::IQ4_XS,
+        FileType::IQ3_M,
+        FileType::IQ3_S,
+        FileType::IQ3_XS,
+        FileType::IQ3_XXS,
+        FileType::IQ2_M,
+        FileType::IQ2_S,
+        FileType::IQ2_XS,
+        FileType::IQ2_XXS,
+        FileType::IQ1_M,
+        FileType::IQ1_S,
     ];
 
     pub fn name(self) -> &'static str {
@@ -84,6 +104,16 @@ impl FileType {
             FileType::Q2_K => "Q2_K",
             FileType::Q2_K_S => "Q2_K_S",
             FileType::IQ4_XS => "IQ4_XS",
+            FileType::IQ3_M => "IQ3_M",
+            FileType::IQ3_S => "IQ3_S",
+            FileType::IQ3_XS => "IQ3_XS",
+            FileType::IQ3_XXS => "IQ3_XXS",
+            FileType::IQ2_M => "IQ2_M",
+            FileType::IQ2_S => "IQ2_S",
+            FileType::IQ2_XS => "IQ2_XS",
+            FileType::IQ2_XXS => "IQ2_XXS",
+            FileType::IQ1_M => "IQ1_M",
+            FileType::IQ1_S => "IQ1_S",
         }
     }
 
@@ -122,6 +152,16 @@ impl FileType {
             FileType::Q3_K_L => 13,
             FileType::Q2_K_S => 21,
             FileType::IQ4_XS => 30,
+            FileType::IQ3_M => 27,
+            FileType::IQ3_S => 26,
+            FileType::IQ3_XS => 22,
+            FileType::IQ3_XXS => 23,
+            FileType::IQ2_M => 29,
+            FileType::IQ2_S => 28,
+            FileType::IQ2_XS => 20,
+            FileType::IQ2_XXS => 19,
+            FileType::IQ1_M => 31,
+            FileType::IQ1_S => 24,
         }
     }
 
@@ -143,6 +183,13 @@ impl FileType {
             FileType::Q4_0 => GgmlType::Q4_0,
             FileType::IQ4_NL => GgmlType::IQ4_NL,
             FileType::IQ4_XS => GgmlType::IQ4_XS,
+            FileType::IQ3_M | FileType::IQ3_S | FileType::IQ3_XS => GgmlType::IQ3_S,
+            FileType::IQ3_XXS => GgmlType::IQ3_XXS,
+            FileType::IQ2_M => GgmlType::IQ2_S,
+            FileType::IQ2_S | FileType::IQ2_XS => GgmlType::IQ2_XS,
+            FileType::IQ2_XXS => GgmlType::IQ2_XXS,
+            FileType::IQ1_M => GgmlType::IQ1_M,
+            FileType::IQ1_S => GgmlType::IQ1_S,
         }
     }
 
@@ -176,10 +223,31 @@ pub fn tensor_type(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usize], 
 }
 
 /// Whether llama-quantize refuses to write tensor `name` as `ty` in a file of type `ft` without
-/// importance data for it (`tensor_requires_imatrix`): the Q2_K tensors of a Q2_K_S file, except
-/// the token embedding and the output.
+/// importance data for it (`tensor_requires_imatrix`): the IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_M
+/// and IQ1_S tensors, and the Q2_K tensors of a Q2_K_S file; never the token embedding or the
+/// output.
 pub fn requires_imatrix(ft: FileType, name: &str, ty: GgmlType) -> bool {
-    name != "token_embd.weight" && name != "output.weight" && ty == GgmlType::Q2_K && ft == FileType::Q2_K_S
+    if name == "token_embd.weight" || name == "output.weight" {
+        return false;
+    }
+    match ty {
+        GgmlType::IQ3_XXS | GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ2_S | GgmlType::IQ1_M | GgmlType::IQ1_S => true,
+        GgmlType::Q2_K => ft == FileType::Q2_K_S,
+        _ => false,
+    }
+}
+
+impl FileType {
+    /// The very-low-bit mixes, which llama-quantize treats as one family (embedding, output,
+    /// attn_v, the first ffn_down layers and attn_output get fixed types).
+    fn is_low_iq(self) -> bool {
+        matches!(self, FileType::IQ2_XXS | FileType::IQ2_XS | FileType::IQ1_S | FileType::IQ2_S | FileType::IQ2_M | FileType::IQ1_M)
+    }
+
+    /// Of [`Self::is_low_iq`], those that use IQ3_S where the others use Q2_K.
+    fn is_iq2_s_or_m(self) -> bool {
+        matches!(self, FileType::IQ2_S | FileType::IQ2_M)
+    }
 }
 
 /// [`tensor_type`] when llama-quantize has an importance matrix (`has_imatrix`): IQ4_NL keeps its
@@ -207,13 +275,43 @@ pub fn tensor_type_with(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usi
     let ty = if name == "output.weight" || (tied && name == "token_embd.weight") {
         if cols % def.block_size() != 0 {
             GgmlType::Q8_0
+        } else if ft.is_low_iq() || ft == FileType::IQ3_XXS {
+            GgmlType::Q5_K
         } else if def != GgmlType::Q8_0 {
             GgmlType::Q6_K
         } else {
             def
         }
     } else if name == "token_embd.weight" {
-        def
+        match ft {
+            FileType::IQ2_XXS | FileType::IQ2_XS | FileType::IQ1_S | FileType::IQ1_M => GgmlType::Q2_K,
+            FileType::IQ2_S | FileType::IQ2_M | FileType::IQ3_XXS => GgmlType::IQ3_S,
+            _ => def,
+        }
+    } else if ft.is_low_iq() {
+        let low = if ft.is_iq2_s_or_m() { GgmlType::IQ3_S } else { GgmlType::Q2_K };
+        if name.contains("attn_v.weight") {
+            if n_gqa >= 4 {
+                GgmlType::Q4_K
+            } else {
+                low
+            }
+        } else if name.contains("ffn_down") {
+            // llama-quantize's own counter over the ffn_down tensors, against the unrolled count
+            if layer_of(name).unwrap_or(0) < unrolled / 8 {
+                low
+            } else {
+                def
+            }
+        } else if name.contains("attn_output.weight") {
+            match ft {
+                FileType::IQ1_S | FileType::IQ1_M => GgmlType::IQ2_XXS,
+                FileType::IQ2_S | FileType::IQ2_M => GgmlType::IQ3_S,
+                _ => def,
+            }
+        } else {
+            def
+        }
     } else if name.contains("attn_v.weight") {
         let i = layer_of(name).unwrap_or(0);
         match ft {
@@ -228,6 +326,10 @@ pub fn tensor_type_with(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usi
                 }
             }
             FileType::Q3_K_L => GgmlType::Q5_K,
+            FileType::IQ3_XXS if n_gqa >= 4 => GgmlType::Q4_K,
+            FileType::IQ3_XXS if !has_imatrix => GgmlType::IQ3_S,
+            FileType::IQ3_XS | FileType::IQ3_S if n_gqa >= 4 => GgmlType::Q4_K,
+            FileType::IQ3_M => GgmlType::Q4_K,
             FileType::IQ4_NL | FileType::IQ4_XS if n_gqa >= 4 => GgmlType::Q5_K,
             FileType::Q4_K_M | FileType::Q5_K_M if use_more_bits(i, l) => GgmlType::Q6_K,
             FileType::Q4_K_S if i < 4 => GgmlType::Q5_K,
@@ -239,6 +341,14 @@ pub fn tensor_type_with(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usi
         match ft {
             FileType::Q2_K => GgmlType::Q3_K,
             FileType::Q2_K_S if i < n / 8 => GgmlType::Q4_K,
+            FileType::IQ3_XXS if !has_imatrix => {
+                if i < n / 8 {
+                    GgmlType::Q4_K
+                } else {
+                    GgmlType::Q3_K
+                }
+            }
+            FileType::IQ3_M if i < n / 8 => GgmlType::Q4_K,
             FileType::Q3_K_L => GgmlType::Q5_K,
             FileType::Q3_K_M => {
                 if i < n / 16 {
@@ -258,9 +368,24 @@ pub fn tensor_type_with(ft: FileType, cfg: &OuroConfig, name: &str, shape: &[usi
     } else if name.contains("attn_output.weight") {
         match ft {
             FileType::Q2_K => GgmlType::Q3_K,
-            FileType::Q3_K_M => GgmlType::Q4_K,
+            FileType::IQ3_XXS => GgmlType::IQ3_S,
+            FileType::Q3_K_M | FileType::IQ3_M => GgmlType::Q4_K,
             FileType::Q3_K_L => GgmlType::Q5_K,
             _ => def,
+        }
+    } else if name.contains("attn_k.weight") || name.contains("attn_q.weight") {
+        match ft {
+            FileType::IQ3_XS => GgmlType::IQ3_XXS,
+            FileType::IQ3_XXS => GgmlType::IQ2_S,
+            _ => def,
+        }
+    } else if name.contains("ffn_gate") || name.contains("ffn_up") {
+        // counted over the unrolled depth, like ffn_down
+        let i = layer_of(name).unwrap_or(0);
+        if ft == FileType::IQ3_XS && i >= unrolled / 8 && i < 7 * unrolled / 8 {
+            GgmlType::IQ3_XXS
+        } else {
+            def
         }
     } else {
         def
@@ -279,7 +404,14 @@ pub fn fallback(t: GgmlType, cols: usize) -> GgmlType {
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,
         GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
-        GgmlType::IQ4_XS => GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS
+        | GgmlType::IQ3_XXS
+        | GgmlType::IQ3_S
+        | GgmlType::IQ2_XXS
+        | GgmlType::IQ2_XS
+        | GgmlType::IQ2_S
+        | GgmlType::IQ1_S
+        | GgmlType::IQ1_M => GgmlType::IQ4_NL,
         _ => GgmlType::F16,
     };
     if cols % alt.block_size() == 0 {

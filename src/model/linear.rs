@@ -49,6 +49,9 @@ pub enum Linear {
     Quant(super::qkernel::QuantMatrix),
     /// MLX affine-quantized weights at their stored width, on the CPU.
     Affine(super::affine::AffineMatrix),
+    /// ggml blocks that no kernel here or in candle multiplies (the lattice i-quants), on the CPU:
+    /// each task's rows dequantized into a small buffer per product.
+    Blocks(BlockMatrix),
 }
 
 impl Linear {
@@ -59,6 +62,7 @@ impl Linear {
             Linear::Float(m) => m.forward(x),
             Linear::Quant(m) => m.forward(x),
             Linear::Affine(m) => m.forward(x),
+            Linear::Blocks(m) => m.forward(x),
         }
     }
 
@@ -69,6 +73,7 @@ impl Linear {
             Linear::Float(_) => "float at stored width",
             Linear::Quant(m) => m.isa.label(),
             Linear::Affine(_) => "MLX affine at stored width",
+            Linear::Blocks(_) => "ggml blocks dequantized per product",
         }
     }
 }
@@ -297,6 +302,65 @@ pub(super) fn widened_matmul(
 
 /// Runs `task(0..tasks)`: `run(tasks, task)`.
 pub(super) type Runner<'a> = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + 'a;
+
+/// ggml blocks `[rows, cols]` (whole rows, as a GGUF file holds them) with their dequantizer:
+/// the matrix stays at its quantized size; every product dequantizes [`ROWS_PER_TASK`] rows at a
+/// time into a task's buffer and multiplies them with the f32 kernel of [`FloatMatrix`] (decode)
+/// or [`widened_matmul`] (prefill). Each row's floats and sums are those of the dense f32 matrix
+/// the dequantizer gives, whatever the thread count.
+pub struct BlockMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    row_bytes: usize,
+    data: Vec<u8>,
+    dequantize: crate::quant::Dequantize,
+}
+
+impl BlockMatrix {
+    pub fn new(data: Vec<u8>, rows: usize, cols: usize, dequantize: crate::quant::Dequantize) -> Self {
+        assert_eq!(data.len() % rows.max(1), 0, "whole rows of blocks");
+        let row_bytes = data.len() / rows.max(1);
+        super::pages::advise(data.as_ptr(), data.len(), true);
+        BlockMatrix { rows, cols, row_bytes, data, dequantize }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn widen(&self, r0: usize, n: usize, buf: &mut Vec<f32>) {
+        (self.dequantize)(&self.data[r0 * self.row_bytes..(r0 + n) * self.row_bytes], buf);
+    }
+
+    /// `x [n, cols] -> [n, rows]` (CPU tensors).
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let n = input_rows(x, self.rows, self.cols)?;
+        let mut out = vec![0f32; n * self.rows];
+        with_f32(x, |xs| {
+            if n > MATVEC_MAX_ROWS {
+                widened_matmul(self.rows, self.cols, xs, n, &mut out, &|r0, b, buf| self.widen(r0, b, buf));
+            } else {
+                let on_pool = self.rows * self.cols >= SERIAL_BELOW;
+                let f32k = kernel().f32;
+                let dst = &SharedOut::new(&mut out);
+                let task = |t: usize| {
+                    let r0 = t * ROWS_PER_TASK;
+                    let r1 = (r0 + ROWS_PER_TASK).min(self.rows);
+                    let mut w = Vec::with_capacity((r1 - r0) * self.cols);
+                    self.widen(r0, r1 - r0, &mut w);
+                    for (i, xr) in xs.chunks_exact(self.cols).enumerate() {
+                        // task `t` writes only its own rows of each output row
+                        let o = unsafe { dst.slice(i * self.rows + r0, r1 - r0) };
+                        f32k(&w, xr, o);
+                    }
+                };
+                run_tasks(self.rows.div_ceil(ROWS_PER_TASK), &task, on_pool);
+            }
+        })?;
+        Tensor::from_vec(out, (n, self.rows), x.device())
+    }
+}
 
 impl FloatKind {
     /// The kind of a safetensors float dtype (`None` for other dtypes).

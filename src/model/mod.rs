@@ -107,10 +107,8 @@ impl Dims {
 pub enum RowFormat {
     /// A type candle reads.
     Candle(candle_core::quantized::GgmlDType),
-    /// IQ4_NL (widened by `quant::iq4nl`; candle has no such type).
-    Iq4Nl,
-    /// IQ4_XS (likewise).
-    Iq4Xs,
+    /// A type candle has not (the IQ types), widened by our dequantizer.
+    Ours(crate::quant::Dequantize),
 }
 
 /// The token embedding: dense, or quantized rows dequantized as tokens are looked up (so a
@@ -152,13 +150,9 @@ impl Embedding {
                         match format {
                             RowFormat::Candle(dtype) => candle_core::quantized::ggml_file::qtensor_from_ggml(*dtype, raw, vec![1, *hidden], device)?
                                 .dequantize(device),
-                            RowFormat::Iq4Nl | RowFormat::Iq4Xs => {
+                            RowFormat::Ours(dequantize) => {
                                 let mut v = Vec::with_capacity(*hidden);
-                                if matches!(format, RowFormat::Iq4Nl) {
-                                    crate::quant::iq4nl::dequantize_iq4_nl(raw, &mut v);
-                                } else {
-                                    crate::quant::iq4nl::dequantize_iq4_xs(raw, &mut v);
-                                }
+                                dequantize(raw, &mut v);
                                 Tensor::from_vec(v, (1, *hidden), device)
                             }
                         }

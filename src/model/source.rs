@@ -120,7 +120,7 @@ fn candle_dtype(t: GgmlType) -> anyhow::Result<GgmlDType> {
         GgmlType::Q4_K => GgmlDType::Q4K,
         GgmlType::Q5_K => GgmlDType::Q5K,
         GgmlType::Q6_K => GgmlDType::Q6K,
-        GgmlType::IQ4_NL | GgmlType::IQ4_XS => anyhow::bail!("{t} has no candle kernel"),
+        _ => anyhow::bail!("{t} has no candle kernel"),
     })
 }
 
@@ -229,6 +229,22 @@ impl GgufSource {
             let bytes = (v.len() * 4) as u64;
             return Ok((Linear::Candle(QMatMul::Tensor(Tensor::from_vec(v, info.shape.clone(), device)?)), bytes));
         }
+        if let Some(dequantize) = crate::quant::dequantizer(info.ggml_type) {
+            // the lattice i-quants: no kernel here or in candle multiplies their blocks; on the
+            // CPU they stay blocks, dequantized per product; elsewhere a widened copy
+            let raw = self.hf_rows(info, order);
+            let cols = *info.shape.last().expect("2-D");
+            let rows = info.numel() / cols;
+            if device.is_cpu() {
+                let m = super::linear::BlockMatrix::new(raw, rows, cols, dequantize);
+                let bytes = m.bytes();
+                return Ok((Linear::Blocks(m), bytes));
+            }
+            let mut v = Vec::with_capacity(info.numel());
+            dequantize(&raw, &mut v);
+            let bytes = (v.len() * 4) as u64;
+            return Ok((Linear::Candle(QMatMul::Tensor(Tensor::from_vec(v, info.shape.clone(), device)?)), bytes));
+        }
         let float = match info.ggml_type {
             GgmlType::F32 => Some(FloatKind::F32),
             GgmlType::F16 => Some(FloatKind::F16),
@@ -300,10 +316,9 @@ impl WeightSource for GgufSource {
     }
     fn embedding(&self, _device: &Device) -> anyhow::Result<super::Embedding> {
         let (info, _) = self.info("model.embed_tokens.weight")?;
-        let format = match info.ggml_type {
-            GgmlType::IQ4_NL => super::RowFormat::Iq4Nl,
-            GgmlType::IQ4_XS => super::RowFormat::Iq4Xs,
-            t => super::RowFormat::Candle(candle_dtype(t)?),
+        let format = match crate::quant::dequantizer(info.ggml_type) {
+            Some(d) => super::RowFormat::Ours(d),
+            None => super::RowFormat::Candle(candle_dtype(info.ggml_type)?),
         };
         let cols = info.shape[1];
         let bytes = self.file.tensor_bytes(info).to_vec();

@@ -22,10 +22,17 @@ pub enum GgmlType {
     Q6_K,
     IQ4_NL,
     IQ4_XS,
+    IQ3_XXS,
+    IQ3_S,
+    IQ2_XXS,
+    IQ2_XS,
+    IQ2_S,
+    IQ1_S,
+    IQ1_M,
 }
 
 impl GgmlType {
-    pub const ALL: [GgmlType; 15] = [
+    pub const ALL: [GgmlType; 22] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
@@ -41,6 +48,13 @@ impl GgmlType {
         GgmlType::Q6_K,
         GgmlType::IQ4_NL,
         GgmlType::IQ4_XS,
+        GgmlType::IQ3_XXS,
+        GgmlType::IQ3_S,
+        GgmlType::IQ2_XXS,
+        GgmlType::IQ2_XS,
+        GgmlType::IQ2_S,
+        GgmlType::IQ1_S,
+        GgmlType::IQ1_M,
     ];
 
     /// The numeric id stored in GGUF tensor infos.
@@ -60,6 +74,13 @@ impl GgmlType {
             GgmlType::Q6_K => 14,
             GgmlType::IQ4_NL => 20,
             GgmlType::IQ4_XS => 23,
+            GgmlType::IQ3_XXS => 18,
+            GgmlType::IQ3_S => 21,
+            GgmlType::IQ2_XXS => 16,
+            GgmlType::IQ2_XS => 17,
+            GgmlType::IQ2_S => 22,
+            GgmlType::IQ1_S => 19,
+            GgmlType::IQ1_M => 29,
             GgmlType::BF16 => 30,
         }
     }
@@ -85,6 +106,13 @@ impl GgmlType {
             GgmlType::Q6_K => "Q6_K",
             GgmlType::IQ4_NL => "IQ4_NL",
             GgmlType::IQ4_XS => "IQ4_XS",
+            GgmlType::IQ3_XXS => "IQ3_XXS",
+            GgmlType::IQ3_S => "IQ3_S",
+            GgmlType::IQ2_XXS => "IQ2_XXS",
+            GgmlType::IQ2_XS => "IQ2_XS",
+            GgmlType::IQ2_S => "IQ2_S",
+            GgmlType::IQ1_S => "IQ1_S",
+            GgmlType::IQ1_M => "IQ1_M",
         }
     }
 
@@ -98,6 +126,7 @@ impl GgmlType {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::IQ4_NL => 32,
             GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::IQ4_XS => 256,
+            _ => 256,
         }
     }
 
@@ -117,6 +146,13 @@ impl GgmlType {
             GgmlType::Q5_K => 176,
             GgmlType::Q6_K => 210,
             GgmlType::IQ4_XS => 136,
+            GgmlType::IQ3_XXS => 98,
+            GgmlType::IQ3_S => 110,
+            GgmlType::IQ2_XXS => 66,
+            GgmlType::IQ2_XS => 74,
+            GgmlType::IQ2_S => 82,
+            GgmlType::IQ1_S => 50,
+            GgmlType::IQ1_M => 56,
         }
     }
 
@@ -128,6 +164,11 @@ impl GgmlType {
     /// [`Self::row_bytes`], or `None` if it does not fit a `usize` (a corrupt shape).
     pub fn checked_row_bytes(self, n: usize) -> Option<usize> {
         (n / self.block_size()).checked_mul(self.block_bytes())
+    }
+
+    /// Whether ggml quantizes this type only with an importance vector (its quantizer asserts one).
+    pub fn requires_importance(self) -> bool {
+        matches!(self, GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ1_S)
     }
 
     /// Bits per weight.
@@ -153,6 +194,8 @@ mod tests {
             ("F16", 1024), ("BF16", 1024), ("Q4_0", 288), ("Q4_1", 320), ("Q5_0", 352),
             ("Q5_1", 384), ("Q8_0", 544), ("Q2_K", 168), ("Q3_K", 220), ("Q4_K", 288),
             ("Q5_K", 352), ("Q6_K", 420), ("IQ4_NL", 288), ("IQ4_XS", 272),
+            // vectors_iq.json
+            ("IQ3_XXS", 196), ("IQ3_S", 220), ("IQ2_XXS", 132), ("IQ2_XS", 148), ("IQ2_S", 164), ("IQ1_S", 100), ("IQ1_M", 112),
         ];
         for (name, bytes) in want {
             assert_eq!(GgmlType::from_name(name).unwrap().row_bytes(512), bytes, "{name}");

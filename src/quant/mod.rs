@@ -36,7 +36,8 @@ pub fn has_quantizer(_ty: GgmlType) -> bool {
 /// Appends the ggml encoding of one row `x` (a whole number of blocks) to `out`, exactly as
 /// `ggml_quantize_chunk` does: the reference quantizer without an importance vector, the
 /// weighted search with one (`imatrix`: one positive weight per column). F16, BF16 and Q8_0
-/// ignore the importance vector, as in ggml. Returns false for a type without a quantizer.
+/// ignore the importance vector, as in ggml. Returns false for a type without a quantizer, or
+/// without the importance vector it needs ([`GgmlType::requires_importance`]).
 pub fn quantize_row(ty: GgmlType, x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) -> bool {
     debug_assert_eq!(x.len() % ty.block_size(), 0);
     if let Some(q) = imatrix {
@@ -64,8 +65,41 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], imatrix: Option<&[f32]>, out: &mut 
         GgmlType::Q6_K => kquants::quantize_q6_k(x, imatrix, out),
         GgmlType::IQ4_NL => iq4nl::quantize_iq4_nl(x, imatrix, out),
         GgmlType::IQ4_XS => iq4nl::quantize_iq4_xs(x, imatrix, out),
+        GgmlType::IQ3_XXS => iq3::quantize_iq3_xxs(x, imatrix, out),
+        GgmlType::IQ3_S => iq3::quantize_iq3_s(x, imatrix, out),
+        GgmlType::IQ2_S => iq2::quantize_iq2_s(x, imatrix, out),
+        GgmlType::IQ1_M => iq1::quantize_iq1_m(x, imatrix, out),
+        GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ1_S => {
+            // ggml asserts an importance vector for these; the mixes refuse them without one
+            let Some(q) = imatrix else { return false };
+            match ty {
+                GgmlType::IQ2_XXS => iq2::quantize_iq2_xxs(x, q, out),
+                GgmlType::IQ2_XS => iq2::quantize_iq2_xs(x, q, out),
+                _ => iq1::quantize_iq1_s(x, q, out),
+            }
+        }
     }
     true
+}
+
+/// A row dequantizer: blocks of one type to floats, appended.
+pub type Dequantize = fn(&[u8], &mut Vec<f32>);
+
+/// Our dequantizer of a type candle cannot read (the IQ types), as ggml's `dequantize_row_*`
+/// computes it; `None` for the types candle reads.
+pub fn dequantizer(ty: GgmlType) -> Option<Dequantize> {
+    Some(match ty {
+        GgmlType::IQ4_NL => iq4nl::dequantize_iq4_nl,
+        GgmlType::IQ4_XS => iq4nl::dequantize_iq4_xs,
+        GgmlType::IQ3_XXS => iq3::dequantize_iq3_xxs,
+        GgmlType::IQ3_S => iq3::dequantize_iq3_s,
+        GgmlType::IQ2_XXS => iq2::dequantize_iq2_xxs,
+        GgmlType::IQ2_XS => iq2::dequantize_iq2_xs,
+        GgmlType::IQ2_S => iq2::dequantize_iq2_s,
+        GgmlType::IQ1_S => iq1::dequantize_iq1_s,
+        GgmlType::IQ1_M => iq1::dequantize_iq1_m,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
