@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{expected_tensors, OuroConfig};
 use crate::error::{Error, Result};
 use crate::gguf::arch::tensor_map;
-use crate::gguf::mix::{tensor_type, FileType};
+use crate::gguf::mix::{tensor_type_with, FileType};
 use crate::mlx::MlxOptions;
 
 /// The shipped device profiles.
@@ -90,14 +90,16 @@ pub fn kv_bytes_per_token(cfg: &OuroConfig, shared_last: bool, dtype: KvDtype) -
 }
 
 /// Weight bytes of a GGUF output of file type `ft` as a runtime holds them: the tensor data (norms
-/// in F32) and the exit gate, which the file keeps in metadata (`hidden + 1` f32).
+/// in F32) and the exit gate, which the file keeps in metadata (`hidden + 1` f32). The mixes that
+/// need an importance matrix are sized as made with one.
 pub fn gguf_weight_bytes(cfg: &OuroConfig, ft: FileType) -> u64 {
+    let with_imatrix = ft.needs_importance();
     (cfg.hidden_size as u64 + 1) * 4
         + tensor_map(cfg)
         .iter()
         .map(|m| {
             let e = expected_tensors(cfg).into_iter().find(|e| e.name == m.hf_name).expect("mapped tensor");
-            let ty = tensor_type(ft, cfg, &m.gguf_name, &e.shape, &[]);
+            let ty = tensor_type_with(ft, cfg, &m.gguf_name, &e.shape, &[], with_imatrix);
             let cols = *e.shape.last().expect("shape");
             (e.shape.iter().product::<usize>() / cols * ty.row_bytes(cols)) as u64
         })
@@ -142,10 +144,25 @@ pub struct FormatPlan {
 /// The formats `convert` writes, with their weight bytes.
 pub fn formats(cfg: &OuroConfig) -> Vec<(String, u64)> {
     let mut v = vec![];
-    for ft in [FileType::F16, FileType::Q8_0, FileType::Q6_K, FileType::Q4_K_M, FileType::Q4_0] {
+    // the low-bit i-quants need an importance matrix (`ouro-quant imatrix`) for all but IQ3_S/IQ3_M
+    for ft in [
+        FileType::F16,
+        FileType::Q8_0,
+        FileType::Q6_K,
+        FileType::Q4_K_M,
+        FileType::Q4_0,
+        FileType::IQ4_XS,
+        FileType::IQ3_M,
+        FileType::IQ3_S,
+        FileType::IQ3_XXS,
+        FileType::IQ2_M,
+        FileType::IQ2_S,
+        FileType::IQ2_XS,
+        FileType::IQ1_M,
+    ] {
         v.push((format!("GGUF {}", ft.name()), gguf_weight_bytes(cfg, ft)));
     }
-    for (bits, gs, label) in [(None, 64, "MLX bf16"), (Some(8), 64, "MLX 8bit"), (Some(4), 64, "MLX 4bit"), (Some(4), 32, "MLX 4bit-gs32")] {
+    for (bits, gs, label) in [(None, 64, "MLX bf16"), (Some(8), 64, "MLX 8bit"), (Some(4), 64, "MLX 4bit"), (Some(4), 32, "MLX 4bit-gs32"), (Some(3), 64, "MLX 3bit"), (Some(2), 64, "MLX 2bit")] {
         let o = MlxOptions::new(bits, gs, None, false).expect("valid");
         v.push((label.to_string(), mlx_weight_bytes(cfg, &o)));
     }

@@ -14,9 +14,17 @@ fn json(args: &[&str]) -> serde_json::Value {
 fn plan_agrees_with_what_run_measures() {
     let d = tempfile::tempdir().unwrap();
     let src = fixtures().join("tiny-random");
-    for (ty, label) in [("Q8_0", "GGUF Q8_0"), ("Q4_K_M", "GGUF Q4_K_M"), ("F16", "GGUF F16")] {
+    // the low-bit i-quants are made with an importance matrix (plan sizes them so)
+    let im = d.path().join("im.gguf");
+    bin().arg("imatrix").arg(&src).arg("--text").arg(fixtures().join("ouro-tiny-trained/calibration.txt")).args(["--ctx", "32", "--chunks", "2", "-o"]).arg(&im).assert().success();
+    for (ty, label) in [("Q8_0", "GGUF Q8_0"), ("Q4_K_M", "GGUF Q4_K_M"), ("F16", "GGUF F16"), ("IQ4_XS", "GGUF IQ4_XS"), ("IQ3_S", "GGUF IQ3_S"), ("IQ2_M", "GGUF IQ2_M"), ("IQ1_M", "GGUF IQ1_M")] {
         let f = d.path().join(format!("t.{ty}.gguf"));
-        bin().arg("convert").arg(&src).args(["--type", ty, "-o"]).arg(&f).assert().success();
+        let mut c = bin();
+        c.arg("convert").arg(&src).args(["--type", ty, "-o"]).arg(&f);
+        if matches!(ty, "IQ2_M" | "IQ1_M") {
+            c.arg("--imatrix").arg(&im);
+        }
+        c.assert().success();
         let fs = f.to_str().unwrap();
         // each storage named, and neither named: run and plan share one default
         for (kv, dtype) in [("full", None), ("shared-last", None), ("full", Some("f32")), ("shared-last", Some("f16"))] {

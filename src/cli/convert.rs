@@ -26,7 +26,7 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "gguf")]
     pub format: Format,
-    /// GGUF file type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0, IQ4_NL, IQ4_XS, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q2_K_S (Q5_K, Q4_K, Q3_K: the _M mixes).
+    /// GGUF file type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0, IQ4_NL, IQ4_XS, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q2_K_S, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (Q5_K, Q4_K, Q3_K: the _M mixes; Q2_K_S and the i-quants below IQ3_S need --imatrix).
     #[arg(long = "type", default_value = "Q8_0")]
     pub file_type: String,
     /// MLX: bits of the affine quantization (2, 3, 4, 5, 6, 8; 16 keeps the source dtype).
@@ -49,7 +49,7 @@ pub struct Args {
     #[arg(long, default_value_t = EVAL_CTX)]
     pub validate_ctx: usize,
     /// Quantize with this importance matrix (`ouro-quant imatrix`'s output, or llama-imatrix's in
-    /// either of its layouts), as llama-quantize --imatrix does; needed by Q2_K_S. With --format
+    /// either of its layouts), as llama-quantize --imatrix does; needed by Q2_K_S and the i-quants below IQ3_S. With --format
     /// mlx, each group's scale and bias minimise the importance-weighted error.
     #[arg(long, value_name = "FILE")]
     pub imatrix: Option<PathBuf>,

@@ -33,7 +33,7 @@ pub struct Args {
     /// and after quantization.
     #[command(flatten)]
     pub loops: LoopsArg,
-    /// Verdict profile: float, 8bit, 6bit, 4bit, 3bit (default: from the candidate's type).
+    /// Verdict profile: float, 8bit, 6bit, 4bit, 3bit, 2bit, 1bit (default: from the candidate's type).
     #[arg(long)]
     pub profile: Option<String>,
     /// Override the profile's limit on the default-mode perplexity ratio.

@@ -244,6 +244,12 @@ impl FileType {
         matches!(self, FileType::IQ2_XXS | FileType::IQ2_XS | FileType::IQ1_S | FileType::IQ2_S | FileType::IQ2_M | FileType::IQ1_M)
     }
 
+    /// Whether llama-quantize makes this file type only with an importance matrix (some of its
+    /// tensors' types [`requires_imatrix`]).
+    pub fn needs_importance(self) -> bool {
+        self.is_low_iq() || matches!(self, FileType::IQ3_XXS | FileType::IQ3_XS | FileType::Q2_K_S)
+    }
+
     /// Of [`Self::is_low_iq`], those that use IQ3_S where the others use Q2_K.
     fn is_iq2_s_or_m(self) -> bool {
         matches!(self, FileType::IQ2_S | FileType::IQ2_M)

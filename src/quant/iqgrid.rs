@@ -39,37 +39,45 @@ impl<const D: usize> Grid<D> {
         for (i, &g) in kgrid.iter().enumerate() {
             map[g as usize] = i as i32;
         }
+        // each off-grid code's list on its own (in parallel: ggml's init takes most of a second
+        // single-threaded for the 2048-point grid), then laid out in code order as ggml does
+        use rayon::prelude::*;
+        let lists: Vec<Option<Vec<u16>>> = (0..map_len)
+            .into_par_iter()
+            .map(|code| {
+                if map[code] >= 0 {
+                    return None;
+                }
+                let pos = coords(code as u32);
+                let d2: Vec<i32> = points.iter().map(|p| p.iter().zip(&pos).map(|(&a, &b)| (a as i32 - b as i32).pow(2)).sum()).collect();
+                // the `nwant` smallest distinct distances (ggml sorts all points by (distance,
+                // index) and takes them in order until a distance beyond the nwant-th appears)
+                let mut smallest: Vec<i32> = Vec::with_capacity(nwant + 1);
+                for &d in &d2 {
+                    if smallest.contains(&d) {
+                        continue;
+                    }
+                    if smallest.len() < nwant {
+                        smallest.push(d);
+                        smallest.sort_unstable();
+                    } else if d < smallest[nwant - 1] {
+                        smallest[nwant - 1] = d;
+                        smallest.sort_unstable();
+                    }
+                }
+                let limit = *smallest.last().expect("a grid has points");
+                let mut near: Vec<(i32, u16)> = d2.iter().enumerate().filter(|(_, &d)| d <= limit).map(|(j, &d)| (d, j as u16)).collect();
+                near.sort_unstable();
+                Some(near.into_iter().map(|(_, j)| j).collect())
+            })
+            .collect();
         let mut neighbours = Vec::new();
-        let mut d2 = vec![0i32; points.len()];
-        for code in 0..map_len {
-            if map[code] >= 0 {
-                continue;
+        for (code, list) in lists.into_iter().enumerate() {
+            if let Some(list) = list {
+                map[code] = -(neighbours.len() as i32 + 1);
+                neighbours.push(list.len() as u16);
+                neighbours.extend(list);
             }
-            let pos = coords(code as u32);
-            for (d, p) in d2.iter_mut().zip(&points) {
-                *d = p.iter().zip(&pos).map(|(&a, &b)| (a as i32 - b as i32).pow(2)).sum();
-            }
-            // the `nwant` smallest distinct distances (ggml sorts all points by (distance, index)
-            // and takes them in order until a distance beyond the nwant-th appears)
-            let mut smallest: Vec<i32> = Vec::with_capacity(nwant + 1);
-            for &d in &d2 {
-                if smallest.contains(&d) {
-                    continue;
-                }
-                if smallest.len() < nwant {
-                    smallest.push(d);
-                    smallest.sort_unstable();
-                } else if d < smallest[nwant - 1] {
-                    smallest[nwant - 1] = d;
-                    smallest.sort_unstable();
-                }
-            }
-            let limit = *smallest.last().expect("a grid has points");
-            let mut near: Vec<(i32, u16)> = d2.iter().enumerate().filter(|(_, &d)| d <= limit).map(|(j, &d)| (d, j as u16)).collect();
-            near.sort_unstable();
-            map[code] = -(neighbours.len() as i32 + 1);
-            neighbours.push(near.len() as u16);
-            neighbours.extend(near.iter().map(|&(_, j)| j));
         }
         Grid { points, map, neighbours }
     }
@@ -90,22 +98,73 @@ impl<const D: usize> Grid<D> {
     /// `iq*_find_best_neighbour` (the first of equals; the first neighbour if every distance is
     /// NaN, where ggml would abort). Writes its levels into `l`.
     pub fn best_neighbour(&self, near: &[u16], xval: &[f32], weight: &[f32], scale: f32, l: &mut [i8]) -> usize {
-        let mut best_d2 = f32::MAX;
-        let mut best = near[0] as usize;
-        for &j in near {
-            let p = &self.points[j as usize];
-            let mut d2 = 0f32;
-            for i in 0..D {
-                let diff = scale * p[i] as f32 - xval[i];
-                d2 += weight[i] * diff * diff;
-            }
-            if d2 < best_d2 {
-                best_d2 = d2;
-                best = j as usize;
-            }
-        }
+        #[cfg(target_arch = "x86_64")]
+        let best = if super::avx2() {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            unsafe { self.nearest_avx2(near, xval, weight, scale) }
+        } else {
+            self.nearest(near, xval, weight, scale)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let best = self.nearest(near, xval, weight, scale);
         for (l, &c) in l.iter_mut().zip(&self.points[best]) {
             *l = (c - 1) / 2;
+        }
+        best
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nearest_avx2(&self, near: &[u16], xval: &[f32], weight: &[f32], scale: f32) -> usize {
+        self.nearest(near, xval, weight, scale)
+    }
+
+    /// The first neighbour of least distance, 8 at a time: lane `j` computes neighbour `j`'s
+    /// distance with ggml's operations in ggml's order (so it vectorizes without changing a bit),
+    /// and the lanes are then compared in order.
+    #[inline(always)]
+    fn nearest(&self, near: &[u16], xval: &[f32], weight: &[f32], scale: f32) -> usize {
+        const LANES: usize = 8;
+        let mut best_d2 = f32::MAX;
+        let mut best = near[0] as usize;
+        if near.len() < LANES {
+            // short lists (the 3-bit grids' usually are): one neighbour at a time
+            for &n in near {
+                let p = &self.points[n as usize];
+                let mut d2 = 0f32;
+                for i in 0..D {
+                    let diff = scale * p[i] as f32 - xval[i];
+                    d2 += weight[i] * diff * diff;
+                }
+                if d2 < best_d2 {
+                    best_d2 = d2;
+                    best = n as usize;
+                }
+            }
+            return best;
+        }
+        for chunk in near.chunks(LANES) {
+            let mut cols = [[0f32; LANES]; D];
+            for (j, &n) in chunk.iter().enumerate() {
+                let p = &self.points[n as usize];
+                for i in 0..D {
+                    cols[i][j] = p[i] as f32;
+                }
+            }
+            let mut d2 = [0f32; LANES];
+            for i in 0..D {
+                let (x, w) = (xval[i], weight[i]);
+                for j in 0..LANES {
+                    let diff = scale * cols[i][j] - x;
+                    d2[j] += w * diff * diff;
+                }
+            }
+            for (j, &n) in chunk.iter().enumerate() {
+                if d2[j] < best_d2 {
+                    best_d2 = d2[j];
+                    best = n as usize;
+                }
+            }
         }
         best
     }
