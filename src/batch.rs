@@ -172,11 +172,11 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
             }
         }
         if let TargetKind::Gguf(ft) = kind {
-            if ft == crate::gguf::mix::FileType::Q2_K_S && weighting_for(&m, t, &kind).is_none() {
+            if ft.needs_importance() && weighting_for(&m, t, &kind).is_none() {
                 return Err(Error::config(
                     path,
                     format!("targets[{i}]"),
-                    "Q2_K_S is only written with an importance matrix (as llama-quantize): add a [calibration] table with a text",
+                    format!("{} is only written with an importance matrix (as llama-quantize): add a [calibration] table with a text", ft.name()),
                 ));
             }
         }

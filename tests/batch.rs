@@ -153,6 +153,7 @@ fn bad_manifests_are_named() {
         ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q9\"\n", "Q9"),
         // calibration: a type that needs it, a weighting without it, a bad weighting, no text
         ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q2_K_S\"\n", "[calibration]"),
+        ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"IQ2_M\"\n", "IQ2_M is only written with an importance matrix"),
         ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q4_K_M\"\nimatrix = \"loops\"\n", "targets[0].imatrix"),
         ("output_dir = \"o\"\n[calibration]\ntext = \"m.toml\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\nimatrix = \"exit:2\"\n", "exit:2"),
         ("output_dir = \"o\"\n[calibration]\ntext = \"m.toml\"\nweighting = \"all\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\n", "calibration.weighting"),
