@@ -49,8 +49,8 @@ pub enum Linear {
     Quant(super::qkernel::QuantMatrix),
     /// MLX affine-quantized weights at their stored width, on the CPU.
     Affine(super::affine::AffineMatrix),
-    /// ggml blocks that no kernel here or in candle multiplies (the lattice i-quants), on the CPU:
-    /// each task's rows dequantized into a small buffer per product.
+    /// Lattice i-quant blocks (IQ3_XXS ... IQ1_M), on the CPU: each block decoded as it is
+    /// multiplied.
     Blocks(BlockMatrix),
 }
 
@@ -73,7 +73,7 @@ impl Linear {
             Linear::Float(_) => "float at stored width",
             Linear::Quant(m) => m.isa.label(),
             Linear::Affine(_) => "MLX affine at stored width",
-            Linear::Blocks(_) => "ggml blocks dequantized per product",
+            Linear::Blocks(_) => "i-quant blocks decoded per product",
         }
     }
 }
@@ -303,25 +303,25 @@ pub(super) fn widened_matmul(
 /// Runs `task(0..tasks)`: `run(tasks, task)`.
 pub(super) type Runner<'a> = dyn Fn(usize, &(dyn Fn(usize) + Sync)) + 'a;
 
-/// ggml blocks `[rows, cols]` (whole rows, as a GGUF file holds them) with their dequantizer:
-/// the matrix stays at its quantized size; every product dequantizes [`ROWS_PER_TASK`] rows at a
-/// time into a task's buffer and multiplies them with the f32 kernel of [`FloatMatrix`] (decode)
-/// or [`widened_matmul`] (prefill). Each row's floats and sums are those of the dense f32 matrix
-/// the dequantizer gives, whatever the thread count.
+/// Lattice i-quant blocks `[rows, cols]` (whole rows, as a GGUF file holds them): the matrix
+/// stays at its quantized size. Decoding (up to [`MATVEC_MAX_ROWS`] input rows) decodes each
+/// 256-value block into a stack buffer and multiplies it with every input row in 8 lanes, summed
+/// in a fixed order; prefill widens blocks of rows for [`widened_matmul`]. Each row's result
+/// depends only on the row and the input, whatever the thread count.
 pub struct BlockMatrix {
     pub rows: usize,
     pub cols: usize,
     row_bytes: usize,
+    block_bytes: usize,
     data: Vec<u8>,
-    dequantize: crate::quant::Dequantize,
+    decode: crate::quant::DecodeBlock,
 }
 
 impl BlockMatrix {
-    pub fn new(data: Vec<u8>, rows: usize, cols: usize, dequantize: crate::quant::Dequantize) -> Self {
-        assert_eq!(data.len() % rows.max(1), 0, "whole rows of blocks");
-        let row_bytes = data.len() / rows.max(1);
+    pub fn new(data: Vec<u8>, rows: usize, cols: usize, block_bytes: usize, decode: crate::quant::DecodeBlock) -> Self {
+        assert!(cols % 256 == 0 && data.len() == rows * cols / 256 * block_bytes, "whole rows of 256-value blocks");
         super::pages::advise(data.as_ptr(), data.len(), true);
-        BlockMatrix { rows, cols, row_bytes, data, dequantize }
+        BlockMatrix { rows, cols, row_bytes: cols / 256 * block_bytes, block_bytes, data, decode }
     }
 
     /// Bytes held.
@@ -330,7 +330,51 @@ impl BlockMatrix {
     }
 
     fn widen(&self, r0: usize, n: usize, buf: &mut Vec<f32>) {
-        (self.dequantize)(&self.data[r0 * self.row_bytes..(r0 + n) * self.row_bytes], buf);
+        let start = buf.len();
+        buf.resize(start + n * self.cols, 0.0);
+        for (b, o) in self.data[r0 * self.row_bytes..(r0 + n) * self.row_bytes].chunks_exact(self.block_bytes).zip(buf[start..].chunks_exact_mut(256)) {
+            (self.decode)(b, o);
+        }
+    }
+
+    /// [`Self::rows_dot`] with AVX2 where the CPU has it (the same operations: no fused
+    /// multiply-adds, so the same bits).
+    fn rows_dot_any(&self, r0: usize, r1: usize, xs: &[f32], n: usize, out: &mut dyn FnMut(usize, usize, f32)) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { self.rows_dot_avx2(r0, r1, xs, n, out) };
+        }
+        self.rows_dot(r0, r1, xs, n, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_dot_avx2(&self, r0: usize, r1: usize, xs: &[f32], n: usize, out: &mut dyn FnMut(usize, usize, f32)) {
+        self.rows_dot(r0, r1, xs, n, out)
+    }
+
+    /// `out[i * rows + r]` for weight rows `r0..r1` and every input row `i` of `xs`.
+    #[inline(always)]
+    fn rows_dot(&self, r0: usize, r1: usize, xs: &[f32], n: usize, out: &mut dyn FnMut(usize, usize, f32)) {
+        let mut w = [0f32; 256];
+        for r in r0..r1 {
+            let mut acc = [[0f32; 8]; MATVEC_MAX_ROWS];
+            for (b, blk) in self.data[r * self.row_bytes..(r + 1) * self.row_bytes].chunks_exact(self.block_bytes).enumerate() {
+                (self.decode)(blk, &mut w);
+                for (i, acc) in acc.iter_mut().enumerate().take(n) {
+                    let x = &xs[i * self.cols + 256 * b..i * self.cols + 256 * (b + 1)];
+                    for (wc, xc) in w.chunks_exact(8).zip(x.chunks_exact(8)) {
+                        for l in 0..8 {
+                            acc[l] += wc[l] * xc[l];
+                        }
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(n) {
+                out(i, r, ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+            }
+        }
     }
 
     /// `x [n, cols] -> [n, rows]` (CPU tensors).
@@ -342,20 +386,15 @@ impl BlockMatrix {
                 widened_matmul(self.rows, self.cols, xs, n, &mut out, &|r0, b, buf| self.widen(r0, b, buf));
             } else {
                 let on_pool = self.rows * self.cols >= SERIAL_BELOW;
-                let f32k = kernel().f32;
                 let dst = &SharedOut::new(&mut out);
+                let rows = self.rows;
                 let task = |t: usize| {
                     let r0 = t * ROWS_PER_TASK;
-                    let r1 = (r0 + ROWS_PER_TASK).min(self.rows);
-                    let mut w = Vec::with_capacity((r1 - r0) * self.cols);
-                    self.widen(r0, r1 - r0, &mut w);
-                    for (i, xr) in xs.chunks_exact(self.cols).enumerate() {
-                        // task `t` writes only its own rows of each output row
-                        let o = unsafe { dst.slice(i * self.rows + r0, r1 - r0) };
-                        f32k(&w, xr, o);
-                    }
+                    let r1 = (r0 + ROWS_PER_TASK).min(rows);
+                    // task `t` writes only its own rows of each output row
+                    self.rows_dot_any(r0, r1, xs, n, &mut |i, r, v| unsafe { dst.slice(i * rows + r, 1)[0] = v });
                 };
-                run_tasks(self.rows.div_ceil(ROWS_PER_TASK), &task, on_pool);
+                run_tasks(rows.div_ceil(ROWS_PER_TASK), &task, on_pool);
             }
         })?;
         Tensor::from_vec(out, (n, self.rows), x.device())

@@ -235,8 +235,8 @@ impl GgufSource {
             let raw = self.hf_rows(info, order);
             let cols = *info.shape.last().expect("2-D");
             let rows = info.numel() / cols;
-            if device.is_cpu() {
-                let m = super::linear::BlockMatrix::new(raw, rows, cols, dequantize);
+            if let (true, Some(decode)) = (device.is_cpu(), crate::quant::block_decoder(info.ggml_type)) {
+                let m = super::linear::BlockMatrix::new(raw, rows, cols, info.ggml_type.block_bytes(), decode);
                 let bytes = m.bytes();
                 return Ok((Linear::Blocks(m), bytes));
             }

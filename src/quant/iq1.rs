@@ -13,7 +13,7 @@
 
 use half::f16;
 
-use super::iqgrid::{code2, grid2, Grid, Lookup};
+use super::iqgrid::{decode_all, with_avx2, code2, grid2, Grid, Lookup};
 use super::kquants::nearest_int;
 
 const QK: usize = 256;
@@ -357,52 +357,71 @@ pub fn quantize_iq1_m(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
     }
 }
 
-/// IQ1_S blocks to floats, as ggml's `dequantize_row_iq1_s` (`iq1s_grid` holds `l - 1`).
-pub fn dequantize_iq1_s(bytes: &[u8], out: &mut Vec<f32>) {
+/// One IQ1_S block (50 bytes) to 256 floats, as ggml's `dequantize_row_iq1_s` (`iq1s_grid` holds
+/// `l - 1`).
+pub fn decode_iq1_s(b: &[u8], out: &mut [f32]) {
+    with_avx2(b, out, decode_iq1_s_body)
+}
+
+#[inline(always)]
+fn decode_iq1_s_body(b: &[u8], out: &mut [f32]) {
     let g = grid2(2048);
-    for b in bytes.chunks_exact(IQ1_S_BYTES) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let qs = &b[2..34];
-        for ib in 0..8 {
-            let qh = u16::from_le_bytes([b[34 + 2 * ib], b[35 + 2 * ib]]);
-            let dl = d * (2 * ((qh >> 12) & 7) as i32 + 1) as f32;
-            let delta = if qh & 0x8000 != 0 { -DELTA } else { DELTA };
-            for l in 0..4 {
-                let p = qs[4 * ib + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8;
-                for &c in &g.points[p] {
-                    out.push(dl * (((c - 1) / 2 - 1) as f32 + delta));
-                }
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let qs = &b[2..34];
+    for ib in 0..8 {
+        let qh = u16::from_le_bytes([b[34 + 2 * ib], b[35 + 2 * ib]]);
+        let dl = d * (2 * ((qh >> 12) & 7) as i32 + 1) as f32;
+        let delta = if qh & 0x8000 != 0 { -DELTA } else { DELTA };
+        for l in 0..4 {
+            let v = &g.values[qs[4 * ib + l] as usize | (((qh >> (3 * l)) & 7) as usize) << 8];
+            let o = &mut out[32 * ib + 8 * l..32 * ib + 8 * l + 8];
+            for j in 0..8 {
+                o[j] = dl * (v[j] + delta);
             }
         }
     }
+}
+
+/// One IQ1_M block (56 bytes) to 256 floats, as ggml's `dequantize_row_iq1_m`.
+pub fn decode_iq1_m(b: &[u8], out: &mut [f32]) {
+    with_avx2(b, out, decode_iq1_m_body)
+}
+
+#[inline(always)]
+fn decode_iq1_m_body(b: &[u8], out: &mut [f32]) {
+    let g = grid2(2048);
+    let (qs, qh) = (&b[0..32], &b[32..48]);
+    let sc: [u16; 4] = std::array::from_fn(|i| u16::from_le_bytes([b[48 + 2 * i], b[49 + 2 * i]]));
+    let s = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000);
+    let d = f16::from_bits(s).to_f32();
+    for ib in 0..8 {
+        let dl = [
+            d * (2 * ((sc[ib / 2] >> (6 * (ib % 2))) & 7) as i32 + 1) as f32,
+            d * (2 * ((sc[ib / 2] >> (6 * (ib % 2) + 3)) & 7) as i32 + 1) as f32,
+        ];
+        for l in 0..4 {
+            let h = qh[2 * ib + l / 2];
+            let v = &g.values[qs[4 * ib + l] as usize | (((h as usize) << (8 - 4 * (l % 2))) & 0x700)];
+            let delta = if h & (0x08 << (4 * (l % 2))) != 0 { -DELTA } else { DELTA };
+            let o = &mut out[32 * ib + 8 * l..32 * ib + 8 * l + 8];
+            for j in 0..8 {
+                o[j] = dl[l / 2] * (v[j] + delta);
+            }
+        }
+    }
+}
+
+/// IQ1_S blocks to floats, as ggml's `dequantize_row_iq1_s`.
+pub fn dequantize_iq1_s(bytes: &[u8], out: &mut Vec<f32>) {
+    decode_all(bytes, IQ1_S_BYTES, out, decode_iq1_s)
 }
 
 /// IQ1_M blocks to floats, as ggml's `dequantize_row_iq1_m`.
 pub fn dequantize_iq1_m(bytes: &[u8], out: &mut Vec<f32>) {
-    let g = grid2(2048);
-    for b in bytes.chunks_exact(IQ1_M_BYTES) {
-        let (qs, qh) = (&b[0..32], &b[32..48]);
-        let sc: [u16; 4] = std::array::from_fn(|i| u16::from_le_bytes([b[48 + 2 * i], b[49 + 2 * i]]));
-        let s = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000);
-        let d = f16::from_bits(s).to_f32();
-        for ib in 0..8 {
-            let dl = [
-                d * (2 * ((sc[ib / 2] >> (6 * (ib % 2))) & 7) as i32 + 1) as f32,
-                d * (2 * ((sc[ib / 2] >> (6 * (ib % 2) + 3)) & 7) as i32 + 1) as f32,
-            ];
-            for l in 0..4 {
-                let h = qh[2 * ib + l / 2];
-                let p = qs[4 * ib + l] as usize | (((h as usize) << (8 - 4 * (l % 2))) & 0x700);
-                let delta = if h & (0x08 << (4 * (l % 2))) != 0 { -DELTA } else { DELTA };
-                for &c in &g.points[p] {
-                    out.push(dl[l / 2] * (((c - 1) / 2 - 1) as f32 + delta));
-                }
-            }
-        }
-    }
+    decode_all(bytes, IQ1_M_BYTES, out, decode_iq1_m)
 }
 
 /// The values of `iq1s_grid` (-1, 0, 1) point by point, as the dequantizers read them.
 pub fn grid_values() -> Vec<f32> {
-    grid2(2048).points.iter().flatten().map(|&c| ((c - 1) / 2 - 1) as f32).collect()
+    grid2(2048).values.iter().flatten().copied().collect()
 }

@@ -14,7 +14,7 @@
 
 use half::f16;
 
-use super::iqgrid::{code2, fmax_c, grid2, ksigns, sigma2, signs8, sums, Grid, Lookup};
+use super::iqgrid::{decode_all, with_avx2, code2, fmax_c, grid2, ksigns, scaled8, sigma2, sign_factors, signs8, sums, Grid, Lookup};
 use super::kquants::{make_qp_quants, nearest_int};
 
 const QK: usize = 256;
@@ -297,72 +297,81 @@ pub fn quantize_iq2_s(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
     }
 }
 
-/// The value of level `l` (coordinate `2l + 1`) in the 2-bit grids of ggml-common.h: 8, 25, 43.
-fn value2(c: i8) -> f32 {
-    match c {
-        1 => 8.0,
-        3 => 25.0,
-        _ => 43.0,
+/// One IQ2_XXS block (66 bytes) to 256 floats, as ggml's `dequantize_row_iq2_xxs`.
+pub fn decode_iq2_xxs(b: &[u8], out: &mut [f32]) {
+    with_avx2(b, out, decode_iq2_xxs_body)
+}
+
+#[inline(always)]
+fn decode_iq2_xxs_body(b: &[u8], out: &mut [f32]) {
+    let g = grid2(256);
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    for ib in 0..8 {
+        let q = &b[2 + 8 * ib..10 + 8 * ib];
+        let aux1 = u32::from_le_bytes(q[4..8].try_into().unwrap());
+        let db = d * (0.5 + (aux1 >> 28) as f32) * 0.25;
+        for l in 0..4 {
+            let signs = sign_factors(ksigns(((aux1 >> (7 * l)) & 127) as usize));
+            scaled8(&g.values[q[l] as usize], signs, db, &mut out[32 * ib + 8 * l..32 * ib + 8 * l + 8]);
+        }
     }
 }
 
-/// 8 values of grid point `p` times `db`, with the sign bits `signs`.
-fn push8(g: &Grid<8>, p: usize, db: f32, signs: u8, out: &mut Vec<f32>) {
-    for (j, &c) in g.points[p].iter().enumerate() {
-        out.push(db * value2(c) * if signs & (1 << j) != 0 { -1.0 } else { 1.0 });
+/// One IQ2_XS block (74 bytes) to 256 floats, as ggml's `dequantize_row_iq2_xs`.
+pub fn decode_iq2_xs(b: &[u8], out: &mut [f32]) {
+    with_avx2(b, out, decode_iq2_xs_body)
+}
+
+#[inline(always)]
+fn decode_iq2_xs_body(b: &[u8], out: &mut [f32]) {
+    let g = grid2(512);
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let sc = &b[66..74];
+    for ib in 0..8 {
+        let db = [d * (0.5 + (sc[ib] & 15) as f32) * 0.25, d * (0.5 + (sc[ib] >> 4) as f32) * 0.25];
+        for l in 0..4 {
+            let q = u16::from_le_bytes([b[2 + 8 * ib + 2 * l], b[3 + 8 * ib + 2 * l]]);
+            scaled8(&g.values[(q & 511) as usize], sign_factors(ksigns((q >> 9) as usize)), db[l / 2], &mut out[32 * ib + 8 * l..32 * ib + 8 * l + 8]);
+        }
+    }
+}
+
+/// One IQ2_S block (82 bytes) to 256 floats, as ggml's `dequantize_row_iq2_s`.
+pub fn decode_iq2_s(b: &[u8], out: &mut [f32]) {
+    with_avx2(b, out, decode_iq2_s_body)
+}
+
+#[inline(always)]
+fn decode_iq2_s_body(b: &[u8], out: &mut [f32]) {
+    let g = grid2(1024);
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let (qs, signs, qh, sc) = (&b[2..34], &b[34..66], &b[66..74], &b[74..82]);
+    for ib in 0..8 {
+        let db = [d * (0.5 + (sc[ib] & 15) as f32) * 0.25, d * (0.5 + (sc[ib] >> 4) as f32) * 0.25];
+        for l in 0..4 {
+            let p = qs[4 * ib + l] as usize | (((qh[ib] >> (2 * l)) & 3) as usize) << 8;
+            scaled8(&g.values[p], sign_factors(signs[4 * ib + l]), db[l / 2], &mut out[32 * ib + 8 * l..32 * ib + 8 * l + 8]);
+        }
     }
 }
 
 /// IQ2_XXS blocks to floats, as ggml's `dequantize_row_iq2_xxs`.
 pub fn dequantize_iq2_xxs(bytes: &[u8], out: &mut Vec<f32>) {
-    let g = grid2(256);
-    for b in bytes.chunks_exact(IQ2_XXS_BYTES) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        for ib in 0..8 {
-            let q = &b[2 + 8 * ib..10 + 8 * ib];
-            let aux1 = u32::from_le_bytes(q[4..8].try_into().unwrap());
-            let db = d * (0.5 + (aux1 >> 28) as f32) * 0.25;
-            for l in 0..4 {
-                push8(g, q[l] as usize, db, ksigns(((aux1 >> (7 * l)) & 127) as usize), out);
-            }
-        }
-    }
+    decode_all(bytes, IQ2_XXS_BYTES, out, decode_iq2_xxs)
 }
 
 /// IQ2_XS blocks to floats, as ggml's `dequantize_row_iq2_xs`.
 pub fn dequantize_iq2_xs(bytes: &[u8], out: &mut Vec<f32>) {
-    let g = grid2(512);
-    for b in bytes.chunks_exact(IQ2_XS_BYTES) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let sc = &b[66..74];
-        for ib in 0..8 {
-            let db = [d * (0.5 + (sc[ib] & 15) as f32) * 0.25, d * (0.5 + (sc[ib] >> 4) as f32) * 0.25];
-            for l in 0..4 {
-                let q = u16::from_le_bytes([b[2 + 8 * ib + 2 * l], b[3 + 8 * ib + 2 * l]]);
-                push8(g, (q & 511) as usize, db[l / 2], ksigns((q >> 9) as usize), out);
-            }
-        }
-    }
+    decode_all(bytes, IQ2_XS_BYTES, out, decode_iq2_xs)
 }
 
 /// IQ2_S blocks to floats, as ggml's `dequantize_row_iq2_s`.
 pub fn dequantize_iq2_s(bytes: &[u8], out: &mut Vec<f32>) {
-    let g = grid2(1024);
-    for b in bytes.chunks_exact(IQ2_S_BYTES) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let (qs, signs, qh, sc) = (&b[2..34], &b[34..66], &b[66..74], &b[74..82]);
-        for ib in 0..8 {
-            let db = [d * (0.5 + (sc[ib] & 15) as f32) * 0.25, d * (0.5 + (sc[ib] >> 4) as f32) * 0.25];
-            for l in 0..4 {
-                let p = qs[4 * ib + l] as usize | (((qh[ib] >> (2 * l)) & 3) as usize) << 8;
-                push8(g, p, db[l / 2], signs[4 * ib + l], out);
-            }
-        }
-    }
+    decode_all(bytes, IQ2_S_BYTES, out, decode_iq2_s)
 }
 
 /// The values of `iq2xxs_grid` (256 points), `iq2xs_grid` (512) or `iq2s_grid` (1024) point by
 /// point, as the dequantizers read them.
 pub fn grid_values(points: usize) -> Vec<f32> {
-    grid2(points).points.iter().flatten().map(|&c| value2(c)).collect()
+    grid2(points).values.iter().flatten().copied().collect()
 }

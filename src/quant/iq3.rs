@@ -12,7 +12,7 @@
 
 use half::f16;
 
-use super::iqgrid::{code3, fmax_c, grid3, ksigns, sigma2, signs8, sums, Grid, Lookup};
+use super::iqgrid::{decode_all, with_avx2, code3, fmax_c, grid3, ksigns, scaled8, sigma2, sign_factors, signs8, sums, Grid, Lookup};
 use super::kquants::nearest_int;
 
 const QK: usize = 256;
@@ -215,57 +215,62 @@ pub fn quantize_iq3_s(x: &[f32], imatrix: Option<&[f32]>, out: &mut Vec<u8>) {
     }
 }
 
-/// The value of level `l` in `iq3xxs_grid`: `4 (2l + 1)`, except 62 for level 7.
-fn xxs_value(c: i8) -> f32 {
-    if c == 15 { 62.0 } else { 4.0 * c as f32 }
+/// One IQ3_XXS block (98 bytes) to 256 floats, as ggml's `dequantize_row_iq3_xxs`.
+pub fn decode_iq3_xxs(b: &[u8], out: &mut [f32]) {
+    with_avx2(b, out, decode_iq3_xxs_body)
+}
+
+#[inline(always)]
+fn decode_iq3_xxs_body(b: &[u8], out: &mut [f32]) {
+    let g = grid3(256);
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let (qs, sas) = (&b[2..66], &b[66..98]);
+    for ib in 0..8 {
+        let aux = u32::from_le_bytes(sas[4 * ib..4 * ib + 4].try_into().unwrap());
+        let db = d * (0.5 + (aux >> 28) as f32) * 0.5;
+        for l in 0..4 {
+            let signs = sign_factors(ksigns(((aux >> (7 * l)) & 127) as usize));
+            let (v0, v1) = (&g.values[qs[8 * ib + 2 * l] as usize], &g.values[qs[8 * ib + 2 * l + 1] as usize]);
+            let v: [f32; 8] = std::array::from_fn(|j| if j < 4 { v0[j] } else { v1[j - 4] });
+            scaled8(&v, signs, db, &mut out[32 * ib + 8 * l..32 * ib + 8 * l + 8]);
+        }
+    }
+}
+
+/// One IQ3_S block (110 bytes) to 256 floats, as ggml's `dequantize_row_iq3_s`.
+pub fn decode_iq3_s(b: &[u8], out: &mut [f32]) {
+    with_avx2(b, out, decode_iq3_s_body)
+}
+
+#[inline(always)]
+fn decode_iq3_s_body(b: &[u8], out: &mut [f32]) {
+    let g = grid3(512);
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let (qs, qh, signs, sc) = (&b[2..66], &b[66..74], &b[74..106], &b[106..110]);
+    for ib in 0..8 {
+        let s = if ib % 2 == 0 { sc[ib / 2] & 15 } else { sc[ib / 2] >> 4 };
+        let db = d * (1 + 2 * s as i32) as f32;
+        for l in 0..4 {
+            let p = |k: usize| qs[8 * ib + k] as usize | (((qh[ib] >> k) & 1) as usize) << 8;
+            let (v0, v1) = (&g.values[p(2 * l)], &g.values[p(2 * l + 1)]);
+            let v: [f32; 8] = std::array::from_fn(|j| if j < 4 { v0[j] } else { v1[j - 4] });
+            scaled8(&v, sign_factors(signs[4 * ib + l]), db, &mut out[32 * ib + 8 * l..32 * ib + 8 * l + 8]);
+        }
+    }
 }
 
 /// IQ3_XXS blocks to floats, as ggml's `dequantize_row_iq3_xxs`.
 pub fn dequantize_iq3_xxs(bytes: &[u8], out: &mut Vec<f32>) {
-    let g = grid3(256);
-    for b in bytes.chunks_exact(IQ3_XXS_BYTES) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let (qs, sas) = (&b[2..66], &b[66..98]);
-        for ib in 0..8 {
-            let aux = u32::from_le_bytes(sas[4 * ib..4 * ib + 4].try_into().unwrap());
-            let db = d * (0.5 + (aux >> 28) as f32) * 0.5;
-            for l in 0..4 {
-                let signs = ksigns(((aux >> (7 * l)) & 127) as usize);
-                for (h, &q) in qs[8 * ib + 2 * l..8 * ib + 2 * l + 2].iter().enumerate() {
-                    for (j, &c) in g.points[q as usize].iter().enumerate() {
-                        let neg = signs & (1 << (4 * h + j)) != 0;
-                        out.push(db * xxs_value(c) * if neg { -1.0 } else { 1.0 });
-                    }
-                }
-            }
-        }
-    }
+    decode_all(bytes, IQ3_XXS_BYTES, out, decode_iq3_xxs)
 }
 
 /// IQ3_S blocks to floats, as ggml's `dequantize_row_iq3_s` (`iq3s_grid` holds `2l + 1`).
 pub fn dequantize_iq3_s(bytes: &[u8], out: &mut Vec<f32>) {
-    let g = grid3(512);
-    for b in bytes.chunks_exact(IQ3_S_BYTES) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let (qs, qh, signs, sc) = (&b[2..66], &b[66..74], &b[74..106], &b[106..110]);
-        for ib in 0..8 {
-            let s = if ib % 2 == 0 { sc[ib / 2] & 15 } else { sc[ib / 2] >> 4 };
-            let db = d * (1 + 2 * s as i32) as f32;
-            for k in 0..8 {
-                let p = qs[8 * ib + k] as usize | (((qh[ib] >> k) & 1) as usize) << 8;
-                let sg = signs[4 * ib + k / 2];
-                for (j, &c) in g.points[p].iter().enumerate() {
-                    let neg = sg & (1 << (4 * (k % 2) + j)) != 0;
-                    out.push(db * c as f32 * if neg { -1.0 } else { 1.0 });
-                }
-            }
-        }
-    }
+    decode_all(bytes, IQ3_S_BYTES, out, decode_iq3_s)
 }
 
 /// The values of `iq3xxs_grid` (256 points, or `iq3s_grid`: 512) point by point, as the
 /// dequantizers read them.
 pub fn grid_values(points: usize) -> Vec<f32> {
-    let g = grid3(points);
-    g.points.iter().flatten().map(|&c| if points == 256 { xxs_value(c) } else { c as f32 }).collect()
+    grid3(points).values.iter().flatten().copied().collect()
 }

@@ -14,6 +14,9 @@ use super::iq_grids;
 pub(crate) struct Grid<const D: usize> {
     /// Each point's coordinates `2l + 1`.
     pub points: Vec<[i8; D]>,
+    /// Each point's values as the format's byte grid holds them (`iq3xxs_grid`, ...), as floats:
+    /// what the dequantizers multiply.
+    pub values: Vec<[f32; D]>,
     /// By code: the point's index (>= 0), or `-(start + 1)` where `neighbours[start]` counts the
     /// neighbour indices that follow it.
     map: Vec<i32>,
@@ -31,7 +34,7 @@ pub(crate) enum Lookup<'a> {
 impl<const D: usize> Grid<D> {
     /// `kgrid`: the points as codes of `bits`-bit levels; `map_len`: the codes looked up (every
     /// code of levels the quantizers produce); `nwant`: how many distinct distances of neighbours.
-    fn build(kgrid: &[u16], bits: u32, map_len: usize, nwant: usize) -> Self {
+    fn build(kgrid: &[u16], bits: u32, map_len: usize, nwant: usize, value: fn(i8) -> f32) -> Self {
         let mask = (1u32 << bits) - 1;
         let coords = |code: u32| -> [i8; D] { std::array::from_fn(|i| (2 * ((code >> (bits * i as u32)) & mask) + 1) as i8) };
         let points: Vec<[i8; D]> = kgrid.iter().map(|&g| coords(g as u32)).collect();
@@ -79,7 +82,8 @@ impl<const D: usize> Grid<D> {
                 neighbours.extend(list);
             }
         }
-        Grid { points, map, neighbours }
+        let values = points.iter().map(|p| p.map(value)).collect();
+        Grid { points, values, map, neighbours }
     }
 
     /// Where the levels' code lands.
@@ -176,8 +180,9 @@ pub(crate) fn grid3(points: usize) -> &'static Grid<4> {
     static G256: OnceLock<Grid<4>> = OnceLock::new();
     static G512: OnceLock<Grid<4>> = OnceLock::new();
     match points {
-        256 => G256.get_or_init(|| Grid::build(&iq_grids::KGRID_3BIT_256, 3, 4096, 2)),
-        512 => G512.get_or_init(|| Grid::build(&iq_grids::KGRID_3BIT_512, 3, 4096, 3)),
+        // iq3xxs_grid: 4 (2l + 1), except 62 for level 7; iq3s_grid: 2l + 1
+        256 => G256.get_or_init(|| Grid::build(&iq_grids::KGRID_3BIT_256, 3, 4096, 2, |c| if c == 15 { 62.0 } else { 4.0 * c as f32 })),
+        512 => G512.get_or_init(|| Grid::build(&iq_grids::KGRID_3BIT_512, 3, 4096, 3, |c| c as f32)),
         _ => unreachable!("no 3-bit grid of {points} points"),
     }
 }
@@ -192,11 +197,64 @@ pub(crate) fn grid2(points: usize) -> &'static Grid<8> {
     // codes of levels 0-2 only (at most 0xAAAA): ggml's map has 43692 entries
     const MAP: usize = 43692;
     match points {
-        256 => G256.get_or_init(|| Grid::build(&iq_grids::KGRID_2BIT_256, 2, MAP, 2)),
-        512 => G512.get_or_init(|| Grid::build(&iq_grids::KGRID_2BIT_512, 2, MAP, 2)),
-        1024 => G1024.get_or_init(|| Grid::build(&iq_grids::KGRID_2BIT_1024, 2, MAP, 1)),
-        2048 => G2048.get_or_init(|| Grid::build(&iq_grids::KGRID_1BIT_2048, 2, MAP, 3)),
+        256 => G256.get_or_init(|| Grid::build(&iq_grids::KGRID_2BIT_256, 2, MAP, 2, value2)),
+        512 => G512.get_or_init(|| Grid::build(&iq_grids::KGRID_2BIT_512, 2, MAP, 2, value2)),
+        1024 => G1024.get_or_init(|| Grid::build(&iq_grids::KGRID_2BIT_1024, 2, MAP, 1, value2)),
+        // iq1s_grid: l - 1
+        2048 => G2048.get_or_init(|| Grid::build(&iq_grids::KGRID_1BIT_2048, 2, MAP, 3, |c| ((c - 1) / 2 - 1) as f32)),
         _ => unreachable!("no 8-coordinate grid of {points} points"),
+    }
+}
+
+/// The value of level `l` (coordinate `2l + 1`) in the 2-bit byte grids of ggml-common.h: 8, 25, 43.
+fn value2(c: i8) -> f32 {
+    match c {
+        1 => 8.0,
+        3 => 25.0,
+        _ => 43.0,
+    }
+}
+
+/// The factors of 8 sign bits: `-1.0` where bit `j` is set, else `1.0` (multiplying by them is
+/// ggml's `(signs & kmask[j] ? -1.f : 1.f)`).
+#[inline(always)]
+pub(crate) fn sign_factors(bits: u8) -> &'static [f32; 8] {
+    static T: OnceLock<Vec<[f32; 8]>> = OnceLock::new();
+    &T.get_or_init(|| (0..256u32).map(|b| std::array::from_fn(|j| if b & (1 << j) != 0 { -1.0 } else { 1.0 })).collect())[bits as usize]
+}
+
+/// 8 values of a group: `db * values[j] * signs[j]`, in ggml's order of operations.
+#[inline(always)]
+pub(crate) fn scaled8(values: &[f32], signs: &[f32; 8], db: f32, out: &mut [f32]) {
+    for j in 0..8 {
+        out[j] = db * values[j] * signs[j];
+    }
+}
+
+/// Runs a block decoder's body compiled for AVX2 where the CPU has it (the same operations, so
+/// the same floats; `portable_and_avx2_builds_agree` compares them).
+#[inline(always)]
+pub(crate) fn with_avx2<F: Fn(&[u8], &mut [f32])>(b: &[u8], out: &mut [f32], body: F) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { avx2_call(b, out, body) };
+    }
+    body(b, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_call<F: Fn(&[u8], &mut [f32])>(b: &[u8], out: &mut [f32], body: F) {
+    body(b, out)
+}
+
+/// The whole 256-value blocks of `bytes` decoded by `block`, appended to `out`.
+pub(crate) fn decode_all(bytes: &[u8], block_bytes: usize, out: &mut Vec<f32>, block: fn(&[u8], &mut [f32])) {
+    let start = out.len();
+    out.resize(start + bytes.len() / block_bytes * 256, 0.0);
+    for (b, o) in bytes.chunks_exact(block_bytes).zip(out[start..].chunks_exact_mut(256)) {
+        block(b, o);
     }
 }
 

@@ -82,6 +82,24 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], imatrix: Option<&[f32]>, out: &mut 
     true
 }
 
+/// One 256-value block of a lattice i-quant to floats (`iq3::decode_iq3_xxs`, ...).
+pub type DecodeBlock = fn(&[u8], &mut [f32]);
+
+/// The block decoder of a lattice i-quant (IQ3_XXS, IQ3_S, IQ2_*, IQ1_*), the same floats as its
+/// dequantizer; `None` for other types.
+pub fn block_decoder(ty: GgmlType) -> Option<DecodeBlock> {
+    Some(match ty {
+        GgmlType::IQ3_XXS => iq3::decode_iq3_xxs,
+        GgmlType::IQ3_S => iq3::decode_iq3_s,
+        GgmlType::IQ2_XXS => iq2::decode_iq2_xxs,
+        GgmlType::IQ2_XS => iq2::decode_iq2_xs,
+        GgmlType::IQ2_S => iq2::decode_iq2_s,
+        GgmlType::IQ1_S => iq1::decode_iq1_s,
+        GgmlType::IQ1_M => iq1::decode_iq1_m,
+        _ => return None,
+    })
+}
+
 /// A row dequantizer: blocks of one type to floats, appended.
 pub type Dequantize = fn(&[u8], &mut Vec<f32>);
 
@@ -149,6 +167,14 @@ mod tests {
                 assert!(quantize_row(ty, &x, imatrix, &mut port));
                 PORTABLE_ONLY.store(false, Ordering::Relaxed);
                 assert!(fast == port, "{ty:?} (importance: {}): the AVX2 build differs from the portable one", imatrix.is_some());
+                if let Some(d) = dequantizer(ty) {
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    d(&fast, &mut a);
+                    PORTABLE_ONLY.store(true, Ordering::Relaxed);
+                    d(&fast, &mut b);
+                    PORTABLE_ONLY.store(false, Ordering::Relaxed);
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len(), "{ty:?}: the AVX2 decoder differs");
+                }
             }
         }
         crate::test_report::note("ran: avx2 quantizer builds (legacy, k-quants, i-quants) give the portable ones' bytes");
