@@ -72,18 +72,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     });
     let per_loop: Vec<f64> = per_loop.iter().map(|p| p.0).collect();
     let per_loop_line = || per_loop.iter().enumerate().map(|(t, p)| format!("loop {} {p:.4}", t + 1)).collect::<Vec<_>>().join(", ");
+    // what both forms of the report hold
+    let mut report = serde_json::json!({
+        "model": loaded.description,
+        "text": text.display().to_string(),
+        "ctx": ctx,
+        "chunks": spans.len(),
+        "loops": m.dims.loops,
+        "batched": batched,
+        "per_loop_ppl": per_loop,
+    });
     if a.batched {
         if a.json {
-            let v = serde_json::json!({
-                "model": loaded.description,
-                "text": text.display().to_string(),
-                "ctx": ctx,
-                "chunks": spans.len(),
-                "loops": m.dims.loops,
-                "batched": batched,
-                "per_loop_ppl": per_loop,
-            });
-            print_json("ouro-quant-perplexity-1", &v)?;
+            print_json("ouro-quant-perplexity-1", &report)?;
             return Ok(ExitCode::SUCCESS);
         }
         println!(
@@ -102,22 +103,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let runs = ouro_quant::eval::decode_evals(m, &ids, ctx, chunks, &qs, kv, kv_fill, kv_dtype)?;
     let base = runs[0].clone();
     if a.json {
-        let v = serde_json::json!({
-            "model": loaded.description,
-            "text": text.display().to_string(),
-            "ctx": ctx,
-            "chunks": spans.len(),
-            "kv": kv,
-            "kv_fill": kv_fill,
-            "kv_dtype": format!("{kv_dtype:?}").to_lowercase(),
-            "runs": runs,
-            "loops": m.dims.loops,
-            "batched": batched,
-            "per_loop_ppl": per_loop,
-            "ppl_rise_pct": runs.iter().map(|r| 100.0 * (r.ppl / base.ppl - 1.0)).collect::<Vec<_>>(),
-            "speedup": runs.iter().map(|r| r.speedup_over(&base)).collect::<Vec<_>>(),
-        });
-        print_json("ouro-quant-perplexity-1", &v)?;
+        let o = report.as_object_mut().expect("an object");
+        o.insert("kv".into(), serde_json::json!(kv));
+        o.insert("kv_fill".into(), serde_json::json!(kv_fill));
+        o.insert("kv_dtype".into(), serde_json::json!(format!("{kv_dtype:?}").to_lowercase()));
+        o.insert("runs".into(), serde_json::json!(runs));
+        o.insert("ppl_rise_pct".into(), serde_json::json!(runs.iter().map(|r| 100.0 * (r.ppl / base.ppl - 1.0)).collect::<Vec<_>>()));
+        o.insert("speedup".into(), serde_json::json!(runs.iter().map(|r| r.speedup_over(&base)).collect::<Vec<_>>()));
+        print_json("ouro-quant-perplexity-1", &report)?;
         return Ok(ExitCode::SUCCESS);
     }
     println!(
