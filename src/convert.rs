@@ -128,6 +128,17 @@ pub fn plan_gguf(ck: &Checkpoint, opts: &GgufOptions) -> Result<Vec<TensorPlan>>
             Some(im) if uses_importance(ty) => importance_for(im, &m.gguf_name, cols)?.is_some(),
             _ => false,
         };
+        if !imatrix && ty.requires_importance() && !requires_imatrix(opts.file_type, &m.gguf_name, ty) {
+            // (a --type-override, or the embedding/output that llama-quantize exempts from its
+            // check): ggml's quantizer itself cannot make this type without importance data
+            return Err(match &opts.imatrix {
+                None => Error::Usage(format!(
+                    "tensor {} would be {ty}, which ggml quantizes only with an importance vector: add --imatrix FILE (`ouro-quant imatrix`) or choose another type for it",
+                    m.gguf_name
+                )),
+                Some(im) => Error::tensor(&im.path, &m.gguf_name, format!("missing: {ty} is quantized only with importance data for the tensor")),
+            });
+        }
         if !imatrix && requires_imatrix(opts.file_type, &m.gguf_name, ty) {
             return Err(match &opts.imatrix {
                 None => Error::Usage(format!(
@@ -313,7 +324,10 @@ pub fn convert_gguf(
                             ));
                         }
                         let mut q = Vec::with_capacity(row_out);
-                        quantize_row(p.ggml_type, &row, importance.as_deref(), &mut q);
+                        if !quantize_row(p.ggml_type, &row, importance.as_deref(), &mut q) || q.len() != dst.len() {
+                            // the plan refuses this before work starts; never write a short row
+                            return Err(Error::tensor(t.file, &p.hf_name, format!("cannot quantize to {} here", p.ggml_type)));
+                        }
                         dst.copy_from_slice(&q);
                         Ok(())
                     })?;

@@ -676,3 +676,26 @@ fn golden_gguf_files_are_what_gguf_py_writes() {
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(fixtures().join("golden/gguf").join(golden)).unwrap(), "{golden}");
     }
 }
+
+/// A type ggml quantizes only with importance data (IQ2_XXS, IQ2_XS, IQ1_S), put by an override on
+/// a tensor llama-quantize exempts from its check (the output), is refused before work starts,
+/// naming the tensor: without a matrix, and with one that has no entry for it (llama-imatrix, and
+/// ours, collect none for the output). Nothing is written.
+#[test]
+fn an_override_to_an_importance_only_type_is_refused_before_work() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-random");
+    let im = d.path().join("im.gguf");
+    bin().arg("imatrix").arg(&src).arg("--text").arg(fixtures().join("ouro-tiny-trained/calibration.txt")).args(["--ctx", "32", "--chunks", "2", "-o"]).arg(&im).assert().success();
+    let out = d.path().join("o.gguf");
+    for (extra, needles) in [
+        (vec!["--type", "Q4_K_M", "--type-override", "output.weight=IQ2_XXS"], &["output.weight", "IQ2_XXS", "--imatrix"][..]),
+        (vec!["--type", "IQ2_M", "--type-override", "output.weight=IQ1_S", "--imatrix", im.to_str().unwrap()], &["output.weight", "IQ1_S", "im.gguf"]),
+    ] {
+        let o = bin().arg("convert").arg(&src).args(&extra).arg("-o").arg(&out).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {e}");
+        assert!(needles.iter().all(|n| e.contains(n)), "{extra:?}: {e}");
+        assert!(!out.exists(), "{extra:?}: an output was left");
+    }
+}
