@@ -22,15 +22,7 @@ fn convert(model: &Path, ty: &str, out: &Path) {
         // llama-quantize's Q2_K_S and the low-bit i-quant mixes need an importance matrix: one
         // from a short calibration run
         let im = out.with_extension("imatrix.gguf");
-        bin()
-            .arg("imatrix")
-            .arg(model)
-            .arg("--text")
-            .arg(fixtures().join("ouro-tiny-trained/calibration.txt"))
-            .args(["--ctx", "32", "--chunks", "2", "-o"])
-            .arg(&im)
-            .assert()
-            .success();
+        common::small_imatrix(model, &im);
         c.arg("--imatrix").arg(im);
     }
     c.assert().success();
@@ -686,7 +678,7 @@ fn an_override_to_an_importance_only_type_is_refused_before_work() {
     let d = tempfile::tempdir().unwrap();
     let src = fixtures().join("tiny-random");
     let im = d.path().join("im.gguf");
-    bin().arg("imatrix").arg(&src).arg("--text").arg(fixtures().join("ouro-tiny-trained/calibration.txt")).args(["--ctx", "32", "--chunks", "2", "-o"]).arg(&im).assert().success();
+    common::small_imatrix(&src, &im);
     let out = d.path().join("o.gguf");
     for (extra, needles) in [
         (vec!["--type", "Q4_K_M", "--type-override", "output.weight=IQ2_XXS"], &["output.weight", "IQ2_XXS", "--imatrix"][..]),

@@ -16,7 +16,7 @@ fn plan_agrees_with_what_run_measures() {
     let src = fixtures().join("tiny-random");
     // the low-bit i-quants are made with an importance matrix (plan sizes them so)
     let im = d.path().join("im.gguf");
-    bin().arg("imatrix").arg(&src).arg("--text").arg(fixtures().join("ouro-tiny-trained/calibration.txt")).args(["--ctx", "32", "--chunks", "2", "-o"]).arg(&im).assert().success();
+    small_imatrix(&src, &im);
     for (ty, label) in [("Q8_0", "GGUF Q8_0"), ("Q4_K_M", "GGUF Q4_K_M"), ("F16", "GGUF F16"), ("IQ4_XS", "GGUF IQ4_XS"), ("IQ3_S", "GGUF IQ3_S"), ("IQ2_M", "GGUF IQ2_M"), ("IQ1_M", "GGUF IQ1_M")] {
         let f = d.path().join(format!("t.{ty}.gguf"));
         let mut c = bin();

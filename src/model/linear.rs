@@ -330,11 +330,7 @@ impl BlockMatrix {
     }
 
     fn widen(&self, r0: usize, n: usize, buf: &mut Vec<f32>) {
-        let start = buf.len();
-        buf.resize(start + n * self.cols, 0.0);
-        for (b, o) in self.data[r0 * self.row_bytes..(r0 + n) * self.row_bytes].chunks_exact(self.block_bytes).zip(buf[start..].chunks_exact_mut(256)) {
-            (self.decode)(b, o);
-        }
+        crate::quant::iqgrid::decode_all(&self.data[r0 * self.row_bytes..(r0 + n) * self.row_bytes], self.block_bytes, buf, self.decode);
     }
 
     /// [`Self::rows_dot`] with AVX2 where the CPU has it (the same operations: no fused

@@ -86,3 +86,17 @@ pub fn inspect_err(dir: &Path) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A small importance matrix of `model` (a short calibration run on the trained fixture's
+/// calibration text), written to `out`.
+pub fn small_imatrix(model: &Path, out: &Path) {
+    bin()
+        .arg("imatrix")
+        .arg(model)
+        .arg("--text")
+        .arg(fixtures().join("ouro-tiny-trained/calibration.txt"))
+        .args(["--ctx", "32", "--chunks", "2", "-o"])
+        .arg(out)
+        .assert()
+        .success();
+}
