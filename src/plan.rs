@@ -1,5 +1,8 @@
 //! The memory planner: for each output format, the bytes of the weights, of the KV cache at a
-//! context, and of the runtime around them, against a device's free memory.
+//! context, and of the runtime around them, against a device's free memory. Weights are counted
+//! as the loader holds them on the device's kind ([`crate::model::placement`]): on a CUDA GPU
+//! only what lies in its memory (the GGUF embedding stays in host memory; types without a GPU
+//! kernel are widened to f32), on the CPU and on unified-memory GPUs everything.
 
 use std::path::Path;
 
@@ -10,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::gguf::arch::tensor_map;
 use crate::gguf::mix::{tensor_type_with, FileType};
 use crate::mlx::MlxOptions;
+use crate::model::placement::{self, Stored, Target};
 
 /// The shipped device profiles.
 pub const DEVICES_TOML: &str = include_str!("../formats/devices.toml");
@@ -23,6 +27,13 @@ pub struct Device {
     pub memory: u64,
     #[serde(default)]
     pub taken: u64,
+    /// Where models run on it: `cpu` (the default), `cuda` or `metal`.
+    #[serde(default = "cpu")]
+    pub kind: Target,
+}
+
+fn cpu() -> Target {
+    Target::Cpu
 }
 
 impl Device {
@@ -38,7 +49,7 @@ pub fn parse_devices(text: &str, origin: &Path) -> Result<Vec<Device>> {
     for (name, v) in table {
         let mut d: Device = v
             .try_into()
-            .map_err(|e| Error::config(origin, &name, format!("not a device profile (description, memory, taken): {e}")))?;
+            .map_err(|e| Error::config(origin, &name, format!("not a device profile (description, memory, taken, kind = cpu|cuda|metal): {e}")))?;
         if d.taken > d.memory {
             return Err(Error::config(origin, &name, format!("taken ({}) exceeds memory ({})", d.taken, d.memory)));
         }
@@ -89,42 +100,55 @@ pub fn kv_bytes_per_token(cfg: &OuroConfig, shared_last: bool, dtype: KvDtype) -
     2.0 * (slots * cfg.num_key_value_heads * cfg.head_dim) as f64 * dtype.bytes()
 }
 
-/// Weight bytes of a GGUF output of file type `ft` as a runtime holds them: the tensor data (norms
-/// in F32) and the exit gate, which the file keeps in metadata (`hidden + 1` f32). The mixes that
-/// need an importance matrix are sized as made with one.
-pub fn gguf_weight_bytes(cfg: &OuroConfig, ft: FileType) -> u64 {
+/// The shape of an Ouro tensor as `(rows, cols)` (a vector is one row).
+fn rows_cols(cfg: &OuroConfig, hf_name: &str) -> anyhow::Result<(usize, usize)> {
+    let e = expected_tensors(cfg)
+        .into_iter()
+        .find(|e| e.name == hf_name)
+        .ok_or_else(|| anyhow::anyhow!("internal: {hf_name} is not an Ouro tensor"))?;
+    let cols = *e.shape.last().unwrap_or(&1);
+    Ok((e.shape.iter().product::<usize>() / cols.max(1), cols))
+}
+
+/// Weight bytes of a GGUF output of file type `ft` as the runner holds them on `target` (see
+/// [`placement`]). The mixes that need an importance matrix are sized as made with one.
+pub fn gguf_weight_bytes(cfg: &OuroConfig, ft: FileType, target: Target) -> u64 {
     let with_imatrix = ft.needs_importance();
-    (cfg.hidden_size as u64 + 1) * 4
-        + tensor_map(cfg)
-        .iter()
-        .map(|m| {
-            let e = expected_tensors(cfg).into_iter().find(|e| e.name == m.hf_name).expect("mapped tensor");
-            let ty = tensor_type_with(ft, cfg, &m.gguf_name, &e.shape, &[], with_imatrix);
-            let cols = *e.shape.last().expect("shape");
-            (e.shape.iter().product::<usize>() / cols * ty.row_bytes(cols)) as u64
-        })
-        .sum::<u64>()
+    let map = tensor_map(cfg);
+    let stored = |name: &str| -> anyhow::Result<(Stored, usize, usize)> {
+        let m = map.iter().find(|m| m.hf_name == name).ok_or_else(|| anyhow::anyhow!("internal: {name} has no GGUF name"))?;
+        let (rows, cols) = rows_cols(cfg, name)?;
+        let shape = if rows == 1 { vec![cols] } else { vec![rows, cols] };
+        Ok((Stored::Ggml(tensor_type_with(ft, cfg, &m.gguf_name, &shape, &[], with_imatrix)), rows, cols))
+    };
+    placement::model_bytes(cfg, target, &stored).expect("every Ouro tensor has a GGUF name").counted(target)
 }
 
-/// Weight bytes of an MLX output (scales, biases and float tensors in a 2-byte dtype).
-pub fn mlx_weight_bytes(cfg: &OuroConfig, opts: &MlxOptions) -> u64 {
-    expected_tensors(cfg)
-        .iter()
-        .map(|e| {
-            let numel: usize = e.shape.iter().product();
-            let module = e.name.strip_suffix(".weight").unwrap_or(&e.name);
-            match (e.shape.len(), opts.quant_for(module, *e.shape.last().unwrap_or(&1), cfg.num_hidden_layers)) {
-                (2, Some((bits, gs))) => (numel * bits as usize / 8 + 2 * 2 * numel / gs) as u64,
-                _ => numel as u64 * 2,
-            }
-        })
-        .sum()
+/// Weight bytes of an MLX output (scales, biases and float tensors in a 2-byte dtype) as the
+/// runner holds them on `target`.
+pub fn mlx_weight_bytes(cfg: &OuroConfig, opts: &MlxOptions, target: Target) -> u64 {
+    let stored = |name: &str| -> anyhow::Result<(Stored, usize, usize)> {
+        let (rows, cols) = rows_cols(cfg, name)?;
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let s = match opts.quant_for(module, cols, cfg.num_hidden_layers) {
+            Some((bits, group)) if rows > 1 => Stored::Affine { bits, group, scale_width: Some(2) },
+            _ => Stored::Float { width: 2 },
+        };
+        Ok((s, rows, cols))
+    };
+    placement::model_bytes(cfg, target, &stored).expect("every Ouro tensor has a shape").counted(target)
 }
 
-/// Runtime memory besides weights and KV: a fixed 256 MiB for the runtime and its buffers, plus
-/// the activations and logits of a 512-token prefill batch in f32 (an estimate, stated as such).
-pub fn overhead_bytes(cfg: &OuroConfig) -> u64 {
-    256 * (1 << 20) + 512 * (cfg.vocab_size + 16 * cfg.hidden_size) as u64 * 4
+/// The tokens of the prefill batch `plan` sizes the runtime's scratch for.
+pub const PLAN_BATCH: usize = 512;
+
+/// Runtime memory besides weights and KV on `target`: a fixed 256 MiB for the process and its
+/// buffers on the CPU or unified memory, the scratch of a 512-token forward pass
+/// ([`placement::scratch_bytes`]), and on CUDA the context and libraries
+/// ([`placement::CUDA_RUNTIME_BYTES`]). Estimates, stated as such.
+pub fn overhead_bytes(cfg: &OuroConfig, target: Target) -> u64 {
+    let process = if target == Target::Cuda { 0 } else { 256 << 20 };
+    process + placement::scratch_bytes(cfg, PLAN_BATCH) + placement::runtime_bytes(target)
 }
 
 /// One output format against a budget.
@@ -142,7 +166,7 @@ pub struct FormatPlan {
 }
 
 /// The formats `convert` writes, with their weight bytes.
-pub fn formats(cfg: &OuroConfig) -> Vec<(String, u64)> {
+pub fn formats(cfg: &OuroConfig, target: Target) -> Vec<(String, u64)> {
     let mut v = vec![];
     // the low-bit i-quants need an importance matrix (`ouro-quant imatrix`) for all but IQ3_S/IQ3_M
     for ft in [
@@ -160,20 +184,20 @@ pub fn formats(cfg: &OuroConfig) -> Vec<(String, u64)> {
         FileType::IQ2_XS,
         FileType::IQ1_M,
     ] {
-        v.push((format!("GGUF {}", ft.name()), gguf_weight_bytes(cfg, ft)));
+        v.push((format!("GGUF {}", ft.name()), gguf_weight_bytes(cfg, ft, target)));
     }
     for (bits, gs, label) in [(None, 64, "MLX bf16"), (Some(8), 64, "MLX 8bit"), (Some(4), 64, "MLX 4bit"), (Some(4), 32, "MLX 4bit-gs32"), (Some(3), 64, "MLX 3bit"), (Some(2), 64, "MLX 2bit")] {
         let o = MlxOptions::new(bits, gs, None, false).expect("valid");
-        v.push((label.to_string(), mlx_weight_bytes(cfg, &o)));
+        v.push((label.to_string(), mlx_weight_bytes(cfg, &o, target)));
     }
     v
 }
 
-/// Plans every format for `budget` bytes at `ctx` tokens.
-pub fn plan(cfg: &OuroConfig, budget: u64, ctx: usize, shared_last: bool, kv: KvDtype) -> Vec<FormatPlan> {
+/// Plans every format for `budget` bytes of a `target` device at `ctx` tokens.
+pub fn plan(cfg: &OuroConfig, budget: u64, ctx: usize, shared_last: bool, kv: KvDtype, target: Target) -> Vec<FormatPlan> {
     let per_token = kv_bytes_per_token(cfg, shared_last, kv);
-    let overhead = overhead_bytes(cfg);
-    formats(cfg)
+    let overhead = overhead_bytes(cfg, target);
+    formats(cfg, target)
         .into_iter()
         .map(|(format, weight_bytes)| {
             // f64 -> u64 saturates; the sums saturate too, so an absurd context reads as not fitting.
@@ -228,7 +252,7 @@ mod tests {
     #[test]
     fn max_ctx_is_the_longest_that_fits() {
         let c = cfg(crate::synth::Preset::Ouro1_4b);
-        for p in plan(&c, 6_000_000_000, 4096, false, KvDtype::F16) {
+        for p in plan(&c, 6_000_000_000, 4096, false, KvDtype::F16, Target::Cpu) {
             if p.max_ctx > 0 && p.max_ctx < c.max_position_embeddings {
                 let per = kv_bytes_per_token(&c, false, KvDtype::F16);
                 let at = |n: usize| p.weight_bytes + p.overhead_bytes + (per * n as f64).ceil() as u64;

@@ -4,10 +4,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::Device;
 use ouro_quant::model::{dump, source};
 
-use super::{model_context, print_json, LoopsArg};
+use super::{device, model_context, print_json, DeviceArg, LoopsArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,6 +23,9 @@ pub struct Args {
     pub output: PathBuf,
     #[command(flatten)]
     pub loops: LoopsArg,
+    /// Where to run: cpu, or cuda / metal in builds with that feature.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
     /// Replace an existing output that ouro-quant wrote (never an input or another file).
     #[arg(long)]
     pub force: bool,
@@ -42,7 +44,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     ouro_quant::output::check_target(&a.output, a.force, false)?;
     let limit = model_context(&a.model)?;
     anyhow::ensure!(ids.len() <= limit, "{} tokens: more than the model's context of {limit} (max_position_embeddings)", ids.len());
-    let mut loaded = source::load(&a.model, &Device::Cpu)?;
+    let mut loaded = source::load(&a.model, &device(a.device)?)?;
     a.loops.apply(&mut loaded.model)?;
     let path = dump::write_logits(&loaded.model, &ids, &a.output, a.force)?;
     if a.json {

@@ -200,6 +200,40 @@ pub enum DeviceArg {
     Metal,
 }
 
+/// Parses a size: plain bytes (`4600000000`), or a number with a unit: `K`, `M`, `G`, `T`
+/// (powers of 1000, also `KB`...) or `Ki`, `Mi`, `Gi`, `Ti` (powers of 1024, also `KiB`...).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim();
+    let scale: u64 = match unit.strip_suffix(['B', 'b']).unwrap_or(unit).to_ascii_lowercase().as_str() {
+        "" => 1,
+        "k" => 1_000,
+        "m" => 1_000_000,
+        "g" => 1_000_000_000,
+        "t" => 1_000_000_000_000,
+        "ki" => 1 << 10,
+        "mi" => 1 << 20,
+        "gi" => 1 << 30,
+        "ti" => 1 << 40,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (bytes, or K, M, G, T for powers of 1000, Ki, Mi, Gi, Ti for powers of 1024)")),
+    };
+    let bad = || format!("`{s}`: not a size (bytes, or a number with a unit such as 4.6G or 12GiB)");
+    if num.is_empty() {
+        return Err(bad());
+    }
+    if !num.contains('.') {
+        return num.parse::<u64>().ok().and_then(|n| n.checked_mul(scale)).ok_or_else(bad);
+    }
+    let x: f64 = num.parse().map_err(|_| bad())?;
+    let v = (x * scale as f64).round();
+    if !(v.is_finite() && v >= 0.0 && v < u64::MAX as f64) {
+        return Err(bad());
+    }
+    Ok(v as u64)
+}
+
 pub fn device(d: DeviceArg) -> anyhow::Result<Device> {
     Ok(match d {
         DeviceArg::Cpu => Device::Cpu,
@@ -270,6 +304,22 @@ pub fn pass_fail(pass: bool) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn sizes_parse_in_decimal_and_binary_units() {
+        use super::parse_size as p;
+        assert_eq!(p("4600000000"), Ok(4_600_000_000));
+        assert_eq!(p("4.6G"), Ok(4_600_000_000));
+        assert_eq!(p("4.6GB"), Ok(4_600_000_000));
+        assert_eq!(p("12GiB"), Ok(12 << 30));
+        assert_eq!(p("1.5Mi"), Ok(1_572_864));
+        assert_eq!(p("512k"), Ok(512_000));
+        assert_eq!(p(" 7 B "), Ok(7));
+        for bad in ["", "G", "4.6X", "4..6G", "-1G", "4.6GBB", "99999999999999999999T", "1e9"] {
+            let e = p(bad).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")), "{bad}: {e}");
+        }
+    }
 
     /// Every option and argument of every command says what it does in `--help`.
     #[test]

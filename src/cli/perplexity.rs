@@ -7,10 +7,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::Device;
 use ouro_quant::model::source;
 
-use super::{check_thresholds, print_json, EvalArgs, KvArgs, LoopsArg};
+use super::{check_thresholds, device, print_json, DeviceArg, EvalArgs, KvArgs, LoopsArg};
 
 /// The exit thresholds `validate` and `perplexity` study by default (1.0: a token stops only once
 /// its exit CDF is exhausted, the check that exiting itself changes nothing).
@@ -30,6 +29,9 @@ pub struct Args {
     pub loops: LoopsArg,
     #[command(flatten)]
     pub kv: KvArgs,
+    /// Where to run: cpu, or cuda / metal in builds with that feature.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
     /// Score each chunk in one batched pass only, as llama-perplexity does: the perplexity with all
     /// loops and at each fixed depth, without the token-by-token decode that adaptive exit needs
     /// (no exit rows, no decode speeds).
@@ -47,7 +49,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     check_thresholds(&a.exit_threshold)?;
     a.eval.check(&[model])?;
     let body = std::fs::read_to_string(text).map_err(|e| anyhow::anyhow!("{}: {e}", text.display()))?;
-    let mut loaded = source::load(model, &Device::Cpu)?;
+    let mut loaded = source::load(model, &device(a.device)?)?;
     a.loops.apply(&mut loaded.model)?;
     let tok = loaded
         .tokenizer

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use ouro_quant::inspect;
 use ouro_quant::model::{source, KvPolicy};
+use ouro_quant::model::placement::Target;
 use ouro_quant::plan;
 use ouro_quant::synth::{self, Preset};
 
@@ -27,9 +28,13 @@ pub struct Args {
     /// the machine a model is planned for, not where ouro-quant computes (run's --device).
     #[arg(long, conflicts_with = "memory", required_unless_present = "memory")]
     pub device: Option<String>,
-    /// The budget in bytes.
-    #[arg(long)]
+    /// The budget: bytes, or a size such as 4.6G (G = 10^9) or 4.6GiB (2^30).
+    #[arg(long, value_parser = super::parse_size)]
     pub memory: Option<u64>,
+    /// With --memory: the kind of memory it is, which decides how weights are held in it (a
+    /// device profile names its own kind).
+    #[arg(long, value_enum, default_value = "cpu", conflicts_with = "device")]
+    pub kind: Target,
     /// The deployment context to plan for (tokens held in the KV cache; not validate's
     /// evaluation chunk): 4096 by default, or the model's context where that is shorter.
     #[arg(long)]
@@ -62,15 +67,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         (None, None) => unreachable!("clap requires one"),
     };
-    let (budget, what) = match (&a.device, a.memory) {
+    let (budget, target, what) = match (&a.device, a.memory) {
         (Some(name), _) => {
             let all = plan::devices(a.devices.as_deref())?;
             let d = all.iter().find(|d| &d.name == name).ok_or_else(|| {
                 anyhow::anyhow!("--device {name}: unknown (known: {})", all.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(", "))
             })?;
-            (d.free(), format!("{} ({}): {} free of {}", d.name, d.description, inspect::human_bytes(d.free()), inspect::human_bytes(d.memory)))
+            (d.free(), d.kind, format!("{} ({}, {:?}): {} free of {}", d.name, d.description, d.kind, inspect::human_bytes(d.free()), inspect::human_bytes(d.memory)))
         }
-        (None, Some(m)) => (m, format!("{} budget", inspect::human_bytes(m))),
+        (None, Some(m)) => (m, a.kind, format!("{} budget ({:?})", inspect::human_bytes(m), a.kind)),
         (None, None) => unreachable!("clap requires one"),
     };
     let ctx = a.ctx.unwrap_or(PLAN_CTX.min(cfg.max_position_embeddings));
@@ -86,7 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let loops = cfg.total_ut_steps;
     let (kv, kv_dtype) = (a.kv, a.kv_dtype);
     let shared = kv == KvPolicy::SharedLast;
-    let rows = plan::plan(&cfg, budget, ctx, shared, kv_dtype);
+    let rows = plan::plan(&cfg, budget, ctx, shared, kv_dtype, target);
     let planned = match (&a.model, a.preset) {
         (Some(m), _) => m.display().to_string(),
         (None, Some(p)) => format!("preset {}", clap::ValueEnum::to_possible_value(&p).map(|v| v.get_name().to_string()).unwrap_or_default()),
@@ -97,7 +102,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if a.json {
         print_json(
             "ouro-quant-plan-1",
-            &serde_json::json!({"model": planned, "max_position_embeddings": limit, "budget_bytes": budget, "ctx": ctx, "loops": loops, "kv": kv, "kv_dtype": kv_dtype, "kv_bytes_per_token": per_token, "formats": rows}),
+            &serde_json::json!({"model": planned, "max_position_embeddings": limit, "budget_bytes": budget, "kind": target, "ctx": ctx, "loops": loops, "kv": kv, "kv_dtype": kv_dtype, "kv_bytes_per_token": per_token, "formats": rows}),
         )?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -116,6 +121,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             if r.fits { "yes" } else { "NO" },
             max_ctx
         );
+    }
+    if target == Target::Cuda {
+        println!("on CUDA: weights in GPU memory only (a GGUF embedding stays in host RAM; IQ types, F16 and MLX are widened to f32 there: docs/runner.md)");
     }
     println!("max ctx: the longest context that fits in memory; \"(model)\": the model's position limit (max_position_embeddings) comes first");
     Ok(ExitCode::SUCCESS)

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ouro_quant::checkpoint::Checkpoint;
 use ouro_quant::inspect;
 use ouro_quant::model::generate::{self, GenerateOptions, Sampling};
+use ouro_quant::model::placement::{self, Target};
 use ouro_quant::model::{dump, source};
 
 use super::{check_thresholds, device, print_json, DeviceArg, KvArgs, LoopsArg};
@@ -55,8 +55,10 @@ pub struct Args {
     /// Where to run: cpu, or cuda / metal in builds with that feature.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
-    /// Refuse to start if weights + KV for prompt + max-tokens would exceed this many bytes.
-    #[arg(long)]
+    /// Refuse to start if the run would need more memory than this: on CUDA, GPU memory
+    /// (weights held there, KV cache for prompt + max-tokens, prefill scratch, the CUDA runtime);
+    /// elsewhere the process's memory. Bytes, or a size such as 4.6G (10^9) or 4.6GiB (2^30).
+    #[arg(long, value_parser = super::parse_size)]
     pub max_memory: Option<u64>,
     /// Print the figures as JSON at the end (text still streams to stderr).
     #[arg(long)]
@@ -76,39 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let kv_dtype = a.kv.dtype();
     let device = device(a.device)?;
     if let Some(limit) = a.max_memory {
-        // Plan before loading: GGUF weights at their size in the file; HF and MLX weights at their
-        // stored width on the CPU (MLX: the packed codes, scales and biases, about the size of its
-        // files), widened to f32 on GPUs.
-        let (config, weights) = if a.model.is_file() {
-            let g = source::GgufSource::open(&a.model)?;
-            (g.config.clone(), g.file.file_len() as u64)
-        } else if ouro_quant::mlx::read::is_mlx_dir(&a.model) {
-            let m = ouro_quant::mlx::read::MlxDir::open(&a.model)?;
-            let stored = m.weights.iter().map(|t| t.bytes.len() as u64).sum();
-            let bytes = if device.is_cpu() { stored } else { m.config.parameter_count() * 4 };
-            (m.config.clone(), bytes)
-        } else {
-            let ck = Checkpoint::open(&a.model)?;
-            let width = if device.is_cpu() { ck.dtype().size() as u64 } else { 4 };
-            (ck.config.clone(), ck.config.parameter_count() * width)
-        };
-        let mut dims = ouro_quant::model::Dims::from_config(&config);
-        if let Some(n) = a.loops.loops {
-            dims.loops = n as usize;
-        }
-        let ctx = a
-            .max_tokens
-            .saturating_add(a.prompt.as_deref().or(a.chat.as_deref()).or(a.prompt_tokens.as_deref()).map_or(0, |p| p.len() + 16))
-            .min(config.max_position_embeddings);
-        let kv = generate::planned_kv_bytes(&dims, a.kv.kv, kv_dtype, ctx);
-        if weights + kv > limit {
-            anyhow::bail!(
-                "--max-memory {limit}: this run needs about {} bytes ({} of weights + {} of KV cache for up to {ctx} tokens)",
-                weights + kv,
-                weights,
-                kv
-            );
-        }
+        check_memory(&a, limit, Target::of(&device), kv_dtype)?;
     }
     let mut loaded = source::load(&a.model, &device)?;
     a.loops.apply(&mut loaded.model)?;
@@ -177,4 +147,44 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses, before anything is loaded, a run whose memory would exceed `limit` on `target`:
+/// weights as the loader will hold them there ([`placement`]), the KV cache sized for prompt +
+/// max-tokens, the prefill's scratch and the runtime (the CUDA context on a CUDA device).
+fn check_memory(a: &Args, limit: u64, target: Target, kv_dtype: candle_core::DType) -> anyhow::Result<()> {
+    let fp = source::footprint(&a.model, target)?;
+    let mut config = fp.config;
+    if let Some(n) = a.loops.loops {
+        config.total_ut_steps = n as usize;
+    }
+    let dims = ouro_quant::model::Dims::from_config(&config);
+    // an upper bound on the prompt's tokens: one per byte of text (+16 for the chat template)
+    let prompt = match (&a.prompt_tokens, &a.prompt, &a.chat) {
+        (Some(t), _, _) => dump::parse_token_list(t)?.len(),
+        (None, Some(p), _) => p.len(),
+        (None, None, Some(c)) => c.len() + 16,
+        _ => 0,
+    }
+    .min(config.max_position_embeddings);
+    let ctx = prompt.saturating_add(a.max_tokens).min(config.max_position_embeddings);
+    let weights = fp.weights.counted(target);
+    let kv = generate::planned_kv_bytes(&dims, a.kv.kv, kv_dtype, ctx);
+    let scratch = placement::scratch_bytes(&config, prompt.max(1));
+    let runtime = placement::runtime_bytes(target);
+    let need = weights + kv + scratch + runtime;
+    if need > limit {
+        let h = inspect::human_bytes;
+        let memory = if target == Target::Cuda { "GPU memory" } else { "memory" };
+        let runtime = if runtime > 0 { format!(" + {} for the CUDA runtime (an estimate)", h(runtime)) } else { String::new() };
+        let host = if target == Target::Cuda && fp.weights.host > 0 { format!("; {} more stays in host RAM", h(fp.weights.host)) } else { String::new() };
+        anyhow::bail!(
+            "--max-memory {limit}: this run needs about {need} bytes ({}) of {memory}: {} of weights + {} of KV cache for up to {ctx} tokens + {} of scratch for a {prompt}-token prefill{runtime}{host}",
+            h(need),
+            h(weights),
+            h(kv),
+            h(scratch)
+        );
+    }
+    Ok(())
 }

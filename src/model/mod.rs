@@ -22,6 +22,7 @@ pub mod generate;
 pub mod qkernel;
 pub mod linear;
 pub mod pages;
+pub mod placement;
 pub mod source;
 
 use candle_core::{DType, Device, Tensor};

@@ -5,6 +5,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 
 use super::linear::{float_linear, FloatKind, FloatMatrix, Linear};
+use super::placement::{held, Held, Stored, Target};
 use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, OuroConfig};
@@ -210,7 +211,7 @@ impl GgufSource {
             let raw = self.hf_rows(info, order);
             let cols = *info.shape.last().expect("2-D");
             let bytes = raw.len() as u64;
-            let raw = if device.is_cpu() {
+            let raw = if held(Stored::Ggml(info.ggml_type), cols, Target::of(device)) == Held::AsStored {
                 let rows = info.numel() / cols;
                 let m = if xs { super::qkernel::QuantMatrix::iq4_xs(raw, rows, cols) } else { super::qkernel::QuantMatrix::iq4_nl(raw, rows, cols) };
                 match m {
@@ -235,7 +236,8 @@ impl GgufSource {
             let raw = self.hf_rows(info, order);
             let cols = *info.shape.last().expect("2-D");
             let rows = info.numel() / cols;
-            if let (true, Some(decode)) = (device.is_cpu(), crate::quant::block_decoder(info.ggml_type)) {
+            let as_stored = held(Stored::Ggml(info.ggml_type), cols, Target::of(device)) == Held::AsStored;
+            if let (true, Some(decode)) = (as_stored, crate::quant::block_decoder(info.ggml_type)) {
                 let m = super::linear::BlockMatrix::new(raw, rows, cols, info.ggml_type.block_bytes(), decode);
                 let bytes = m.bytes();
                 return Ok((Linear::Blocks(m), bytes));
@@ -259,8 +261,7 @@ impl GgufSource {
         let (q, bytes) = self.qtensor(info, order, device)?;
         // candle's Q4_1/Q5_0/Q5_1 dot products assume an even number of blocks per row (and
         // panic otherwise): multiply such rows densely.
-        let blocks = info.shape[1] / info.ggml_type.block_size();
-        if matches!(info.ggml_type, GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1) && blocks % 2 == 1 {
+        if held(Stored::Ggml(info.ggml_type), info.shape[1], Target::of(device)) == Held::DenseF32 {
             let dense = q.dequantize(device)?;
             let b = (dense.elem_count() * 4) as u64;
             return Ok((Linear::Candle(QMatMul::Tensor(dense)), b));
@@ -497,4 +498,57 @@ pub fn quantization(path: &std::path::Path) -> anyhow::Result<Quantization> {
         return Ok(Quantization::Mlx(bits));
     }
     Ok(Quantization::Float)
+}
+
+/// What loading a model onto a target will hold, counted from its headers before any weight is
+/// read ([`super::placement`]'s rule, the one the loader follows).
+#[derive(Debug, Clone)]
+pub struct Footprint {
+    pub config: OuroConfig,
+    pub weights: super::placement::Bytes,
+}
+
+/// The [`Footprint`] of the model at `path` (GGUF file, MLX directory or HF checkpoint) on `target`.
+pub fn footprint(path: &std::path::Path, target: super::placement::Target) -> anyhow::Result<Footprint> {
+    use super::placement as pl;
+    let float = |d: crate::stfile::DType| Stored::Float { width: FloatKind::of_stored(d).map_or(4, |k| k.size()) };
+    let gguf;
+    let mlx;
+    let ck;
+    let (config, stored): (OuroConfig, Box<dyn Fn(&str) -> anyhow::Result<(Stored, usize, usize)> + '_>);
+    if path.is_file() {
+        gguf = GgufSource::open(path)?;
+        config = gguf.config.clone();
+        let g = &gguf;
+        stored = Box::new(move |name| {
+            let (info, _) = g.info(name)?;
+            let cols = *info.shape.last().expect("2-D");
+            Ok((Stored::Ggml(info.ggml_type), info.numel() / cols.max(1), cols))
+        });
+    } else if crate::mlx::read::is_mlx_dir(path) {
+        mlx = crate::mlx::read::MlxDir::open(path)?;
+        config = mlx.config.clone();
+        let m = &mlx;
+        stored = Box::new(move |name| {
+            use crate::mlx::read::Stored as S;
+            Ok(match m.stored(name)? {
+                S::Float { dtype, shape, .. } => (float(dtype), shape[0], shape.iter().skip(1).product()),
+                S::Quantized { shape, bits, group, scales, biases, .. } => {
+                    let width = FloatKind::of_stored(scales.0).filter(|_| scales.0 == biases.0).map(|k| k.size());
+                    (Stored::Affine { bits, group, scale_width: width }, shape[0], shape[1])
+                }
+            })
+        });
+    } else {
+        ck = Checkpoint::open(path)?;
+        config = ck.config.clone();
+        let c = &ck;
+        stored = Box::new(move |name| {
+            let t = c.tensor(name)?;
+            let cols = *t.shape().last().unwrap_or(&1);
+            Ok((float(t.dtype()), t.shape().iter().product::<usize>() / cols.max(1), cols))
+        });
+    }
+    let weights = pl::model_bytes(&config, target, &*stored)?;
+    Ok(Footprint { config, weights })
 }
