@@ -66,10 +66,15 @@ if [ ! -e "$stub/libcuda.so" ] || [ "$stub/libcuda.so" -ot "$cuda/include/cuda.h
   } | sort -u | awk '{printf "int %s(void) { return 999; }\n", $1}' > "$stub/libcuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub/libcuda.so" "$stub/libcuda_stub.c"
 fi
+# by its soname too: LD_LIBRARY_PATH=target/cuda/stub runs the CUDA build here on the CPU (every
+# driver call answers CUDA_ERROR_UNKNOWN, so --device cuda is refused with a message)
+ln -sfn libcuda.so "$stub/libcuda.so.1"
 
 export PATH="$cuda/bin:$PATH"
 export CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_HOME="$cuda"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-120}"
+# candle-kernels' build compiles its CUDA sources with cudaforge, on half the cores by default
+export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
 export LIBRARY_PATH="$links:$stub${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$links -L native=$stub -C link-arg=-Wl,-rpath,$cuda/lib"
 echo "nvcc: $(nvcc --version | tail -1); CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP" >&2
@@ -80,4 +85,11 @@ cargo build --locked --release --features cuda --target-dir target/cuda/build
 bin=target/cuda/build/release/ouro-quant
 # the binary must want the driver by its soname (the stub is never recorded by path)
 readelf -d "$bin" | grep -q 'NEEDED.*\[libcuda\.so\.1\]' || { echo "error: $bin does not link libcuda.so.1" >&2; exit 1; }
+# it starts, runs on the CPU, and refuses CUDA without a driver rather than failing otherwise
+LD_LIBRARY_PATH="$stub" "$bin" run fixtures/ouro-tiny-trained --prompt-tokens 10,17,24 --max-tokens 2 --json > /dev/null \
+  || { echo "error: $bin does not run on the CPU" >&2; exit 1; }
+if LD_LIBRARY_PATH="$stub" "$bin" run fixtures/ouro-tiny-trained --prompt-tokens 10 --max-tokens 1 --device cuda 2> "$root/target/cuda/nodriver.txt" > /dev/null \
+  || ! grep -q 'no usable GPU' "$root/target/cuda/nodriver.txt"; then
+  echo "error: $bin --device cuda without a driver did not refuse cleanly: $(cat "$root/target/cuda/nodriver.txt")" >&2; exit 1
+fi
 echo "built $bin ($(du -h "$bin" | cut -f1))" >&2

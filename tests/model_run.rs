@@ -422,3 +422,27 @@ fn embeddings_refuse_ids_outside_the_vocabulary() {
         assert!(e.contains(&format!("token id {vocab} is outside the vocabulary")), "{}: {e}", path.display());
     }
 }
+
+/// A build without CUDA refuses `--device cuda` on every command that takes it, saying how to
+/// get one, with exit status 2 and no output left behind.
+#[test]
+fn device_cuda_is_refused_by_a_cpu_build_with_the_way_to_build_one() {
+    if candle_core::utils::cuda_is_available() {
+        return; // a CUDA build: scripts/build-cuda.sh checks its refusal without a driver
+    }
+    let m = fixtures().join("ouro-tiny-trained");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("l.safetensors");
+    let cases: Vec<Vec<std::ffi::OsString>> = vec![
+        vec!["run".into(), m.clone().into(), "--prompt-tokens".into(), "1,2".into(), "--device".into(), "cuda".into()],
+        vec!["logits".into(), m.clone().into(), "--tokens".into(), "1,2".into(), "-o".into(), out.clone().into(), "--device".into(), "cuda".into()],
+        vec!["perplexity".into(), m.clone().into(), "--text".into(), m.join("validation.txt").into(), "--ctx".into(), "64".into(), "--device".into(), "cuda".into()],
+    ];
+    for args in cases {
+        let o = bin().args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("--device cuda") && e.contains("no CUDA support") && e.contains("scripts/build-cuda.sh"), "{e}");
+    }
+    assert!(!out.exists());
+}

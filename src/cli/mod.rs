@@ -237,9 +237,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn device(d: DeviceArg) -> anyhow::Result<Device> {
     Ok(match d {
         DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| anyhow::anyhow!("--device cuda: {e} (build with `--features cuda`)"))?,
-        DeviceArg::Metal => Device::new_metal(0).map_err(|e| anyhow::anyhow!("--device metal: {e} (build with `--features metal`)"))?,
+        DeviceArg::Cuda if !candle_core::utils::cuda_is_available() => {
+            anyhow::bail!("--device cuda: this build has no CUDA support (build it with scripts/build-cuda.sh: docs/runner.md)")
+        }
+        DeviceArg::Metal if !candle_core::utils::metal_is_available() => {
+            anyhow::bail!("--device metal: this build has no Metal support (build it with `cargo build --release --features metal` on macOS)")
+        }
+        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!("--device cuda: no usable GPU: {} (needs an NVIDIA GPU and driver R580 or newer, CUDA 13)", first_line(&e))
+        })?,
+        DeviceArg::Metal => Device::new_metal(0).map_err(|e| anyhow::anyhow!("--device metal: no usable GPU: {}", first_line(&e)))?,
     })
+}
+
+/// The first line of an error (candle appends a backtrace where `RUST_BACKTRACE` is set).
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// Prints a command's result as JSON with its `schema` (name and version) as one more key; an
