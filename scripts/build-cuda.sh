@@ -6,6 +6,9 @@
 #   scripts/build-cuda.sh --check         # cargo check --features cuda only (what CI runs)
 #   CUDA_COMPUTE_CAP=90 scripts/build-cuda.sh   # kernels for an H100/H200 instead of the RTX 5070
 #
+# Besides the binary, target/cuda/ouro-quant-cuda-smNN.gz: stripped and compressed, for carrying
+# to a GPU machine (scripts/device-check.sh --bin takes it as it is).
+#
 # What it sets up:
 # - the compiler and libraries pinned in scripts/cuda-requirements.txt (CUDA 13.0: the 12.x
 #   wheels on PyPI have no nvcc), installed with pip --target --no-deps;
@@ -92,4 +95,7 @@ if LD_LIBRARY_PATH="$stub" "$bin" run fixtures/ouro-tiny-trained --prompt-tokens
   || ! grep -q 'no usable GPU' "$root/target/cuda/nodriver.txt"; then
   echo "error: $bin --device cuda without a driver did not refuse cleanly: $(cat "$root/target/cuda/nodriver.txt")" >&2; exit 1
 fi
-echo "built $bin ($(du -h "$bin" | cut -f1))" >&2
+# a copy small enough to carry to a lent GPU machine (64 MiB): stripped and compressed
+carry="target/cuda/ouro-quant-cuda-sm$CUDA_COMPUTE_CAP.gz"
+strip -o "$carry.tmp" "$bin" && gzip -9 -c "$carry.tmp" > "$carry" && rm -f "$carry.tmp"
+echo "built $bin ($(du -h "$bin" | cut -f1)); to carry: $carry ($(du -h "$carry" | cut -f1))" >&2

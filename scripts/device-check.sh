@@ -6,7 +6,8 @@
 #   scripts/device-check.sh --device cuda [--bin PATH] [--work DIR] [--preset ouro-1.4b] [--parts golden,trained,synth]
 #   scripts/device-check.sh --device cpu        # the same table on the CPU (the dry run)
 #
-# Binary: target/cuda/build/release/ouro-quant for cuda (scripts/build-cuda.sh; for an H100/H200
+# Binary (--bin; a .gz is unpacked first): target/cuda/build/release/ouro-quant for cuda
+# (scripts/build-cuda.sh, which also writes target/cuda/ouro-quant-cuda-smNN.gz to carry; for an H100/H200
 # build with CUDA_COMPUTE_CAP=90: PTX of an older architecture runs on newer GPUs, not the
 # reverse), target/release/ouro-quant otherwise. On the device the CUDA 13 libraries the binary
 # needs (cuBLAS, cuRAND, NVRTC, the runtime) are looked up where CUDA and PyTorch's wheels put
@@ -25,9 +26,13 @@ done
 if [ -z "$bin" ]; then
   if [ "$device" = cuda ]; then bin=target/cuda/build/release/ouro-quant; else bin=target/release/ouro-quant; fi
 fi
-[ -x "$bin" ] || { echo "error: $bin: no such binary (build it: cargo build --release, or scripts/build-cuda.sh)" >&2; exit 2; }
 work=${work:-target/device-check-$device}
 mkdir -p "$work"
+if [[ "$bin" == *.gz ]]; then
+  # the carried copy scripts/build-cuda.sh writes
+  gunzip -c "$bin" > "$work/ouro-quant" && chmod +x "$work/ouro-quant" && bin=$work/ouro-quant
+fi
+[ -x "$bin" ] || { echo "error: $bin: no such binary (build it: cargo build --release, or scripts/build-cuda.sh)" >&2; exit 2; }
 
 if [ "$device" = cuda ] && ldd "$bin" | grep -q 'not found'; then
   # the CUDA 13 libraries: a system toolkit, or the nvidia wheels of a Python environment

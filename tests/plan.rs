@@ -136,8 +136,8 @@ fn the_footprint_counted_before_loading_is_what_the_loader_holds() {
 }
 
 /// On CUDA the footprint follows docs/runner.md's table, recomputed here from `inspect`'s tensor
-/// list: candle's block types as stored plus 512 values of padding, F32 as stored, every other
-/// type widened to f32; the GGUF embedding in host memory; the exit gate (file metadata) in f32.
+/// list: candle's block types as stored plus 512 values of padding, IQ4_NL as Q8_0, F32 as stored,
+/// every other type widened to f32; the GGUF embedding in host memory; the exit gate (file metadata) in f32.
 #[test]
 fn the_cuda_footprint_follows_the_documented_rule() {
     use ouro_quant::model::placement::Target;
@@ -168,6 +168,9 @@ fn the_cuda_footprint_follows_the_documented_rule() {
             };
             if t["name"] == "token_embd.weight" {
                 host += bytes;
+            } else if t["dtype"] == "IQ4_NL" {
+                // rewritten as Q8_0: 34 bytes per 32 values, and Q8_0's padding
+                device += numel / 32 * 34 + 16 * 34;
             } else if t["dtype"] == "F32" {
                 device += bytes;
             } else if let Some((values, size)) = block {
@@ -197,4 +200,27 @@ fn max_memory_takes_sizes_and_counts_scratch() {
     let o = run("4.6X");
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown unit `X`"));
+}
+
+/// Where our kernels do not run (`OURO_QUANT_KERNELS=candle` stands for a CPU without them), the
+/// loader widens IQ4_XS to f32, and plan counts it so.
+#[test]
+fn plan_counts_the_widened_copy_where_our_kernels_do_not_run() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("t.IQ4_XS.gguf");
+    bin().arg("convert").arg(fixtures().join("tiny-random")).args(["--type", "IQ4_XS", "-o"]).arg(&f).assert().success();
+    let weights = |kernels: &str| {
+        let o = bin().env("OURO_QUANT_KERNELS", kernels).arg("run").arg(&f).args(["--prompt-tokens", "5,6", "--max-tokens", "2", "--json"]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let run: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let o = bin().env("OURO_QUANT_KERNELS", kernels).arg("plan").arg(&f).args(["--memory", "1G", "--json"]).output().unwrap();
+        let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let row = plan["formats"].as_array().unwrap().iter().find(|r| r["format"] == "GGUF IQ4_XS").unwrap().clone();
+        assert_eq!(row["weight_bytes"], run["stats"]["weight_bytes"], "kernels `{kernels}`");
+        run["stats"]["weight_bytes"].as_u64().unwrap()
+    };
+    let widened = weights("candle");
+    if ouro_quant::model::qkernel::selected().is_some() {
+        assert!(widened > 3 * weights(""), "the widened copy is several times the blocks");
+    }
 }

@@ -6,7 +6,9 @@
 //! |---|---|---|
 //! | GGUF Q4_0, Q8_0, Q2_K..Q6_K (candle's types) | the blocks | the blocks (CUDA adds candle's row padding, 512 values per tensor) |
 //! | GGUF Q4_1, Q5_0, Q5_1 with an odd number of blocks per row | dense f32 | dense f32 |
-//! | GGUF IQ4_NL, IQ4_XS and the lattice i-quants | the blocks | dense f32 (no GPU kernel) |
+//! | GGUF IQ4_NL | the blocks (dense f32 on CPUs without our kernels) | the same values as Q8_0 blocks (exact: int8 table entries) |
+//! | GGUF IQ4_XS | the blocks (dense f32 on CPUs without our kernels) | dense f32 (no GPU kernel) |
+//! | GGUF lattice i-quants (IQ3_*, IQ2_*, IQ1_*) | the blocks | dense f32 (no GPU kernel) |
 //! | GGUF F16, BF16 | stored width | dense f32 |
 //! | float matrices (HF checkpoints, unquantized MLX) | stored width | dense f32 |
 //! | MLX affine | codes, scales and biases | dense f32 (`scale * q + bias`) |
@@ -77,6 +79,9 @@ pub enum Held {
     AsStored,
     /// Widened to dense f32.
     DenseF32,
+    /// IQ4_NL on a GPU: rewritten as Q8_0 blocks of exactly the same values
+    /// (`crate::quant::iq4nl::iq4_nl_as_q8_0`), which candle's GPU kernels multiply.
+    Q8_0,
 }
 
 /// Bytes of memory held: on the target device, and in host memory beside it (the same memory on
@@ -115,9 +120,12 @@ pub fn held(s: Stored, cols: usize, t: Target) -> Held {
         Stored::Ggml(g @ (GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1)) if (cols / g.block_size()) % 2 == 1 => Held::DenseF32,
         _ if t.is_cpu() => match s {
             Stored::Affine { scale_width: None, .. } => Held::DenseF32,
+            // candle cannot hold these: our kernels multiply the blocks where this CPU has a build
+            Stored::Ggml(g @ (GgmlType::IQ4_NL | GgmlType::IQ4_XS)) if !super::qkernel::holds_own(g, cols) => Held::DenseF32,
             _ => Held::AsStored,
         },
         Stored::Ggml(g) if candle_blocks(g) => Held::AsStored,
+        Stored::Ggml(GgmlType::IQ4_NL) => Held::Q8_0,
         Stored::Ggml(GgmlType::F32) | Stored::Float { width: 4 } => Held::AsStored,
         _ => Held::DenseF32,
     }
@@ -138,6 +146,7 @@ pub fn stored_bytes(s: Stored, rows: usize, cols: usize) -> u64 {
 pub fn matrix(s: Stored, rows: usize, cols: usize, t: Target) -> u64 {
     match held(s, cols, t) {
         Held::DenseF32 => (rows * cols * 4) as u64,
+        Held::Q8_0 => matrix(Stored::Ggml(GgmlType::Q8_0), rows, cols, t),
         Held::AsStored => {
             let padding = match (s, t) {
                 (Stored::Ggml(g), Target::Cuda) if candle_blocks(g) => CUDA_ROW_PADDING / g.block_size() * g.block_bytes(),
@@ -223,8 +232,13 @@ mod tests {
         assert_eq!(matrix(q4k, 2048, 2048, Target::Cpu), 2048 * 8 * 144);
         assert_eq!(matrix(q4k, 2048, 2048, Target::Metal), 2048 * 8 * 144);
         assert_eq!(matrix(q4k, 2048, 2048, Target::Cuda), 2048 * 8 * 144 + 2 * 144);
-        for g in [GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::IQ3_S, GgmlType::IQ2_XXS, GgmlType::IQ1_M, GgmlType::F16, GgmlType::BF16] {
-            assert_eq!(held(Stored::Ggml(g), 2048, Target::Cpu), Held::AsStored, "{g}");
+        // IQ4_NL as Q8_0: 34 bytes per 32 values, and Q8_0's padding on CUDA (16 blocks)
+        assert_eq!(matrix(Stored::Ggml(GgmlType::IQ4_NL), 64, 2048, Target::Cuda), 64 * 64 * 34 + 16 * 34);
+        assert_eq!(matrix(Stored::Ggml(GgmlType::IQ4_NL), 64, 2048, Target::Metal), 64 * 64 * 34);
+        let ours = crate::model::qkernel::selected().is_some();
+        for g in [GgmlType::IQ4_XS, GgmlType::IQ3_S, GgmlType::IQ2_XXS, GgmlType::IQ1_M, GgmlType::F16, GgmlType::BF16] {
+            let on_cpu = if g == GgmlType::IQ4_XS && !ours { Held::DenseF32 } else { Held::AsStored };
+            assert_eq!(held(Stored::Ggml(g), 2048, Target::Cpu), on_cpu, "{g}");
             assert_eq!(matrix(Stored::Ggml(g), 64, 2048, Target::Cuda), 64 * 2048 * 4, "{g}");
         }
         let mlx4 = Stored::Affine { bits: 4, group: 64, scale_width: Some(2) };

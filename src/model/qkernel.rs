@@ -177,6 +177,18 @@ impl Isa {
 /// when the environment sets `OURO_QUANT_KERNELS=candle` (benchmarks compare the two that way,
 /// and it is the way out should a kernel ever be suspected). `OURO_QUANT_KERNELS=avxvnni`, `avx2` or
 /// `portable` picks a narrower build (for comparisons; refused where the CPU lacks it).
+/// Whether our kernels multiply a `cols`-column matrix of the type candle cannot hold (IQ4_NL,
+/// IQ4_XS) from its blocks on this CPU; where not, the loader widens it to f32.
+pub fn holds_own(t: crate::quant::ggml::GgmlType, cols: usize) -> bool {
+    use crate::quant::ggml::GgmlType;
+    let kind = match t {
+        GgmlType::IQ4_NL => QKind::IQ4NL,
+        GgmlType::IQ4_XS => QKind::IQ4XS,
+        _ => return false,
+    };
+    selected().is_some() && cols.is_multiple_of(kind.row_multiple())
+}
+
 pub fn selected() -> Option<Isa> {
     static SEL: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
     *SEL.get_or_init(|| {

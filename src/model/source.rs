@@ -211,7 +211,15 @@ impl GgufSource {
             let raw = self.hf_rows(info, order);
             let cols = *info.shape.last().expect("2-D");
             let bytes = raw.len() as u64;
-            let raw = if held(Stored::Ggml(info.ggml_type), cols, Target::of(device)) == Held::AsStored {
+            let how = held(Stored::Ggml(info.ggml_type), cols, Target::of(device));
+            if how == Held::Q8_0 {
+                // the same values as Q8_0 blocks, which candle multiplies on GPUs
+                let q8 = crate::quant::iq4nl::iq4_nl_as_q8_0(&raw);
+                let bytes = q8.len() as u64;
+                let q = qtensor_from_ggml(GgmlDType::Q8_0, &q8, info.shape.clone(), device)?;
+                return Ok((Linear::Candle(QMatMul::from_arc(std::sync::Arc::new(q))?), bytes));
+            }
+            let raw = if how == Held::AsStored {
                 let rows = info.numel() / cols;
                 let m = if xs { super::qkernel::QuantMatrix::iq4_xs(raw, rows, cols) } else { super::qkernel::QuantMatrix::iq4_nl(raw, rows, cols) };
                 match m {

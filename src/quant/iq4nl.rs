@@ -159,6 +159,21 @@ pub fn dequantize_iq4_xs(bytes: &[u8], out: &mut Vec<f32>) {
     }
 }
 
+/// IQ4_NL blocks rewritten as Q8_0 blocks of the same values, exactly: both are 32 values with
+/// one f16 scale, and IQ4_NL's values are `d * KVALUES[i]` with int8 table entries, which Q8_0
+/// stores as they are (`d * q`). Twice the bytes of IQ4_NL (34 per 32 values instead of 18), but
+/// a type GPU kernels multiply: what the runner holds IQ4_NL as on a GPU.
+pub fn iq4_nl_as_q8_0(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() / 18 * 34);
+    for blk in bytes.chunks_exact(18) {
+        out.extend_from_slice(&blk[..2]);
+        let qs = &blk[2..];
+        out.extend(qs.iter().map(|&q| KVALUES[(q & 0xf) as usize] as u8));
+        out.extend(qs.iter().map(|&q| KVALUES[(q >> 4) as usize] as u8));
+    }
+    out
+}
+
 /// Values of IQ4_NL blocks (as ggml's `dequantize_row_iq4_nl`).
 pub fn dequantize_iq4_nl(bytes: &[u8], out: &mut Vec<f32>) {
     for blk in bytes.chunks_exact(18) {
@@ -166,5 +181,54 @@ pub fn dequantize_iq4_nl(bytes: &[u8], out: &mut Vec<f32>) {
         let qs = &blk[2..];
         out.extend(qs.iter().map(|&q| d * KVALUES[(q & 0xf) as usize] as f32));
         out.extend(qs.iter().map(|&q| d * KVALUES[(q >> 4) as usize] as f32));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Q8_0 copy holds IQ4_NL's values bit for bit, read by candle's Q8_0 dequantizer (an
+    /// independent reader), over every scale bit pattern class (normal, subnormal, zero, negative).
+    #[test]
+    fn iq4_nl_as_q8_0_keeps_every_value() {
+        let mut s = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let blocks = 4096;
+        let mut raw = Vec::with_capacity(blocks * 18);
+        for b in 0..blocks {
+            // finite f16 scales: every exponent, both signs, some zeros and subnormals
+            let d: u16 = match b % 7 {
+                0 => 0,
+                1 => (next() & 0x83ff) as u16,
+                _ => loop {
+                    let v = next() as u16;
+                    if v & 0x7c00 != 0x7c00 {
+                        break v;
+                    }
+                },
+            };
+            raw.extend_from_slice(&d.to_le_bytes());
+            raw.extend((0..16).map(|_| next() as u8));
+        }
+        let q8 = iq4_nl_as_q8_0(&raw);
+        assert_eq!(q8.len(), blocks * 34);
+        let mut want = vec![];
+        dequantize_iq4_nl(&raw, &mut want);
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            candle_core::quantized::GgmlDType::Q8_0,
+            &q8,
+            vec![blocks, 32],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let got = t.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "value {i}: {a} vs {b}");
+        }
     }
 }
