@@ -123,7 +123,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     if target == Target::Cuda {
-        println!("on CUDA: weights in GPU memory only (a GGUF embedding stays in host RAM; IQ types, F16 and MLX are widened to f32 there: docs/runner.md)");
+        println!("on CUDA: weights in GPU memory only (a GGUF embedding stays in host RAM; IQ4_NL is held as Q8_0, the other i-quants, F16 and MLX widened to f32: docs/runner.md)");
     }
     println!("max ctx: the longest context that fits in memory; \"(model)\": the model's position limit (max_position_embeddings) comes first");
     Ok(ExitCode::SUCCESS)

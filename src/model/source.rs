@@ -530,7 +530,10 @@ pub fn footprint(path: &std::path::Path, target: super::placement::Target) -> an
         let g = &gguf;
         stored = Box::new(move |name| {
             let (info, _) = g.info(name)?;
-            let cols = *info.shape.last().expect("2-D");
+            let cols = *info
+                .shape
+                .last()
+                .ok_or_else(|| anyhow::anyhow!("{}: tensor for {name} has no dimensions", path.display()))?;
             Ok((Stored::Ggml(info.ggml_type), info.numel() / cols.max(1), cols))
         });
     } else if crate::mlx::read::is_mlx_dir(path) {
@@ -540,7 +543,7 @@ pub fn footprint(path: &std::path::Path, target: super::placement::Target) -> an
         stored = Box::new(move |name| {
             use crate::mlx::read::Stored as S;
             Ok(match m.stored(name)? {
-                S::Float { dtype, shape, .. } => (float(dtype), shape[0], shape.iter().skip(1).product()),
+                S::Float { dtype, shape, .. } => (float(dtype), shape.first().copied().unwrap_or(1), shape.iter().skip(1).product()),
                 S::Quantized { shape, bits, group, scales, biases, .. } => {
                     let width = FloatKind::of_stored(scales.0).filter(|_| scales.0 == biases.0).map(|k| k.size());
                     (Stored::Affine { bits, group, scale_width: width }, shape[0], shape[1])
