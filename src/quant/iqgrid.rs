@@ -42,38 +42,51 @@ impl<const D: usize> Grid<D> {
         for (i, &g) in kgrid.iter().enumerate() {
             map[g as usize] = i as i32;
         }
-        // each off-grid code's list on its own (in parallel: ggml's init takes most of a second
-        // single-threaded for the 2048-point grid), then laid out in code order as ggml does
-        use rayon::prelude::*;
-        let lists: Vec<Option<Vec<u16>>> = (0..map_len)
-            .into_par_iter()
-            .map(|code| {
-                if map[code] >= 0 {
-                    return None;
+        // each off-grid code's list on its own, then laid out in code order as ggml does. In
+        // parallel (ggml's init takes most of a second single-threaded for the 2048-point grid),
+        // but on plain scoped threads, never rayon: this runs inside a `OnceLock` initialiser
+        // called from rayon jobs, and a rayon worker waiting here for rayon work may run another
+        // job meanwhile that asks for the same grid, and wait for itself forever
+        // (tests/grid_init.rs).
+        let near_of = |code: usize| -> Option<Vec<u16>> {
+            if map[code] >= 0 {
+                return None;
+            }
+            let pos = coords(code as u32);
+            let d2: Vec<i32> = points.iter().map(|p| p.iter().zip(&pos).map(|(&a, &b)| (a as i32 - b as i32).pow(2)).sum()).collect();
+            // the `nwant` smallest distinct distances (ggml sorts all points by (distance,
+            // index) and takes them in order until a distance beyond the nwant-th appears)
+            let mut smallest: Vec<i32> = Vec::with_capacity(nwant + 1);
+            for &d in &d2 {
+                if smallest.contains(&d) {
+                    continue;
                 }
-                let pos = coords(code as u32);
-                let d2: Vec<i32> = points.iter().map(|p| p.iter().zip(&pos).map(|(&a, &b)| (a as i32 - b as i32).pow(2)).sum()).collect();
-                // the `nwant` smallest distinct distances (ggml sorts all points by (distance,
-                // index) and takes them in order until a distance beyond the nwant-th appears)
-                let mut smallest: Vec<i32> = Vec::with_capacity(nwant + 1);
-                for &d in &d2 {
-                    if smallest.contains(&d) {
-                        continue;
-                    }
-                    if smallest.len() < nwant {
-                        smallest.push(d);
-                        smallest.sort_unstable();
-                    } else if d < smallest[nwant - 1] {
-                        smallest[nwant - 1] = d;
-                        smallest.sort_unstable();
-                    }
+                if smallest.len() < nwant {
+                    smallest.push(d);
+                    smallest.sort_unstable();
+                } else if d < smallest[nwant - 1] {
+                    smallest[nwant - 1] = d;
+                    smallest.sort_unstable();
                 }
-                let limit = *smallest.last().expect("a grid has points");
-                let mut near: Vec<(i32, u16)> = d2.iter().enumerate().filter(|(_, &d)| d <= limit).map(|(j, &d)| (d, j as u16)).collect();
-                near.sort_unstable();
-                Some(near.into_iter().map(|(_, j)| j).collect())
-            })
-            .collect();
+            }
+            let limit = *smallest.last().expect("a grid has points");
+            let mut near: Vec<(i32, u16)> = d2.iter().enumerate().filter(|(_, &d)| d <= limit).map(|(j, &d)| (d, j as u16)).collect();
+            near.sort_unstable();
+            Some(near.into_iter().map(|(_, j)| j).collect())
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
+        let per = map_len.div_ceil(threads);
+        let lists: Vec<Option<Vec<u16>>> = std::thread::scope(|s| {
+            let parts: Vec<_> = (0..map_len)
+                .step_by(per)
+                .map(|start| {
+                    let near_of = &near_of;
+                    s.spawn(move || (start..(start + per).min(map_len)).map(near_of).collect::<Vec<_>>())
+                })
+                .collect();
+            // a part's thread can only fail by panicking, which the scope passes on
+            parts.into_iter().flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        });
         let mut neighbours = Vec::new();
         for (code, list) in lists.into_iter().enumerate() {
             if let Some(list) = list {

@@ -13,9 +13,13 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// The `ouro-quant` binary under test.
+/// The `ouro-quant` binary under test, killed (and the test failed) if one command runs over 15
+/// minutes: a hang then fails its test instead of holding CI until its own limit (a deadlock once
+/// held CI for 90 minutes; the longest command here takes about a minute on 2 cores).
 pub fn bin() -> assert_cmd::Command {
-    assert_cmd::Command::cargo_bin("ouro-quant").expect("binary built")
+    let mut cmd = assert_cmd::Command::cargo_bin("ouro-quant").expect("binary built");
+    cmd.timeout(std::time::Duration::from_secs(900));
+    cmd
 }
 
 /// Copies the files of a checkpoint directory (not recursive) into a new temp dir.
