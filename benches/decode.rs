@@ -3,6 +3,16 @@
 //!
 //! cargo bench --bench decode -- [--model DIR] [--gguf A.gguf,B.gguf] [--mlx DIR,DIR] [--skip-hf]
 //!                                [--prompt N] [--decode N] [--thresholds 0.5,0.9] [--repeat N]
+//!                                [--llama-bench PATH]
+//!
+//! `--llama-bench PATH` (a llama.cpp `llama-bench` binary) also times llama.cpp on each GGUF file,
+//! interleaved with ours (ours, then llama.cpp, in every repeat), at all loops, with the same
+//! threads and prompt and decode lengths, and prints both and the ratio. A llama.cpp build with
+//! the community `ouro` port runs the file itself when `--llama-ouro` is given too; stock llama.cpp
+//! runs a stand-in written once beside the file by `scripts/ouro_as_llama.py` (a `llama` model
+//! whose blocks are the Ouro stack once per loop, copies of the same bytes: the same matrix
+//! products on the same data, the same bytes read per token; docs/performance.md says what it
+//! leaves out).
 //!
 //! The bound: decode must read every projection once per loop (and the lm_head once per token), so
 //! tokens/s <= memcpy bandwidth / those bytes. The memory bandwidth of a shared machine drifts
@@ -41,13 +51,48 @@ fn memcpy_bandwidth(src: &[u8], dst: &mut [u8]) -> f64 {
     2.0 * n as f64 / best
 }
 
+/// llama.cpp's prefill and decode tokens/s on `gguf` (one `llama-bench` repetition).
+fn llama_bench(bin: &str, gguf: &std::path::Path, prompt: usize, decode: usize) -> anyhow::Result<(f64, f64)> {
+    let out = std::process::Command::new(bin)
+        .arg("-m")
+        .arg(gguf)
+        .args(["-p", &prompt.to_string(), "-n", &decode.to_string(), "-t", &rayon::current_num_threads().to_string(), "-r", "1", "-o", "json"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{bin} on {}: {}", gguf.display(), String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let rate = |key: &str| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|e| e[key].as_u64().is_some_and(|n| n > 0) && e[if key == "n_prompt" { "n_gen" } else { "n_prompt" }] == 0))
+            .and_then(|e| e["avg_ts"].as_f64())
+            .ok_or_else(|| anyhow::anyhow!("llama-bench printed no {key} test"))
+    };
+    Ok((rate("n_prompt")?, rate("n_gen")?))
+}
+
+/// The GGUF file llama.cpp runs for `gguf`: the file itself with `--llama-ouro`, else the stock
+/// llama stand-in beside it (written once by scripts/ouro_as_llama.py).
+fn llama_input(gguf: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if std::env::args().any(|a| a == "--llama-ouro") {
+        return Ok(gguf.to_path_buf());
+    }
+    let stand_in = gguf.with_extension("llama-stand-in.gguf");
+    if !stand_in.exists() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let py = std::env::var("OURO_QUANT_PYTHON").unwrap_or_else(|_| root.join("target/oracle-venv/bin/python").display().to_string());
+        let st = std::process::Command::new(&py).arg(root.join("scripts/ouro_as_llama.py")).arg(gguf).arg(&stand_in).status()?;
+        anyhow::ensure!(st.success(), "scripts/ouro_as_llama.py ({py}) failed on {}", gguf.display());
+    }
+    Ok(stand_in)
+}
+
 fn main() -> anyhow::Result<()> {
     println!("{}", common::cpu_line());
     let model_dir = match arg("--model") {
         Some(p) => PathBuf::from(p),
         None => {
             let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/ouro-1.4b");
-            if !p.exists() {
+            // made only for the HF row (not with --skip-hf)
+            if !p.exists() && !std::env::args().any(|a| a == "--skip-hf") {
                 std::fs::create_dir_all(p.parent().unwrap())?;
                 eprintln!("synthesizing {} ...", p.display());
                 let o = SynthOptions { preset: Preset::Ouro1_4b, layers: None, seed: 0, dtype: ouro_quant::stfile::DType::BF16, shards: 1 };
@@ -77,6 +122,8 @@ fn main() -> anyhow::Result<()> {
             sources.extend(g.split(',').map(PathBuf::from));
         }
     }
+    let llama = arg("--llama-bench");
+    let mut versus = vec![];
     let prompt: Vec<u32> = (0..prompt_len).map(|i| (3 + i * 7919 % 40000) as u32).collect();
     println!("| weights | exit | prefill tok/s | decode tok/s | % of bound | loops/token | GB read per token | memcpy GB/s |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -106,11 +153,24 @@ fn main() -> anyhow::Result<()> {
             };
             // per run: (prefill, decode, % of the bound measured just before, memcpy, loops)
             let mut runs = vec![];
+            // llama.cpp beside ours at all loops: (ours prefill, decode, llama.cpp prefill, decode)
+            let beside = match &llama {
+                Some(bin) if q.is_none() && src.is_file() => Some((bin, llama_input(&src)?)),
+                _ => None,
+            };
+            let mut pairs = vec![];
             for _ in 0..repeat {
                 let bw = memcpy_bandwidth(&src_buf, &mut dst_buf);
                 let s = generate(&model, &prompt, &opts, &mut |_| {})?.stats;
                 let pct = 100.0 * s.decode_tokens_per_s * bytes_per_token / bw;
                 runs.push((s.prefill_tokens_per_s, s.decode_tokens_per_s, pct, bw / 1e9, s.mean_loops_per_token));
+                if let Some((bin, file)) = &beside {
+                    let (lp, ld) = llama_bench(bin, file, prompt_len, decode_len)?;
+                    pairs.push([s.prefill_tokens_per_s, s.decode_tokens_per_s, lp, ld]);
+                }
+            }
+            if !pairs.is_empty() {
+                versus.push((label.clone(), pairs));
             }
             // (median, min, max) of one figure over the runs
             let spread = |f: &dyn Fn(&(f64, f64, f64, f64, f64)) -> f64| {
@@ -135,6 +195,27 @@ fn main() -> anyhow::Result<()> {
         run(None)?;
         for &q in &thresholds {
             run(Some(q))?;
+        }
+    }
+    if !versus.is_empty() {
+        let what = if std::env::args().any(|a| a == "--llama-ouro") { "the file itself" } else { "its stock-llama stand-in" };
+        println!("\nllama.cpp ({}) on {what}, interleaved with ours, all loops, {} threads; median (range) of {repeat}:", llama.as_deref().unwrap_or(""), rayon::current_num_threads());
+        println!("| weights | ours prefill | llama.cpp prefill | ratio | ours decode | llama.cpp decode | ratio |");
+        println!("|---|---|---|---|---|---|---|");
+        for (label, pairs) in versus {
+            let col = |i: usize| {
+                let mut v: Vec<f64> = pairs.iter().map(|p| p[i]).collect();
+                v.sort_by(f64::total_cmp);
+                (v[v.len() / 2], v[0], v[v.len() - 1])
+            };
+            let cell = |(m, lo, hi): (f64, f64, f64)| if pairs.len() > 1 { format!("{m:.2} ({lo:.2}-{hi:.2})") } else { format!("{m:.2}") };
+            // the ratio of each interleaved pair, so a drift of the machine's speed cancels
+            let ratio = |a: usize, b: usize| {
+                let mut v: Vec<f64> = pairs.iter().map(|p| p[a] / p[b]).collect();
+                v.sort_by(f64::total_cmp);
+                if v.len() > 1 { format!("{:.2}x ({:.2}-{:.2})", v[v.len() / 2], v[0], v[v.len() - 1]) } else { format!("{:.2}x", v[0]) }
+            };
+            println!("| {label} | {} | {} | {} | {} | {} | {} |", cell(col(0)), cell(col(2)), ratio(0, 2), cell(col(1)), cell(col(3)), ratio(1, 3));
         }
     }
     Ok(())
