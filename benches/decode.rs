@@ -35,6 +35,10 @@ fn arg(name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
 /// Memory traffic per second (bytes read + bytes written) of a 1 GiB memcpy spread over the rayon
 /// threads, best of 5.
 fn memcpy_bandwidth(src: &[u8], dst: &mut [u8]) -> f64 {
@@ -72,7 +76,7 @@ fn llama_bench(bin: &str, gguf: &std::path::Path, prompt: usize, decode: usize) 
 /// The GGUF file llama.cpp runs for `gguf`: the file itself with `--llama-ouro`, else the stock
 /// llama stand-in beside it (written once by scripts/ouro_as_llama.py).
 fn llama_input(gguf: &std::path::Path) -> anyhow::Result<PathBuf> {
-    if std::env::args().any(|a| a == "--llama-ouro") {
+    if flag("--llama-ouro") {
         return Ok(gguf.to_path_buf());
     }
     let stand_in = gguf.with_extension("llama-stand-in.gguf");
@@ -92,7 +96,7 @@ fn main() -> anyhow::Result<()> {
         None => {
             let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/ouro-1.4b");
             // made only for the HF row (not with --skip-hf)
-            if !p.exists() && !std::env::args().any(|a| a == "--skip-hf") {
+            if !p.exists() && !flag("--skip-hf") {
                 std::fs::create_dir_all(p.parent().unwrap())?;
                 eprintln!("synthesizing {} ...", p.display());
                 let o = SynthOptions { preset: Preset::Ouro1_4b, layers: None, seed: 0, dtype: ouro_quant::stfile::DType::BF16, shards: 1 };
@@ -114,7 +118,7 @@ fn main() -> anyhow::Result<()> {
     let bw = memcpy_bandwidth(&src_buf, &mut dst_buf);
     println!("threads: {} (rayon); memcpy bandwidth (read + write) {:.2} GB/s; read-only {:.2} GB/s", rayon::current_num_threads(), bw / 1e9, common::read_bandwidth() / 1e9);
     let mut sources: Vec<PathBuf> = vec![];
-    if !std::env::args().any(|a| a == "--skip-hf") {
+    if !flag("--skip-hf") {
         sources.push(model_dir.clone());
     }
     for list in ["--gguf", "--mlx"] {
@@ -198,7 +202,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if !versus.is_empty() {
-        let what = if std::env::args().any(|a| a == "--llama-ouro") { "the file itself" } else { "its stock-llama stand-in" };
+        let what = if flag("--llama-ouro") { "the file itself" } else { "its stock-llama stand-in" };
         println!("\nllama.cpp ({}) on {what}, interleaved with ours, all loops, {} threads; median (range) of {repeat}:", llama.as_deref().unwrap_or(""), rayon::current_num_threads());
         println!("| weights | ours prefill | llama.cpp prefill | ratio | ours decode | llama.cpp decode | ratio |");
         println!("|---|---|---|---|---|---|---|");

@@ -104,15 +104,18 @@ def main(src, dst):
     header = b"GGUF" + struct.pack("<IQQ", 3, len(infos), len(kvs)) + b"".join(kvs) + b"".join(infos)
     header += b"\0" * (-len(header) % align)
     tmp = dst + ".partial"
-    with open(src, "rb") as fin, open(tmp, "xb") as fout:
-        fout.write(header)
-        for _, t in entries:
-            fin.seek(int(t.data_offset))
-            n = int(t.n_bytes)
-            fout.write(fin.read(n))
-            fout.write(b"\0" * (-n % align))
-    os.link(tmp, dst)  # fails rather than replace a file that appeared meanwhile
-    os.unlink(tmp)
+    with open(src, "rb") as fin, open(tmp, "xb") as fout:  # fails rather than reuse a foreign file
+        try:
+            fout.write(header)
+            for _, t in entries:
+                fin.seek(int(t.data_offset))
+                n = int(t.n_bytes)
+                fout.write(fin.read(n))
+                fout.write(b"\0" * (-n % align))
+            fout.flush()
+            os.link(tmp, dst)  # fails rather than replace a file that appeared meanwhile
+        finally:
+            os.unlink(tmp)  # ours: made by the open above
     print(f"{dst}: llama, {layers} x {loops} = {layers * loops} blocks, {len(infos)} tensors")
 
 

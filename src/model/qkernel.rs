@@ -310,11 +310,23 @@ impl QuantMatrix {
     /// `x [n, cols] -> [n, rows]`.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let n = input_rows(x, self.rows, self.cols)?;
-        let acts: Vec<Acts> = with_f32(x, |xs| xs.chunks_exact(self.cols).map(|x| self.activations(x)).collect())?;
+        let acts = with_f32(x, |xs| self.quantize_rows(xs))?;
         let data = self.q.data()?;
         let mut out = vec![0f32; n * self.rows];
         self.matmul(&data, &acts, &mut out);
         Tensor::from_vec(out, (n, self.rows), x.device())
+    }
+
+    /// Activation rows (`cols` values each) quantized and laid out for this matrix's kernel; with
+    /// the offset codes of [`Acts`]'s `qu` only where a pass will use them (the AVX-512 build's
+    /// Q8_0 and IQ4_NL kernels, passes of [`ACTS_PER_PASS`] rows), not on every decode step.
+    fn quantize_rows(&self, xs: &[f32]) -> Vec<Acts> {
+        let offset = self.isa == Isa::Avx512Vnni
+            && matches!(self.kind, QKind::Q8_0 | QKind::IQ4NL)
+            && xs.len() >= ACTS_PER_PASS * self.cols;
+        xs.chunks_exact(self.cols)
+            .map(|x| if offset { self.activations(x).with_offset_codes() } else { self.activations(x) })
+            .collect()
     }
 
     /// One activation row quantized and laid out for this matrix's kernel.
@@ -368,7 +380,8 @@ pub struct Acts {
     qs: Vec<i8>,
     d: Vec<f32>,
     bsums: Vec<i16>,
-    /// `Q8_0` only: the codes plus 128, in the AVX-512 build's order (`vpdpbusd` multiplies
+    /// `Q8_0`, only for rows that the AVX-512 build's eight-row kernels take
+    /// ([`Acts::with_offset_codes`], else empty): the codes plus 128, in that build's order (`vpdpbusd` multiplies
     /// unsigned bytes by signed ones, so that build multiplies these by the weights as they are
     /// and takes 128 times the weights' sums off: the same integers without flipping signs per
     /// activation row). Per pair of blocks, the 4-code groups of the two blocks alternate
@@ -379,11 +392,11 @@ pub struct Acts {
 
 /// The 64 codes of a pair of 32-code blocks with their 4-code groups alternating: group `i` of
 /// the first block, then group `i` of the second, for `i` in 0..8.
-fn interleave_pair(pair: &[u8]) -> [u8; 64] {
+fn interleave_pair(pair: &[i8]) -> [u8; 64] {
     std::array::from_fn(|j| {
         let (g, lane) = (j / 4, j % 4);
         let src = if g % 2 == 0 { g / 2 } else { 8 + g / 2 };
-        pair[4 * src + lane]
+        pair[4 * src + lane] as u8
     })
 }
 
@@ -456,12 +469,13 @@ impl Acts {
             }
             *d = half::f16::from_f32(scale).to_f32();
         }
-        q.qu = q.qs.iter().map(|&v| (v as u8) ^ 0x80).collect();
-        for pair in q.qu.chunks_exact_mut(64) {
-            let p = interleave_pair(pair);
-            pair.copy_from_slice(&p);
-        }
         q
+    }
+
+    /// A `Q8_0` row with its offset codes (`qu`), which the AVX-512 build's eight-row kernels read.
+    fn with_offset_codes(mut self) -> Acts {
+        self.qu = self.qs.chunks_exact(64).flat_map(|pair| interleave_pair(pair).map(|v| v ^ 0x80)).collect();
+        self
     }
 
     /// The codes reordered for Q4_K's nibble layout: in each 128, values 32..64 and 64..96 swap
@@ -571,7 +585,7 @@ fn each<const N: usize>(
     assert!(acts.iter().all(|a| a.d.len() == nb && a.qs.len() == k && a.bsums.len() == sums));
     // the kernels index the activations by block without bounds checks
     assert!(match block {
-        34 | 18 => nb.is_multiple_of(2) && k == nb * 32 && acts.iter().all(|a| a.qu.len() == k),
+        34 | 18 => nb.is_multiple_of(2) && k == nb * 32,
         144 | 176 => k == nb * QK && sums == nb * 8,
         _ => k == nb * QK && sums == nb * 16,
     });
@@ -803,7 +817,7 @@ mod portable {
 /// same float operations lane for lane, so the bits equal [`portable`]'s.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::x86::{hsum128, prefetch, read_u32};
+    use super::x86::{hsum128, pair_scales, prefetch, read_u32};
     use super::{each, Acts, ACTS, QK};
     use std::arch::x86_64::*;
 
@@ -941,9 +955,7 @@ mod avx2 {
         for (b, chunk) in w.chunks_exact(pair).enumerate() {
             let p = chunk.as_ptr();
             prefetch(p, pair);
-            let dw = (std::ptr::read_unaligned(p as *const u16) as i32)
-                | ((std::ptr::read_unaligned(p.add(pair / 2) as *const u16) as i32) << 16);
-            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(dw));
+            let dw = pair_scales(p, pair);
             let (w0, w1) = weights(p);
             let (a0, a1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
             for k in 0..A {
@@ -1156,6 +1168,16 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
+    /// The f16 scales of the two blocks of a pair (`pair` bytes from `p`, each block's scale
+    /// first), widened: lanes 0 and 1.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub unsafe fn pair_scales(p: *const u8, pair: usize) -> __m128 {
+        let bits = (std::ptr::read_unaligned(p as *const u16) as i32)
+            | ((std::ptr::read_unaligned(p.add(pair / 2) as *const u16) as i32) << 16);
+        _mm_cvtph_ps(_mm_cvtsi32_si128(bits))
+    }
+
     #[inline(always)]
     pub unsafe fn read_u32(p: *const u8) -> u32 {
         u32::from_le(std::ptr::read_unaligned(p as *const u32))
@@ -1178,7 +1200,7 @@ mod x86 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::x86::{hsum128, prefetch, read_u32};
+    use super::x86::{hsum128, pair_scales, prefetch, read_u32};
     use super::{each, Acts, ACTS, QK};
     use std::arch::x86_64::*;
 
@@ -1311,7 +1333,13 @@ mod vnni {
     /// Activation rows per call of the Q8_0 and IQ4_NL kernels ([`int8_pairs_many`]).
     const MANY: usize = 8;
 
+    /// The eight-row kernels read the offset codes without bounds checks.
+    fn have_offset_codes(acts: &[Acts]) {
+        assert!(acts.len() < MANY || acts.iter().all(|a| a.qu.len() == a.qs.len()), "Q8_0 activations without offset codes");
+    }
+
     pub fn q8_0(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        have_offset_codes(acts);
         each::<MANY>(w, 34, acts, out, |w, a| unsafe { q8_0_impl(w, a) }, |w, a| unsafe { q8_0_impl(w, a) })
     }
 
@@ -1352,9 +1380,7 @@ mod vnni {
         for (b, chunk) in w.chunks_exact(pair).enumerate() {
             let p = chunk.as_ptr();
             prefetch(p, pair);
-            let dw = (std::ptr::read_unaligned(p as *const u16) as i32)
-                | ((std::ptr::read_unaligned(p.add(pair / 2) as *const u16) as i32) << 16);
-            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(dw));
+            let dw = pair_scales(p, pair);
             let wv = weights(p);
             let aw = _mm512_abs_epi8(wv);
             let negative = _mm512_movepi8_mask(wv);
@@ -1396,10 +1422,8 @@ mod vnni {
         for (b, chunk) in w.chunks_exact(pair).enumerate() {
             let p = chunk.as_ptr();
             prefetch(p, pair);
-            let dw = (std::ptr::read_unaligned(p as *const u16) as i32)
-                | ((std::ptr::read_unaligned(p.add(pair / 2) as *const u16) as i32) << 16);
             // the two blocks' scales alternating over the lanes, as their sums do
-            let dw = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(_mm_cvtph_ps(_mm_cvtsi32_si128(dw)))));
+            let dw = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(pair_scales(p, pair))));
             let wv = _mm512_permutexvar_epi32(interleave, weights(p));
             // -128 times the sums of 4 weights: (x + 128) w summed from there is x w exactly
             let off = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c128, wv));
@@ -1425,6 +1449,7 @@ mod vnni {
     }
 
     pub fn iq4_nl(w: &[u8], acts: &[Acts], out: &mut [f32]) {
+        have_offset_codes(acts);
         each::<MANY>(w, 18, acts, out, |w, a| unsafe { iq4_nl_impl(w, a) }, |w, a| unsafe { iq4_nl_impl(w, a) })
     }
 
@@ -1838,7 +1863,7 @@ mod tests {
                 if t == 0 {
                     return m.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 }
-                let acts: Vec<Acts> = xs.chunks_exact(cols).map(|x| m.activations(x)).collect();
+                let acts = m.quantize_rows(&xs);
                 let data = m.q.data().unwrap();
                 let mut out = vec![0f32; n * rows];
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
