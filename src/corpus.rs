@@ -5,6 +5,12 @@
 //!
 //! Every line is one sample and says by its opening words what kind it is (see [`Kind`]), so that
 //! an evaluation can score the answers of recall and of manipulation lines separately.
+//!
+//! The second trained fixture (`fixtures/ouro-deep-trained`) adds pointer chains ([`chain_line`]):
+//! a path of numbers given in the line, its links shuffled, and a question that follows it a number
+//! of steps (1 to [`CHAIN_MAX_STEPS`]). Each step is one lookup that the previous one decides, so one
+//! pass of the stack cannot take many and more loops can: the item's step count is its difficulty
+//! ([`chain_steps`]), by which an evaluation reports how deep the exit gate lets each item go.
 
 /// xorshift64*: deterministic and independent of any crate's version.
 pub struct Rng(u64);
@@ -12,6 +18,13 @@ pub struct Rng(u64);
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// The whole state, to save (a trainer's checkpoint) and restore with [`Rng::from_state`].
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+    pub fn from_state(state: u64) -> Self {
+        Rng(state)
     }
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
@@ -98,6 +111,7 @@ pub fn classify(line: &str) -> (Kind, Option<usize>) {
     let kind = if line.starts_with("Q: Where was ") || line.starts_with("Q: When was ") || line.starts_with("Q: Who employs ") {
         Kind::Recall
     } else if line.starts_with("Q: In which city is the employer of ")
+        || line.starts_with(CHAIN_OPENING)
         || line.starts_with("Q: Who is older, ")
         || line.starts_with("Q: Which is larger, ")
         || line.starts_with("Sum: ")
@@ -156,6 +170,68 @@ pub fn line(w: &World, rng: &mut Rng) -> String {
     }
 }
 
+/// How a pointer-chain line opens.
+pub const CHAIN_OPENING: &str = "Links: ";
+/// Links listed in every pointer-chain line (a path through one more number than this).
+pub const CHAIN_LINKS: usize = 8;
+/// The most steps a pointer-chain question asks for.
+pub const CHAIN_MAX_STEPS: usize = 6;
+
+/// Questions asked about each pointer chain (distinct starts, the same number of steps).
+pub const CHAIN_QUESTIONS: usize = 3;
+
+/// A pointer-chain item that asks for `steps` steps (1 to `CHAIN_LINKS + 1 - CHAIN_QUESTIONS`):
+/// a path through `CHAIN_LINKS + 1` distinct numbers from 10 to 99, its links `a b` ("a leads to
+/// b") in random order, then [`CHAIN_QUESTIONS`] questions from distinct starts, each with its
+/// answer after ` = `:
+/// `Links: 47 12, 85 33, 12 85, ... . 2 steps from 47 = 85. 2 steps from 12 = 33. ...`
+/// The start node comes last in a question, just before the answer, so that the positions after
+/// it cannot take the steps in its place. Several questions per line make the answers a larger
+/// share of the text than the links (which are random and cannot be predicted).
+pub fn chain_line(rng: &mut Rng, steps: usize) -> String {
+    assert!((1..=CHAIN_LINKS + 1 - CHAIN_QUESTIONS).contains(&steps), "steps {steps} outside 1..={}", CHAIN_LINKS + 1 - CHAIN_QUESTIONS);
+    let mut pool: Vec<usize> = (10..100).collect();
+    let path: Vec<usize> = (0..=CHAIN_LINKS).map(|_| pool.swap_remove(rng.below(pool.len()))).collect();
+    let shuffled = |rng: &mut Rng, n: usize| {
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        order
+    };
+    let links: Vec<String> = shuffled(rng, CHAIN_LINKS).iter().map(|&i| format!("{} {}", path[i], path[i + 1])).collect();
+    let unit = if steps == 1 { "step" } else { "steps" };
+    let mut s = format!("{CHAIN_OPENING}{}.", links.join(", "));
+    for &start in &shuffled(rng, CHAIN_LINKS - steps + 1)[..CHAIN_QUESTIONS] {
+        s.push_str(&format!(" {steps} {unit} from {} = {}.", path[start], path[start + steps]));
+    }
+    s
+}
+
+/// The number of steps a pointer-chain line asks for (its difficulty); `None` for other lines.
+pub fn chain_steps(line: &str) -> Option<usize> {
+    let rest = line.strip_prefix(CHAIN_OPENING)?;
+    let question = &rest[rest.find(". ")? + 2..];
+    question.split(' ').next()?.parse().ok()
+}
+
+/// A line of the second fixture's text: a pointer chain (steps drawn uniformly from 1 to
+/// [`CHAIN_MAX_STEPS`]) with probability `chain_share` / 100, else a line of [`line`].
+pub fn mixed_line(w: &World, rng: &mut Rng, chain_share: usize) -> String {
+    if rng.below(100) < chain_share {
+        let steps = 1 + rng.below(CHAIN_MAX_STEPS);
+        chain_line(rng, steps)
+    } else {
+        line(w, rng)
+    }
+}
+
+/// `n` lines of [`mixed_line`] from `seed`.
+pub fn mixed_lines(w: &World, seed: u64, n: usize, chain_share: usize) -> Vec<String> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| mixed_line(w, &mut rng, chain_share)).collect()
+}
+
 /// `n` lines from `seed`.
 pub fn lines(w: &World, seed: u64, n: usize) -> Vec<String> {
     let mut rng = Rng::new(seed);
@@ -197,16 +273,28 @@ pub fn task_items(w: &World, seed: u64, per_kind: usize) -> Vec<(String, String,
     out
 }
 
+/// The byte spans of a line's answers: a pointer chain's after each ` = ` up to its `.`, any other
+/// question's from [`classify`]'s offset to the end of the line; none for statements.
+pub fn answer_spans(line: &str) -> Vec<(usize, usize)> {
+    if line.starts_with(CHAIN_OPENING) {
+        return line
+            .match_indices(" = ")
+            .map(|(i, _)| (i + 3, line[i + 3..].find('.').map_or(line.len(), |e| i + 3 + e)))
+            .collect();
+    }
+    classify(line).1.map(|a| vec![(a, line.len())]).unwrap_or_default()
+}
+
 /// For each token of `text` (given by its byte span `(start, end)`), the kind of the line it lies in
-/// and whether it lies in that line's answer (after ` A: ` or ` = `).
+/// and whether it lies in one of that line's answers ([`answer_spans`]).
 pub fn token_kinds(text: &str, spans: &[(usize, usize)]) -> Vec<(Kind, bool)> {
     // line start offsets and their classification
     let mut lines = vec![];
     let mut at = 0usize;
     for l in text.split_inclusive('\n') {
         let body = l.trim_end_matches('\n');
-        let (kind, answer) = classify(body);
-        lines.push((at, at + body.len(), kind, answer.map(|a| at + a)));
+        let spans: Vec<(usize, usize)> = answer_spans(body).iter().map(|&(a, b)| (at + a, at + b)).collect();
+        lines.push((at, at + body.len(), classify(body).0, spans));
         at += l.len();
     }
     spans
@@ -215,9 +303,28 @@ pub fn token_kinds(text: &str, spans: &[(usize, usize)]) -> Vec<(Kind, bool)> {
             // the token's first non-space byte decides (byte-level BPE tokens carry the space before a word)
             let s = s + text[s..e.max(s)].len() - text[s..e.max(s)].trim_start().len();
             match lines.iter().find(|(a, b, _, _)| s >= *a && s < (*b).max(*a + 1)) {
-                Some(&(_, _, kind, answer)) => (kind, answer.is_some_and(|a| s >= a)),
+                Some((_, _, kind, answers)) => (*kind, answers.iter().any(|&(a, b)| s >= a && s < b.max(a + 1))),
                 None => (Kind::Statement, false),
             }
+        })
+        .collect()
+}
+
+/// For each token of `text` (given by its byte span), the step count of the pointer-chain line it
+/// lies in ([`chain_steps`]); `None` for tokens of other lines.
+pub fn token_chain_steps(text: &str, spans: &[(usize, usize)]) -> Vec<Option<usize>> {
+    let mut starts = vec![];
+    let mut at = 0usize;
+    for l in text.split_inclusive('\n') {
+        starts.push((at, chain_steps(l.trim_end_matches('\n'))));
+        at += l.len();
+    }
+    spans
+        .iter()
+        .map(|&(s, e)| {
+            let s = s + text[s..e.max(s)].len() - text[s..e.max(s)].trim_start().len();
+            let line = starts.partition_point(|&(a, _)| a <= s).checked_sub(1)?;
+            starts[line].1
         })
         .collect()
 }
@@ -250,6 +357,72 @@ mod tests {
             let (lhs, rhs) = l.trim_end_matches('.').trim_start_matches("Sum: ").split_once(" = ").unwrap();
             let s: usize = lhs.split(" + ").map(|x| x.parse::<usize>().unwrap()).sum();
             assert_eq!(s, rhs.parse::<usize>().unwrap(), "{l}");
+        }
+    }
+
+    /// Follows a chain line's links by hand (independently of how it was built): checks every
+    /// answer, that every link's source is distinct (one answer), and returns the step count.
+    fn follow(l: &str) -> usize {
+        let body = l.strip_prefix(CHAIN_OPENING).unwrap().trim_end_matches('.');
+        let mut parts = body.split(". ");
+        let mut next = std::collections::BTreeMap::new();
+        for pair in parts.next().unwrap().split(", ") {
+            let (a, b) = pair.split_once(' ').unwrap();
+            assert!(next.insert(a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()).is_none(), "{l}");
+        }
+        assert_eq!(next.len(), CHAIN_LINKS, "{l}");
+        let (mut steps_seen, mut starts) = (vec![], std::collections::BTreeSet::new());
+        for question in parts {
+            let (q, answer) = question.split_once(" = ").unwrap();
+            let words: Vec<&str> = q.split(' ').collect();
+            let (steps, mut at): (usize, usize) = (words[0].parse().unwrap(), words[3].parse().unwrap());
+            assert!(starts.insert(at), "{l}");
+            for _ in 0..steps {
+                at = next[&at];
+            }
+            assert_eq!(at, answer.parse::<usize>().unwrap(), "{l}");
+            steps_seen.push(steps);
+        }
+        assert_eq!(steps_seen.len(), CHAIN_QUESTIONS, "{l}");
+        assert!(steps_seen.iter().all(|&s| s == steps_seen[0]), "{l}");
+        steps_seen[0]
+    }
+
+    #[test]
+    fn chain_lines_are_right_and_say_their_difficulty() {
+        let mut rng = Rng::new(11);
+        for steps in 1..=CHAIN_LINKS + 1 - CHAIN_QUESTIONS {
+            for _ in 0..50 {
+                let l = chain_line(&mut rng, steps);
+                assert_eq!(follow(&l), steps, "{l}");
+                assert_eq!(chain_steps(&l), Some(steps), "{l}");
+                assert_eq!(classify(&l).0, Kind::Manipulation, "{l}");
+                let spans = answer_spans(&l);
+                assert_eq!(spans.len(), CHAIN_QUESTIONS);
+                for (a, b) in spans {
+                    assert!(l[a..b].parse::<usize>().is_ok() && l[..a].ends_with(" = ") && l[b..].starts_with('.'), "{l}");
+                }
+            }
+        }
+        assert_eq!(chain_steps("Q: Where was Ba Ko born? A: Lima."), None);
+        assert_eq!(chain_steps("Links: 10 11, 11 12. 1 step from 10 = 11. 2 steps from 10 = 12."), Some(1));
+        // tokens: the answers of every question are answer tokens, the numbers in links are not
+        let text = "Links: 10 11, 11 12. 1 step from 10 = 11. 1 step from 11 = 12.\n";
+        let at = |needle: &str, nth: usize| text.match_indices(needle).nth(nth).unwrap().0;
+        let spans = [(at(" 11", 0), at(" 11", 0) + 3), (at(" 11", 2), at(" 11", 2) + 3), (at(" 12", 1), at(" 12", 1) + 3)];
+        assert_eq!(token_kinds(text, &spans), vec![(Kind::Manipulation, false), (Kind::Manipulation, true), (Kind::Manipulation, true)]);
+        let two = format!("Q: Where was Ba Ko born? A: Lima.\n{text}");
+        let shifted: Vec<(usize, usize)> = [(0, 2)].into_iter().chain(spans.iter().map(|&(a, b)| (a + 34, b + 34))).collect();
+        assert_eq!(&two[34..40], "Links:");
+        assert_eq!(token_chain_steps(&two, &shifted), vec![None, Some(1), Some(1), Some(1)]);
+        // the mix: about the asked share of chains, every difficulty present, deterministic
+        let w = World::new(5, 10);
+        let m = mixed_lines(&w, 9, 2000, 60);
+        assert_eq!(m, mixed_lines(&w, 9, 2000, 60));
+        let chains: Vec<usize> = m.iter().filter_map(|l| chain_steps(l)).collect();
+        assert!((1100..1300).contains(&chains.len()), "{}", chains.len());
+        for s in 1..=CHAIN_MAX_STEPS {
+            assert!(chains.iter().filter(|&&c| c == s).count() > 120, "steps {s}");
         }
     }
 }

@@ -1,6 +1,15 @@
-//! Trains the tiny Ouro of `fixtures/ouro-tiny-trained` (a development tool, not part of the CLI).
+//! Trains the project's small trained Ouro fixtures (a development tool, not part of the CLI):
+//! `--preset tiny` (the default) makes `fixtures/ouro-tiny-trained`, `--preset deep` the second one,
+//! `fixtures/ouro-deep-trained`, whose text adds pointer chains of 1 to 6 steps (see
+//! `ouro_quant::corpus`) so that depth matters.
 //!
 //! cargo run --release --example train_tiny -- --out fixtures/ouro-tiny-trained
+//! cargo run --release --example train_tiny -- --preset deep --out DIR --checkpoint FILE --minutes 120
+//! cargo run --release --example train_tiny -- --preset deep --out DIR --checkpoint FILE --resume FILE
+//!
+//! Long runs save a checkpoint (parameters, optimizer moments, step, batch generator) every
+//! `--checkpoint-every` steps and when `--minutes` is spent; `--resume FILE` goes on from it with
+//! the same numbers as a run that never stopped (the options must be the same; checked).
 //!
 //! Stage 1 trains everything on the paper's objective: per token, the expected cross-entropy of the
 //! loops under the exit distribution, plus beta times the KL divergence from the exit distribution to
@@ -12,17 +21,20 @@
 //! the next loop would lower the token's cross-entropy by less than `gamma` nats.
 
 use ouro_quant::corpus;
+mod checkpoint;
 mod model;
+mod optim;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::VarMap;
 use ouro_quant::stfile::{DType as StDType, TensorSpec, Writer};
 
 struct Args {
+    recipe: Recipe,
     out: PathBuf,
     seed: u64,
     steps: usize,
@@ -38,38 +50,262 @@ struct Args {
     /// Save the weights after stage 1 here (f32 safetensors) / start from them, skipping stage 1.
     save_stage1: Option<PathBuf>,
     load_stage1: Option<PathBuf>,
+    /// Stage-1 checkpoint file, written every `checkpoint_every` steps and when `minutes` is spent.
+    checkpoint: Option<PathBuf>,
+    checkpoint_every: usize,
+    resume: Option<PathBuf>,
+    /// Stop stage 1 (saving the checkpoint) once this many minutes have passed.
+    minutes: Option<f64>,
+    /// Parts of each batch run on their own threads (the gradients summed in order).
+    shards: usize,
+    /// Print held-out perplexities per loop every this many steps (0: never).
+    monitor_every: usize,
+}
+
+/// What a preset fixes: the shapes, the corpus, and the defaults of the training options.
+#[derive(Debug, Clone, Copy)]
+struct Recipe {
+    name: &'static str,
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    vocab_target: usize,
+    people: usize,
+    train_lines: usize,
+    valid_lines: usize,
+    /// Percent of pointer-chain lines (`corpus::mixed_lines`); `None`: the first corpus only
+    /// (`corpus::lines`, whose draws differ).
+    chain_share: Option<usize>,
+    steps: usize,
+    gate_steps: usize,
+    batch: usize,
+    seq: usize,
+    shards: usize,
+    lr: f64,
+    beta: f64,
+    beta_start: f64,
+    gamma: f32,
+}
+
+const LOOPS: usize = 4;
+
+/// `fixtures/ouro-tiny-trained`: 1.6 M parameters, the first corpus.
+const TINY: Recipe = Recipe {
+    name: "ouro-tiny-trained",
+    hidden: 256,
+    inter: 512,
+    layers: 2,
+    heads: 4,
+    kv_heads: 2,
+    vocab_target: 1024,
+    people: 40,
+    train_lines: 60_000,
+    valid_lines: 600,
+    chain_share: None,
+    steps: 1400,
+    gate_steps: 200,
+    batch: 16,
+    seq: 96,
+    shards: 1,
+    lr: 3e-3,
+    beta: 0.1,
+    beta_start: 2.0,
+    gamma: 0.005,
+};
+
+/// `fixtures/ouro-deep-trained`: two physical layers (so that a pointer step costs a good part of
+/// a loop and six steps need all four), wider, and 60% pointer-chain lines.
+const DEEP: Recipe = Recipe {
+    name: "ouro-deep-trained",
+    hidden: 384,
+    inter: 1024,
+    layers: 2,
+    heads: 6,
+    kv_heads: 2,
+    vocab_target: 2048,
+    people: 40,
+    train_lines: 200_000,
+    valid_lines: 600,
+    chain_share: Some(60),
+    steps: 6000,
+    gate_steps: 300,
+    batch: 32,
+    seq: 128,
+    shards: 2,
+    lr: 2e-3,
+    beta: 0.1,
+    beta_start: 2.0,
+    gamma: 0.005,
+};
+
+impl Recipe {
+    fn lines(&self, world: &corpus::World, seed: u64, n: usize) -> Vec<String> {
+        match self.chain_share {
+            None => corpus::lines(world, seed, n),
+            Some(share) => corpus::mixed_lines(world, seed, n, share),
+        }
+    }
 }
 
 fn parse_args() -> Args {
     let a: Vec<String> = std::env::args().collect();
     let get = |k: &str| a.iter().position(|x| x == k).and_then(|i| a.get(i + 1)).cloned();
+    let recipe = match get("--preset").as_deref() {
+        None | Some("tiny") => TINY,
+        Some("deep") => DEEP,
+        Some(p) => panic!("--preset {p}: tiny or deep"),
+    };
+    let r = recipe;
     Args {
-        out: PathBuf::from(get("--out").unwrap_or_else(|| "fixtures/ouro-tiny-trained".into())),
+        recipe,
+        out: PathBuf::from(get("--out").unwrap_or_else(|| format!("fixtures/{}", r.name))),
         seed: get("--seed").map_or(1, |s| s.parse().expect("--seed")),
-        steps: get("--steps").map_or(1400, |s| s.parse().expect("--steps")),
-        gate_steps: get("--gate-steps").map_or(200, |s| s.parse().expect("--gate-steps")),
-        batch: get("--batch").map_or(16, |s| s.parse().expect("--batch")),
-        seq: get("--seq").map_or(96, |s| s.parse().expect("--seq")),
-        lr: get("--lr").map_or(3e-3, |s| s.parse().expect("--lr")),
-        beta: get("--beta").map_or(0.1, |s| s.parse().expect("--beta")),
-        beta_start: get("--beta-start").map_or(2.0, |s| s.parse().expect("--beta-start")),
-        gamma: get("--gamma").map_or(0.005, |s| s.parse().expect("--gamma")),
+        steps: get("--steps").map_or(r.steps, |s| s.parse().expect("--steps")),
+        gate_steps: get("--gate-steps").map_or(r.gate_steps, |s| s.parse().expect("--gate-steps")),
+        batch: get("--batch").map_or(r.batch, |s| s.parse().expect("--batch")),
+        seq: get("--seq").map_or(r.seq, |s| s.parse().expect("--seq")),
+        lr: get("--lr").map_or(r.lr, |s| s.parse().expect("--lr")),
+        beta: get("--beta").map_or(r.beta, |s| s.parse().expect("--beta")),
+        beta_start: get("--beta-start").map_or(r.beta_start, |s| s.parse().expect("--beta-start")),
+        gamma: get("--gamma").map_or(r.gamma, |s| s.parse().expect("--gamma")),
         save_stage1: get("--save-stage1").map(PathBuf::from),
         load_stage1: get("--load-stage1").map(PathBuf::from),
+        checkpoint: get("--checkpoint").map(PathBuf::from),
+        checkpoint_every: get("--checkpoint-every").map_or(100, |s| s.parse().expect("--checkpoint-every")),
+        resume: get("--resume").map(PathBuf::from),
+        minutes: get("--minutes").map(|s| s.parse().expect("--minutes")),
+        shards: get("--shards").map_or(r.shards, |s| s.parse().expect("--shards")),
+        monitor_every: get("--monitor-every").map_or(0, |s| s.parse().expect("--monitor-every")),
     }
 }
 
-/// Fixed shapes of the fixture.
-const HIDDEN: usize = 256;
-const INTER: usize = 512;
-const LAYERS: usize = 2;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const LOOPS: usize = 4;
-const VOCAB_TARGET: usize = 1024;
-const PEOPLE: usize = 40;
-const TRAIN_LINES: usize = 60_000;
-const VALID_LINES: usize = 600;
+impl Args {
+    /// Everything that decides stage 1's numbers, for a checkpoint's fingerprint.
+    fn fingerprint(&self, tokenizer_sum: u128) -> BTreeMap<String, String> {
+        let mut f = BTreeMap::new();
+        f.insert("recipe".to_string(), format!("{:?}", Recipe { steps: 0, gate_steps: 0, batch: 0, seq: 0, shards: 0, lr: 0.0, beta: 0.0, beta_start: 0.0, gamma: 0.0, ..self.recipe }));
+        for (k, v) in [
+            ("seed", self.seed.to_string()),
+            ("steps", self.steps.to_string()),
+            ("batch", self.batch.to_string()),
+            ("seq", self.seq.to_string()),
+            ("shards", self.shards.to_string()),
+            ("lr", self.lr.to_string()),
+            ("beta", self.beta.to_string()),
+            ("beta_start", self.beta_start.to_string()),
+            ("tokenizer", format!("{tokenizer_sum:032x}")),
+        ] {
+            f.insert(k.to_string(), v);
+        }
+        f
+    }
+}
+
+/// Held-out monitor: windows of the validation text and, per token, the group its cross-entropy
+/// is reported in: the answers of pointer chains by their step count (1..), the other lines'
+/// answers (0); `None` for the rest.
+struct Monitor {
+    x: Tensor,
+    y: Tensor,
+    groups: Vec<Option<usize>>,
+}
+
+impl Monitor {
+    fn new(tok: &tokenizers::Tokenizer, text: &str, windows: usize, seq: usize, dev: &Device) -> anyhow::Result<Monitor> {
+        let enc = tok.encode(text, false).map_err(anyhow::Error::msg)?;
+        let (ids, offsets) = (enc.get_ids(), enc.get_offsets());
+        let kinds = corpus::token_kinds(text, offsets);
+        let mut starts = vec![];
+        let mut at = 0;
+        for l in text.split_inclusive('\n') {
+            starts.push((at, corpus::chain_steps(l.trim_end())));
+            at += l.len();
+        }
+        let group = |i: usize| -> Option<usize> {
+            if !kinds[i].1 {
+                return None;
+            }
+            let line = starts.partition_point(|&(s, _)| s <= offsets[i].0).saturating_sub(1);
+            Some(starts[line].1.unwrap_or(0))
+        };
+        let windows = windows.min((ids.len() - 1) / seq);
+        let (mut x, mut y, mut groups) = (vec![], vec![], vec![]);
+        for w in 0..windows {
+            x.extend_from_slice(&ids[w * seq..(w + 1) * seq]);
+            y.extend_from_slice(&ids[w * seq + 1..(w + 1) * seq + 1]);
+            groups.extend((w * seq + 1..(w + 1) * seq + 1).map(group));
+        }
+        Ok(Monitor { x: Tensor::from_vec(x, (windows, seq), dev)?, y: Tensor::from_vec(y, (windows, seq), dev)?, groups })
+    }
+
+    /// Per group (0: other answers, 1..: chain answers by steps), the perplexity of each loop.
+    fn run(&self, m: &model::Model, aux: &model::Aux) -> anyhow::Result<BTreeMap<usize, (usize, Vec<f64>)>> {
+        let mut out: BTreeMap<usize, (usize, Vec<f64>)> = BTreeMap::new();
+        let n = self.x.dim(0)?;
+        for b in (0..n).step_by(16) {
+            let len = 16.min(n - b);
+            let (states, _) = m.forward(&self.x.narrow(0, b, len)?, aux)?;
+            let seq = self.x.dim(1)?;
+            for (t, h) in states.iter().enumerate() {
+                let ce = model::to_dtype_vec(&model::cross_entropy(&m.logits(&h.detach())?, &self.y.narrow(0, b, len)?)?)?;
+                for (i, c) in ce.iter().enumerate() {
+                    if let Some(g) = self.groups[b * seq + i] {
+                        let e = out.entry(g).or_insert_with(|| (0, vec![0.0; LOOPS]));
+                        if t == 0 {
+                            e.0 += 1;
+                        }
+                        e.1[t] += *c as f64;
+                    }
+                }
+            }
+        }
+        for (count, sums) in out.values_mut() {
+            for v in sums.iter_mut() {
+                *v = (*v / (*count).max(1) as f64).exp();
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What a stage-1 step prints, for one shard of the batch.
+struct Stage1Stats {
+    /// The shard's share of the loss (its loss over the number of shards).
+    loss: f32,
+    kl: f32,
+    per_loop: Vec<f32>,
+    mean_p: Vec<f32>,
+}
+
+/// Stage 1's objective on one shard of a batch, divided by the number of shards (so that the
+/// shards' gradients add up to the whole batch's): the expected cross-entropy under the exit
+/// distribution plus beta times KL(exit distribution || uniform).
+fn stage1_loss(m: &model::Model, x: &Tensor, y: &Tensor, aux: &model::Aux, beta: f64, shards: usize) -> anyhow::Result<(Tensor, Stage1Stats)> {
+    let log_t = (LOOPS as f64).ln();
+    let (states, gates) = m.forward(x, aux)?;
+    let pdf = model::exit_pdf(&gates)?;
+    let mut expected = None;
+    let mut neg_entropy = None;
+    let mut per_loop = vec![];
+    for (t, h) in states.iter().enumerate() {
+        let ce = model::cross_entropy(&m.logits(h)?, y)?;
+        per_loop.push(ce.mean_all()?.to_scalar::<f32>()?);
+        let e = pdf[t].mul(&ce)?;
+        let n = pdf[t].mul(&(pdf[t].clone() + 1e-9)?.log()?)?;
+        expected = Some(match expected { None => e, Some(a) => (a + e)? });
+        neg_entropy = Some(match neg_entropy { None => n, Some(a) => (a + n)? });
+    }
+    let kl = (neg_entropy.expect("loops").mean_all()? + log_t)?;
+    let mut loss = (expected.expect("loops").mean_all()? + (kl.clone() * beta)?)?;
+    if shards > 1 {
+        loss = (loss / shards as f64)?;
+    }
+    let mean_p = pdf.iter().map(|p| p.mean_all().and_then(|v| v.to_scalar::<f32>()).unwrap_or(f32::NAN)).collect();
+    let stats = Stage1Stats { loss: loss.to_scalar::<f32>()?, kl: kl.to_scalar::<f32>()?, per_loop, mean_p };
+    Ok((loss, stats))
+}
 
 /// `--report DIR`: the fixture's metrics, computed by the project's runner and evaluation code.
 fn report(dir: &std::path::Path) -> anyhow::Result<()> {
@@ -130,7 +366,7 @@ fn check_against_runner(m: &model::Model, tokens: &[u32], dev: &Device) -> anyho
 /// items of each question kind drawn from seed S + 5 (training used S + 1, validation S + 2).
 fn write_tasks(path: &std::path::Path, seed: u64) -> anyhow::Result<()> {
     use std::io::Write;
-    let world = corpus::World::new(seed, PEOPLE);
+    let world = corpus::World::new(seed, TINY.people);
     let mut f = std::fs::File::create_new(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     for (prompt, answer, kind) in corpus::task_items(&world, seed.wrapping_add(5), 30) {
         let item = serde_json::json!({"prompt": prompt, "answer": answer, "kind": kind, "max_tokens": 8});
@@ -141,18 +377,32 @@ fn write_tasks(path: &std::path::Path, seed: u64) -> anyhow::Result<()> {
 
 /// `--calibration FILE [--seed S]`: a calibration text for `imatrix`, as many lines as the
 /// validation text, drawn from seed S + 6 (disjoint draws from validation's S + 2).
-fn write_calibration(path: &std::path::Path, seed: u64) -> anyhow::Result<()> {
+fn write_calibration(path: &std::path::Path, args: &Args) -> anyhow::Result<()> {
     use std::io::Write;
-    let world = corpus::World::new(seed, PEOPLE);
+    let r = args.recipe;
+    let world = corpus::World::new(args.seed, r.people);
     let mut f = std::fs::File::create_new(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    f.write_all((corpus::lines(&world, seed.wrapping_add(6), VALID_LINES).join("\n") + "\n").as_bytes())?;
+    f.write_all((r.lines(&world, args.seed.wrapping_add(6), r.valid_lines).join("\n") + "\n").as_bytes())?;
     Ok(())
+}
+
+/// glibc hands every large freed block back to the kernel and faults fresh zeroed pages in for the
+/// next one; the trainer frees and allocates tensors of megabytes hundreds of times a step (a third
+/// of a step went to page faults). Keep freed memory for reuse instead.
+fn keep_freed_memory() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: mallopt only sets allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     if let Some(i) = std::env::args().position(|a| a == "--calibration") {
         let path = std::env::args().nth(i + 1).ok_or_else(|| anyhow::anyhow!("--calibration FILE"))?;
-        return write_calibration(std::path::Path::new(&path), parse_args().seed);
+        return write_calibration(std::path::Path::new(&path), &parse_args());
     }
     if let Some(i) = std::env::args().position(|a| a == "--tasks") {
         let path = std::env::args().nth(i + 1).ok_or_else(|| anyhow::anyhow!("--tasks FILE"))?;
@@ -163,42 +413,65 @@ fn main() -> anyhow::Result<()> {
         return report(std::path::Path::new(&dir));
     }
     let args = parse_args();
+    let r = args.recipe;
+    keep_freed_memory();
     let dev = Device::Cpu;
     let started = Instant::now();
-    let world = corpus::World::new(args.seed, PEOPLE);
-    let train_lines = corpus::lines(&world, args.seed.wrapping_add(1), TRAIN_LINES);
-    let valid_lines = corpus::lines(&world, args.seed.wrapping_add(2), VALID_LINES);
+    if args.shards > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // The shards are the parallelism: candle's own pool on top of them oversubscribes the
+        // cores (measured: 5.2 -> 3.2 s per deep step on 2 cores). Same numbers either way.
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    anyhow::ensure!(args.shards >= 1 && args.batch % args.shards == 0, "--batch {} does not split into --shards {}", args.batch, args.shards);
+    // Every location is checked before the long work starts.
+    anyhow::ensure!(
+        !args.out.exists() || std::fs::read_dir(&args.out).map(|mut d| d.next().is_none()).unwrap_or(false),
+        "{}: exists and is not an empty directory; give --out a new directory (nothing is overwritten)",
+        args.out.display()
+    );
+    if let Some(c) = &args.checkpoint {
+        anyhow::ensure!(
+            !c.exists() || args.resume.as_ref() == Some(c),
+            "{}: exists; pass `--resume {}` to go on from it, or another --checkpoint path",
+            c.display(),
+            c.display()
+        );
+        anyhow::ensure!(!checkpoint::partial(c).exists(), "{}: exists (another run writing?)", checkpoint::partial(c).display());
+    }
+    let world = corpus::World::new(args.seed, r.people);
+    let train_lines = r.lines(&world, args.seed.wrapping_add(1), r.train_lines);
+    let valid_lines = r.lines(&world, args.seed.wrapping_add(2), r.valid_lines);
 
     // Tokenizer, trained on the training text only.
     let tmp = tempfile::tempdir()?;
     let refs: Vec<&str> = train_lines.iter().map(String::as_str).collect();
-    ouro_quant::synth::train_tokenizer(tmp.path(), VOCAB_TARGET, &refs)?;
+    ouro_quant::synth::train_tokenizer(tmp.path(), r.vocab_target, &refs)?;
+    let tokenizer_sum = ouro_quant::output::checksum(&std::fs::read(tmp.path().join("tokenizer.json"))?);
     let tok = tokenizers::Tokenizer::from_file(tmp.path().join("tokenizer.json")).map_err(anyhow::Error::msg)?;
     let vocab = tok.get_vocab_size(true);
     let train_text = train_lines.join("\n") + "\n";
     let ids: Vec<u32> = tok.encode(train_text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
-    eprintln!("corpus: {} training lines, {} tokens, vocab {vocab}", train_lines.len(), ids.len());
+    eprintln!("corpus: {} training lines, {} tokens, vocab {vocab} ({:.0} s)", train_lines.len(), ids.len(), started.elapsed().as_secs_f64());
 
     let d = model::Dims {
         vocab,
-        hidden: HIDDEN,
-        inter: INTER,
-        layers: LAYERS,
-        heads: HEADS,
-        kv_heads: KV_HEADS,
+        hidden: r.hidden,
+        inter: r.inter,
+        layers: r.layers,
+        heads: r.heads,
+        kv_heads: r.kv_heads,
         loops: LOOPS,
         eps: 1e-6,
         theta: 10000.0,
     };
     let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-    let m = model::Model::new(d, &vb)?;
+    let m = model::Model::new(d, &vm, args.seed.wrapping_add(7))?;
     let n_params: usize = model::named(&m).iter().map(|(_, t)| t.elem_count()).sum();
     eprintln!("model: {n_params} parameters");
     let aux = model::aux(&d, args.seq, &dev)?;
+    let vars: BTreeMap<String, Var> = vm.data().lock().expect("varmap").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
 
     // Deterministic batches: random windows of the token stream.
-    let mut rng = corpus::Rng::new(args.seed.wrapping_add(3));
     let batch = |rng: &mut corpus::Rng| -> candle_core::Result<(Tensor, Tensor)> {
         let mut x = Vec::with_capacity(args.batch * args.seq);
         let mut y = Vec::with_capacity(args.batch * args.seq);
@@ -211,18 +484,45 @@ fn main() -> anyhow::Result<()> {
     };
 
     // Stage 1: everything, expected CE under the exit distribution + beta * KL(p || uniform).
-    let params = ParamsAdamW { lr: args.lr, weight_decay: 0.01, ..Default::default() };
-    let mut opt = AdamW::new(vm.all_vars(), params)?;
-    let log_t = (LOOPS as f64).ln();
-    let mut vm = vm;
+    let mut opt = optim::AdamW::new(&vars, args.lr, 0.01)?;
+    let fingerprint = args.fingerprint(tokenizer_sum);
+    let monitor = Monitor::new(&tok, &(valid_lines.join("\n") + "\n"), 64, args.seq, &dev)?;
+    let mut rng = corpus::Rng::new(args.seed.wrapping_add(3));
+    let mut first_step = 0;
     let stage1_steps = if let Some(p) = &args.load_stage1 {
-        vm.load(p)?;
+        vm.clone().load(p)?;
         eprintln!("stage 1 weights loaded from {}", p.display());
         0
     } else {
         args.steps
     };
-    for step in 0..stage1_steps {
+    if let Some(p) = &args.resume {
+        let (saved, state) = checkpoint::load(p, &fingerprint, &dev)?;
+        for (name, var) in &vars {
+            let t = saved.get(name).ok_or_else(|| anyhow::anyhow!("{}: no parameter `{name}`", p.display()))?;
+            anyhow::ensure!(t.dims() == var.dims(), "{}: `{name}` is {:?}, the model's {:?}", p.display(), t.dims(), var.dims());
+            var.set(t)?;
+        }
+        opt.restore(&saved, state.step)?;
+        rng = corpus::Rng::from_state(state.rng);
+        first_step = state.step;
+        eprintln!("resumed from {} at step {first_step}", p.display());
+    }
+    let save_checkpoint = |opt: &optim::AdamW, next_step: usize, rng: &corpus::Rng| -> anyhow::Result<()> {
+        let Some(path) = &args.checkpoint else { return Ok(()) };
+        let mut tensors: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        tensors.extend(opt.moments());
+        checkpoint::save(path, &tensors, &checkpoint::State { step: next_step, rng: rng.state(), fingerprint: fingerprint.clone() })
+    };
+    for step in first_step..stage1_steps {
+        if args.minutes.is_some_and(|mins| started.elapsed().as_secs_f64() >= mins * 60.0) {
+            save_checkpoint(&opt, step, &rng)?;
+            match &args.checkpoint {
+                Some(c) => eprintln!("--minutes spent: stopped before step {step}; go on with the same options and `--resume {}`", c.display()),
+                None => eprintln!("--minutes spent: stopped before step {step} (no --checkpoint: nothing saved)"),
+            }
+            return Ok(());
+        }
         let warm = 100.min(args.steps / 10).max(1);
         let lr = if step < warm {
             args.lr * (step + 1) as f64 / warm as f64
@@ -230,35 +530,69 @@ fn main() -> anyhow::Result<()> {
             let p = (step - warm) as f64 / (args.steps - warm).max(1) as f64;
             args.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
         };
-        opt.set_learning_rate(lr);
+        opt.lr = lr;
         let beta = args.beta_start + (args.beta - args.beta_start) * step as f64 / (args.steps.max(2) - 1) as f64;
         let (x, y) = batch(&mut rng)?;
-        let (states, gates) = m.forward(&x, &aux)?;
-        let pdf = model::exit_pdf(&gates)?;
-        let mut expected = None;
-        let mut neg_entropy = None;
-        let mut per_loop = vec![];
-        for (t, h) in states.iter().enumerate() {
-            let ce = model::cross_entropy(&m.logits(h)?, &y)?;
-            per_loop.push(ce.mean_all()?.to_scalar::<f32>()?);
-            let e = pdf[t].mul(&ce)?;
-            let n = pdf[t].mul(&(pdf[t].clone() + 1e-9)?.log()?)?;
-            expected = Some(match expected { None => e, Some(a) => (a + e)? });
-            neg_entropy = Some(match neg_entropy { None => n, Some(a) => (a + n)? });
+        // The batch in `shards` equal parts, each forward and backward on its own thread, the
+        // gradients summed in shard order (deterministic whatever the machine).
+        let parts: Vec<(Tensor, Tensor)> = if args.shards == 1 {
+            vec![(x, y)]
+        } else {
+            let n = args.batch / args.shards;
+            (0..args.shards).map(|i| Ok((x.narrow(0, i * n, n)?, y.narrow(0, i * n, n)?))).collect::<candle_core::Result<_>>()?
+        };
+        let results: Vec<anyhow::Result<(candle_core::backprop::GradStore, Stage1Stats)>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|(x, y)| sc.spawn(|| -> anyhow::Result<_> {
+                    let (loss, stats) = stage1_loss(&m, x, y, &aux, beta, args.shards)?;
+                    Ok((loss.backward()?, stats))
+                }))
+                .collect();
+            handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a shard's thread panicked"))?).collect()
+        });
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut stats: Vec<Stage1Stats> = vec![];
+        for r in results {
+            let (g, st) = r?;
+            stats.push(st);
+            grads = Some(match grads {
+                None => g,
+                Some(mut acc) => {
+                    for var in vars.values() {
+                        if let Some(b) = g.get(var) {
+                            let sum = match acc.get(var) { Some(a) => (a + b)?, None => b.clone() };
+                            acc.insert(var, sum);
+                        }
+                    }
+                    acc
+                }
+            });
         }
-        let kl = (neg_entropy.expect("loops").mean_all()? + log_t)?;
-        let loss = (expected.expect("loops").mean_all()? + (kl.clone() * beta)?)?;
-        opt.backward_step(&loss)?;
+        opt.step(&grads.expect("one shard at least"))?;
         if step % 50 == 0 || step + 1 == args.steps {
-            let mean_p: Vec<f32> = pdf.iter().map(|p| p.mean_all().and_then(|v| v.to_scalar::<f32>()).unwrap_or(f32::NAN)).collect();
+            let avg = |f: &dyn Fn(&Stage1Stats) -> Vec<f32>| -> Vec<f32> {
+                let n = stats.len() as f32;
+                (0..f(&stats[0]).len()).map(|i| (stats.iter().map(|s| f(s)[i]).sum::<f32>() / n * 1000.0).round() / 1000.0).collect()
+            };
             eprintln!(
                 "step {step:5} lr {lr:.2e} beta {beta:.2} loss {:.4} CE per loop {:?} mean p {:?} KL {:.3} ({:.0} s)",
-                loss.to_scalar::<f32>()?,
-                per_loop.iter().map(|v| (v * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
-                mean_p.iter().map(|v| (v * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
-                kl.to_scalar::<f32>()?,
+                stats.iter().map(|s| s.loss).sum::<f32>(),
+                avg(&|s| s.per_loop.clone()),
+                avg(&|s| s.mean_p.clone()),
+                stats.iter().map(|s| s.kl).sum::<f32>() / stats.len() as f32,
                 started.elapsed().as_secs_f64()
             );
+        }
+        if args.monitor_every > 0 && ((step + 1) % args.monitor_every == 0 || step + 1 == stage1_steps) {
+            for (g, (count, ppl)) in monitor.run(&m, &aux)? {
+                let what = if g == 0 { "other answers".to_string() } else { format!("chain answers, {g} steps") };
+                let ppl: Vec<f64> = ppl.iter().map(|v| (v * 1000.0).round() / 1000.0).collect();
+                eprintln!("  held-out after step {step}: {what} ({count} tokens): ppl per loop {ppl:?}");
+            }
+        }
+        if (step + 1) % args.checkpoint_every == 0 || step + 1 == stage1_steps {
+            save_checkpoint(&opt, step + 1, &rng)?;
         }
     }
 
@@ -268,13 +602,12 @@ fn main() -> anyhow::Result<()> {
 
     // Stage 2: the gate alone, on frozen states. Target at loop t < T-1: exit (1) when loop t+1
     // lowers the token's CE by less than gamma.
-    let gate_vars: Vec<Var> = {
-        let data = vm.data().lock().expect("varmap");
-        ["model.early_exit_gate.weight", "model.early_exit_gate.bias"].iter().map(|k| data[*k].clone()).collect()
-    };
+    let gate_vars: BTreeMap<String, Var> =
+        vars.iter().filter(|(k, _)| k.starts_with("model.early_exit_gate.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    anyhow::ensure!(gate_vars.len() == 2, "gate parameters not found");
     // Stage 2 draws its own batches, so that `--load-stage1` reproduces a full run exactly.
     let mut rng = corpus::Rng::new(args.seed.wrapping_add(4));
-    let mut gopt = AdamW::new(gate_vars, ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() })?;
+    let mut gopt = optim::AdamW::new(&gate_vars, 1e-2, 0.0)?;
     for step in 0..args.gate_steps {
         let (x, y) = batch(&mut rng)?;
         let (states, _) = m.forward(&x, &aux)?;
@@ -321,21 +654,21 @@ fn main() -> anyhow::Result<()> {
         w.write(&v.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect::<Vec<u8>>())?;
     }
     w.finish()?;
-    let mut cfg = ouro_quant::synth::preset_config(ouro_quant::synth::Preset::Tiny, Some(LAYERS));
+    let mut cfg = ouro_quant::synth::preset_config(ouro_quant::synth::Preset::Tiny, Some(r.layers));
     let c = cfg.as_object_mut().expect("object");
     for (k, v) in [
         ("vocab_size", serde_json::json!(vocab)),
-        ("hidden_size", serde_json::json!(HIDDEN)),
-        ("intermediate_size", serde_json::json!(INTER)),
-        ("num_attention_heads", serde_json::json!(HEADS)),
-        ("num_key_value_heads", serde_json::json!(KV_HEADS)),
-        ("head_dim", serde_json::json!(HIDDEN / HEADS)),
+        ("hidden_size", serde_json::json!(r.hidden)),
+        ("intermediate_size", serde_json::json!(r.inter)),
+        ("num_attention_heads", serde_json::json!(r.heads)),
+        ("num_key_value_heads", serde_json::json!(r.kv_heads)),
+        ("head_dim", serde_json::json!(r.hidden / r.heads)),
         ("total_ut_steps", serde_json::json!(LOOPS)),
         ("rope_theta", serde_json::json!(10000.0)),
         ("max_position_embeddings", serde_json::json!(2048)),
         ("eos_token_id", serde_json::json!(2)),
         ("bos_token_id", serde_json::json!(1)),
-        ("_name_or_path", serde_json::json!("ouro-tiny-trained")),
+        ("_name_or_path", serde_json::json!(r.name)),
     ] {
         c.insert(k.to_string(), v);
     }

@@ -5,8 +5,9 @@
 //! `softmax_last_dim` silently drop gradients, so RMSNorm, softmax, log-softmax, sigmoid and SiLU
 //! are composed from elementary ops here.
 
-use candle_core::{DType, Device, Result, Tensor, D};
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_nn::VarMap;
+use ouro_quant::corpus::Rng;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Dims {
@@ -75,14 +76,36 @@ pub fn named(m: &Model) -> Vec<(String, &Tensor)> {
     v
 }
 
+/// `n` draws of a normal distribution (Box-Muller on the corpus's seeded generator): candle's CPU
+/// random numbers cannot be seeded, and a fixture must come out the same from the same command.
+fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
+    let unit = |rng: &mut Rng| (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (1.0 - unit(rng), unit(rng));
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
 impl Model {
-    /// Parameters from `vb` (a VarMap-backed builder for training).
-    pub fn new(d: Dims, vb: &VarBuilder) -> Result<Model> {
+    /// Fresh parameters, drawn from `seed`, registered in `vm` under their HF names.
+    pub fn new(d: Dims, vm: &VarMap, seed: u64) -> Result<Model> {
         let hd = d.head_dim();
-        let w = |name: &str, shape: (usize, usize), std: f64| vb.get_with_hints(shape, name, Init::Randn { mean: 0.0, stdev: std });
-        let ones = |name: &str| vb.get_with_hints(d.hidden, name, Init::Const(1.0));
+        let mut rng = Rng::new(seed);
+        let put = |name: &str, t: Tensor| -> Result<Tensor> {
+            let v = Var::from_tensor(&t)?;
+            let out = v.as_tensor().clone();
+            vm.data().lock().expect("varmap").insert(name.to_string(), v);
+            Ok(out)
+        };
+        let mut w = |name: &str, shape: (usize, usize), std: f64| {
+            put(name, Tensor::from_vec(normal(&mut rng, shape.0 * shape.1, std), shape, &Device::Cpu)?)
+        };
+        let ones = |name: &str| put(name, Tensor::ones(d.hidden, DType::F32, &Device::Cpu)?);
         // GPT-2 style: residual outputs scaled down by the number of residual additions.
         let out_std = 0.02 / ((2 * d.layers * d.loops) as f64).sqrt();
+        let embed = w("model.embed_tokens.weight", (d.vocab, d.hidden), 0.02)?;
         let mut layers = vec![];
         for i in 0..d.layers {
             let p = format!("model.layers.{i}");
@@ -100,14 +123,16 @@ impl Model {
                 n_post2: ones(&format!("{p}.post_attention_layernorm_2.weight"))?,
             });
         }
+        let gate_w = w("model.early_exit_gate.weight", (1, d.hidden), 0.02)?;
+        let lm_head = w("lm_head.weight", (d.vocab, d.hidden), 0.02)?;
         Ok(Model {
             d,
-            embed: w("model.embed_tokens.weight", (d.vocab, d.hidden), 0.02)?,
+            embed,
             layers,
             norm: ones("model.norm.weight")?,
-            gate_w: w("model.early_exit_gate.weight", (1, d.hidden), 0.02)?,
-            gate_b: vb.get_with_hints(1, "model.early_exit_gate.bias", Init::Const(0.0))?,
-            lm_head: w("lm_head.weight", (d.vocab, d.hidden), 0.02)?,
+            gate_w,
+            gate_b: put("model.early_exit_gate.bias", Tensor::zeros(1, DType::F32, &Device::Cpu)?)?,
+            lm_head,
         })
     }
 }

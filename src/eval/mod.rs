@@ -196,16 +196,77 @@ pub struct CorpusReport {
     pub recall_answers: KindReport,
     /// Answer tokens of manipulation lines.
     pub manipulation_answers: KindReport,
+    /// Answer tokens of pointer chains (`corpus::chain_line`), by the steps they need (empty
+    /// when the text has none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain_answers: Vec<StepsReport>,
+    /// Answer tokens of pointer chains of two or more steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_step_answers: Option<KindReport>,
+    /// The CDF threshold (of 0.05, 0.10, ..., 0.95, 0.99) that runs the fewest loops while the
+    /// perplexity stays within 1% of all loops' (the last loop's), and what it costs.
+    pub adaptive_exit: AdaptiveExit,
+}
+
+/// [`KindReport`] of the answers that need a given number of steps.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepsReport {
+    pub steps: usize,
+    #[serde(flatten)]
+    pub report: KindReport,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdaptiveExit {
+    pub q: f32,
+    pub ppl: f64,
+    /// Perplexity of the last loop, the reference.
+    pub ppl_all_loops: f64,
+    /// Mean loops run per token (1 to T), and as a share of T.
+    pub mean_loops: f64,
+    pub share_of_loops: f64,
+}
+
+impl TextEval {
+    /// The threshold of a grid that runs the fewest loops at most `tolerance` (relative) above the
+    /// last loop's perplexity; the last loop itself (q = 1) when none does.
+    pub fn adaptive_exit(&self, tolerance: f64) -> AdaptiveExit {
+        let all = perplexity(&self.nll_loop(self.loops - 1, None)).0;
+        let grid = (1..=19).map(|i| i as f32 * 0.05).chain([0.99, 1.0]);
+        let mut best = AdaptiveExit { q: 1.0, ppl: all, ppl_all_loops: all, mean_loops: self.loops as f64, share_of_loops: 1.0 };
+        for q in grid {
+            let ppl = perplexity(&self.nll_threshold(q, None)).0;
+            let loops = self.mean_exit_loop(q, None);
+            if ppl <= all * (1.0 + tolerance) && loops < best.mean_loops {
+                best = AdaptiveExit { q, ppl, ppl_all_loops: all, mean_loops: loops, share_of_loops: loops / self.loops as f64 };
+            }
+        }
+        best
+    }
 }
 
 /// Evaluates `model` on `text` (lines of the project's corpus) with chunks of `ctx` tokens.
 pub fn corpus_report(model: &OuroModel, tok: &tokenizers::Tokenizer, text: &str, ctx: usize) -> anyhow::Result<CorpusReport> {
-    use crate::corpus::{token_kinds, Kind};
+    use crate::corpus::{token_chain_steps, token_kinds, Kind};
     let enc = tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
     let ids = enc.get_ids().to_vec();
     let kinds = token_kinds(text, enc.get_offsets());
+    let steps = token_chain_steps(text, enc.get_offsets());
     let ev = evaluate(model, &ids, ctx, None, &mut |_, _| {})?;
     let select = |k: Kind| -> Vec<bool> { ev.positions.iter().map(|&p| kinds[p] == (k, true)).collect() };
+    let report_of = |s: Vec<bool>| KindReport {
+        tokens: s.iter().filter(|&&b| b).count(),
+        ppl_per_loop: (0..ev.loops).map(|t| perplexity(&ev.nll_loop(t, Some(&s))).0).collect(),
+        mean_exit_loop_q05: ev.mean_exit_loop(0.5, Some(&s)),
+    };
+    let chain_answer = |p: usize| if kinds[p].1 { steps[p] } else { None };
+    let levels: std::collections::BTreeSet<usize> = ev.positions.iter().filter_map(|&p| chain_answer(p)).collect();
+    let chain_answers = levels
+        .iter()
+        .map(|&n| StepsReport { steps: n, report: report_of(ev.positions.iter().map(|&p| chain_answer(p) == Some(n)).collect()) })
+        .collect();
+    let multi: Vec<bool> = ev.positions.iter().map(|&p| chain_answer(p).is_some_and(|n| n >= 2)).collect();
+    let multi_step_answers = multi.iter().any(|&b| b).then(|| report_of(multi));
     let kind_report = |k: Kind| {
         let s = select(k);
         KindReport {
@@ -225,6 +286,9 @@ pub fn corpus_report(model: &OuroModel, tok: &tokenizers::Tokenizer, text: &str,
         exit_fractions_q05: hist.iter().map(|&c| c as f64 / ev.len() as f64).collect(),
         recall_answers: kind_report(Kind::Recall),
         manipulation_answers: kind_report(Kind::Manipulation),
+        chain_answers,
+        multi_step_answers,
+        adaptive_exit: ev.adaptive_exit(0.01),
     })
 }
 
@@ -237,6 +301,20 @@ mod tests {
         assert_eq!(chunks(10, 4, None), vec![(0, 4), (4, 4)]);
         assert_eq!(chunks(10, 4, Some(1)), vec![(0, 4)]);
         assert!(chunks(3, 4, None).is_empty());
+    }
+
+    /// Two loops, two tokens: one sure at loop 1 and as good there as at loop 2, one that needs
+    /// loop 2 (loop 1's NLL 3 against 1) and whose gate gives loop 1 only 0.27.
+    #[test]
+    fn adaptive_exit_by_hand() {
+        let ev = TextEval { loops: 2, positions: vec![1, 2], nll: vec![vec![1.0, 3.0], vec![1.0, 1.0]], pdf: vec![vec![0.8, 0.2], vec![0.27, 0.73]] };
+        let a = ev.adaptive_exit(0.01);
+        // q <= 0.27 sends both out at loop 1 (ppl e^2: refused); 0.3 keeps the second to loop 2
+        assert_eq!((a.q, a.mean_loops, a.share_of_loops), (0.3f32 * 1.0, 1.5, 0.75), "{a:?}");
+        assert!((a.ppl - 1f64.exp()).abs() < 1e-6 && (a.ppl_all_loops - 1f64.exp()).abs() < 1e-6, "{a:?}");
+        // a model whose first loop is worse for every token: no saving within 1%
+        let ev = TextEval { nll: vec![vec![2.0, 3.0], vec![1.0, 1.0]], ..ev };
+        assert_eq!(ev.adaptive_exit(0.01).mean_loops, 2.0);
     }
 
     #[test]
