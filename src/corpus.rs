@@ -285,6 +285,22 @@ pub fn answer_spans(line: &str) -> Vec<(usize, usize)> {
     classify(line).1.map(|a| vec![(a, line.len())]).unwrap_or_default()
 }
 
+/// Pointer-chain items for answer-level validation: `per_steps` for each step count from 1 to
+/// [`CHAIN_MAX_STEPS`], drawn from `seed`, as (prompt, answer, steps): the prompt is the line cut
+/// just before its first answer (`... 3 steps from 47 =`), the answer the number that follows.
+pub fn chain_task_items(seed: u64, per_steps: usize) -> Vec<(String, usize, usize)> {
+    let mut rng = Rng::new(seed);
+    let mut out = vec![];
+    for steps in 1..=CHAIN_MAX_STEPS {
+        for _ in 0..per_steps {
+            let l = chain_line(&mut rng, steps);
+            let (a, b) = answer_spans(&l)[0];
+            out.push((l[..a].trim_end().to_string(), l[a..b].parse().expect("a number"), steps));
+        }
+    }
+    out
+}
+
 /// For each token of `text` (given by its byte span `(start, end)`), the kind of the line it lies in
 /// and whether it lies in one of that line's answers ([`answer_spans`]).
 pub fn token_kinds(text: &str, spans: &[(usize, usize)]) -> Vec<(Kind, bool)> {
@@ -405,6 +421,23 @@ mod tests {
             }
         }
         assert_eq!(chain_steps("Q: Where was Ba Ko born? A: Lima."), None);
+        // task items: the prompt ends at the first ` =`, the answer follows the links by hand
+        let items = chain_task_items(4, 3);
+        assert_eq!(items.len(), 3 * CHAIN_MAX_STEPS);
+        for (prompt, answer, steps) in &items {
+            assert!(prompt.ends_with(" =") && chain_steps(prompt) == Some(*steps), "{prompt}");
+            let body = prompt.strip_prefix(CHAIN_OPENING).unwrap();
+            let (links, q) = body.split_once(". ").unwrap();
+            let next: std::collections::BTreeMap<usize, usize> = links
+                .split(", ")
+                .map(|p| p.split_once(' ').map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap())).unwrap())
+                .collect();
+            let mut at: usize = q.trim_end_matches(" =").rsplit(' ').next().unwrap().parse().unwrap();
+            for _ in 0..*steps {
+                at = next[&at];
+            }
+            assert_eq!(at, *answer, "{prompt}");
+        }
         assert_eq!(chain_steps("Links: 10 11, 11 12. 1 step from 10 = 11. 2 steps from 10 = 12."), Some(1));
         // tokens: the answers of every question are answer tokens, the numbers in links are not
         let text = "Links: 10 11, 11 12. 1 step from 10 = 11. 1 step from 11 = 12.\n";

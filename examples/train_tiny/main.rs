@@ -362,15 +362,25 @@ fn check_against_runner(m: &model::Model, tokens: &[u32], dev: &Device) -> anyho
     Ok(worst)
 }
 
-/// `--tasks FILE [--seed S]`: the task file of answer-level validation (`validate --tasks`), 30
-/// items of each question kind drawn from seed S + 5 (training used S + 1, validation S + 2).
-fn write_tasks(path: &std::path::Path, seed: u64) -> anyhow::Result<()> {
+/// `--tasks FILE [--seed S] [--preset P]`: the task file of answer-level validation (`validate
+/// --tasks`), drawn from seed S + 5 (training used S + 1, validation S + 2): 30 items of each
+/// question kind of the first corpus (tiny), or 20 of each and 20 pointer chains of each step
+/// count from 1 to 6 (deep; kind `chain-N`, the answer a regular expression for the number).
+fn write_tasks(path: &std::path::Path, args: &Args) -> anyhow::Result<()> {
     use std::io::Write;
-    let world = corpus::World::new(seed, TINY.people);
+    let seed = args.seed;
+    let world = corpus::World::new(seed, args.recipe.people);
     let mut f = std::fs::File::create_new(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    for (prompt, answer, kind) in corpus::task_items(&world, seed.wrapping_add(5), 30) {
+    let per_kind = if args.recipe.chain_share.is_some() { 20 } else { 30 };
+    for (prompt, answer, kind) in corpus::task_items(&world, seed.wrapping_add(5), per_kind) {
         let item = serde_json::json!({"prompt": prompt, "answer": answer, "kind": kind, "max_tokens": 8});
         writeln!(f, "{item}")?;
+    }
+    if args.recipe.chain_share.is_some() {
+        for (prompt, answer, steps) in corpus::chain_task_items(seed.wrapping_add(5), 20) {
+            let item = serde_json::json!({"prompt": prompt, "answer": format!("^ ?{answer}\\b"), "match": "regex", "kind": format!("chain-{steps}"), "max_tokens": 2});
+            writeln!(f, "{item}")?;
+        }
     }
     Ok(())
 }
@@ -406,7 +416,7 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(i) = std::env::args().position(|a| a == "--tasks") {
         let path = std::env::args().nth(i + 1).ok_or_else(|| anyhow::anyhow!("--tasks FILE"))?;
-        return write_tasks(std::path::Path::new(&path), parse_args().seed);
+        return write_tasks(std::path::Path::new(&path), &parse_args());
     }
     if let Some(i) = std::env::args().position(|a| a == "--report") {
         let dir = std::env::args().nth(i + 1).ok_or_else(|| anyhow::anyhow!("--report DIR"))?;
