@@ -132,15 +132,22 @@ impl AffineMatrix {
                 });
             } else {
                 let on_pool = self.rows * self.cols >= SERIAL_BELOW;
-                self.matvecs(xs, &mut out, &|tasks, task| run_tasks(tasks, task, on_pool));
+                self.matvecs(xs, &mut out, &|tasks, task| run_tasks(tasks, task, on_pool), self.takes_int8());
             }
         })?;
         Tensor::from_vec(out, (n, self.rows), x.device())
     }
 
+    /// Whether decode multiplies this matrix on the 4-bit integer path: 4-bit rows of whole 64s,
+    /// when [`int8_activations`] asks for it.
+    pub fn takes_int8(&self) -> bool {
+        self.bits == 4 && self.cols.is_multiple_of(64) && int8_activations()
+    }
+
     /// `out[i * rows + r] = dot(W[r], x_i)` for the activation rows `x_i` of `xs`, the weight rows
-    /// in tasks of [`ROWS_PER_TASK`] run by `run`.
-    fn matvecs(&self, xs: &[f32], out: &mut [f32], run: &Runner<'_>) {
+    /// in tasks of [`ROWS_PER_TASK`] run by `run`; with `int8`, 4-bit rows of whole 64s take the
+    /// integer path.
+    fn matvecs(&self, xs: &[f32], out: &mut [f32], run: &Runner<'_>, int8: bool) {
         let (rows, cols, g) = (self.rows, self.cols, self.group);
         let n = xs.len() / cols;
         assert_eq!(xs.len(), n * cols);
@@ -149,6 +156,9 @@ impl AffineMatrix {
         // the group sums of each activation row, in order
         let sums: Vec<Vec<f32>> = acts.iter().map(|x| x.chunks_exact(g).map(|c| c.iter().sum()).collect()).collect();
         let dot = kernel();
+        let int4 = int8 && self.bits == 4 && cols.is_multiple_of(64);
+        let quantized: Vec<Option<QActs>> = acts.iter().map(|x| if int4 { QActs::new(x) } else { None }).collect();
+        let dot_q4 = kernel_q4();
         let wpr = self.words_per_row();
         let dst = &SharedOut::new(out);
         let task = |t: usize| {
@@ -160,14 +170,88 @@ impl AffineMatrix {
                 self.scales.row_into(r, &mut sc);
                 self.biases.row_into(r, &mut bi);
                 let row = Row { words: &self.words[r * wpr..(r + 1) * wpr], scales: &sc, biases: &bi, bits: self.bits, group: g };
-                for (i, (x, s)) in acts.iter().zip(&sums).enumerate() {
+                for (i, ((x, s), q)) in acts.iter().zip(&sums).zip(&quantized).enumerate() {
+                    let v = match q {
+                        Some(q) => dot_q4(&row, q, s),
+                        None => dot(&row, x, s),
+                    };
                     // task `t` writes only its own rows `r0..r1` of each output row
-                    unsafe { dst.slice(i * rows + r, 1)[0] = dot(&row, x, s) };
+                    unsafe { dst.slice(i * rows + r, 1)[0] = v };
                 }
             }
         };
         run(rows.div_ceil(ROWS_PER_TASK), &task);
     }
+}
+
+/// Whether 4-bit MLX matrices multiply int8 activations ([`QActs`]) in decode:
+/// `OURO_QUANT_MLX_ACTS=int8`. Off by default: mlx multiplies the activations as they are, and what
+/// `validate`, `perplexity` and the comparisons with mlx-lm measure must be what mlx computes; the
+/// integer path moves each product by the activation rounding (as ggml's Q8_0 activations move a
+/// GGUF 4-bit product) for about twice the decode speed on x86.
+pub fn int8_activations() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("OURO_QUANT_MLX_ACTS").is_ok_and(|v| v == "int8"))
+}
+
+/// An activation row quantized for the 4-bit integer path: per 32 values a scale
+/// `d = max|x| / 127` and codes `round(x / d)` (in -127..=127; all 0 where `d` is 0).
+pub struct QActs {
+    /// The codes in the row's order.
+    q: Vec<i8>,
+    /// The codes as the AVX2 kernel reads them: per 64, the 32 at even offsets, then the 32 at odd.
+    split: Vec<i8>,
+    /// Per 64 values, the eight lanes' scales: `d` of the first 32 four times, then of the second.
+    lanes: Vec<f32>,
+}
+
+impl QActs {
+    /// `None` when `x` is not finite (the float path then carries the NaN or infinity through) or
+    /// not whole 64s.
+    pub fn new(x: &[f32]) -> Option<QActs> {
+        if !x.len().is_multiple_of(64) || !x.iter().all(|v| v.is_finite()) {
+            return None;
+        }
+        let mut q = vec![0i8; x.len()];
+        let mut d = vec![0f32; x.len() / 32];
+        for ((c, o), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(&mut d) {
+            let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            *d = amax / 127.0;
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (o, &v) in o.iter_mut().zip(c) {
+                *o = (v * id).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
+        let mut split = vec![0i8; x.len()];
+        for (s, c) in split.chunks_exact_mut(64).zip(q.chunks_exact(64)) {
+            for i in 0..32 {
+                s[i] = c[2 * i];
+                s[32 + i] = c[2 * i + 1];
+            }
+        }
+        let lanes = d.chunks_exact(2).flat_map(|p| [p[0]; 4].into_iter().chain([p[1]; 4])).collect();
+        Some(QActs { q, split, lanes })
+    }
+
+    /// The activation row the codes stand for (`d * code`), for tests.
+    #[cfg(test)]
+    fn dequantized(&self) -> Vec<f32> {
+        self.q.iter().enumerate().map(|(i, &c)| self.lanes[i / 64 * 8 + (i % 64) / 32 * 4] * c as f32).collect()
+    }
+}
+
+/// The dot product of a 4-bit row (a multiple of 64 long) with a quantized activation row and the
+/// activation row's group sums.
+type RowKernelQ4 = fn(&Row<'_>, &QActs, &[f32]) -> f32;
+
+fn kernel_q4() -> RowKernelQ4 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return |row, q, sums| unsafe { avx2::dot_q4(row, q, sums) };
+        }
+    }
+    portable::dot_q4
 }
 
 /// One weight row: its codes and its groups' scales and biases (widened).
@@ -259,12 +343,97 @@ mod portable {
         }
         acc.iter().fold(0f32, |a, &v| a + v) + acc_b
     }
+
+    /// The 4-bit integer path: in 64 weights `u`, lane `l` takes the exact integer sum of codes
+    /// `8l..8l+8` times their activation codes and adds it, as f32, times `scale_g * d_b` (g the
+    /// weight group, b the activation 32 of the chunk) with a fused multiply-add into accumulator
+    /// `u % 2` (two, so that consecutive 64s do not wait on each other); the bias terms go into
+    /// eight lanes, group `g` into lane `g % 8`. Then the two accumulators lane by lane, their
+    /// lanes in order, plus the bias lanes in order. The AVX2 kernel does exactly this.
+    pub fn dot_q4(row: &Row<'_>, a: &super::QActs, sums: &[f32]) -> f32 {
+        debug_assert_eq!(row.bits, 4);
+        let mut acc = [[0f32; 8]; 2];
+        for (u, words) in row.words.chunks_exact(8).enumerate() {
+            for (l, &w) in words.iter().enumerate() {
+                let j0 = 64 * u + 8 * l;
+                let s: i32 = (0..8).map(|k| ((w >> (4 * k)) & 15) as i32 * a.q[j0 + k] as i32).sum();
+                let f = row.scales[j0 / row.group] * a.lanes[8 * u + l];
+                acc[u % 2][l] = (s as f32).mul_add(f, acc[u % 2][l]);
+            }
+        }
+        let mut acc_b = [0f32; 8];
+        for (g, (&bi, &s)) in row.biases.iter().zip(sums).enumerate() {
+            acc_b[g % 8] = bi.mul_add(s, acc_b[g % 8]);
+        }
+        let lanes: Vec<f32> = (0..8).map(|l| acc[0][l] + acc[1][l]).collect();
+        lanes.iter().fold(0f32, |a, &v| a + v) + acc_b.iter().fold(0f32, |a, &v| a + v)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Row;
     use std::arch::x86_64::*;
+
+    /// [`super::portable::dot_q4`] with the codes as bytes: per 64 weights the low and high
+    /// nibbles of 32 bytes (the codes at even and odd offsets) times the activation codes in the
+    /// same split order (`vpmaddubsw`: at most 2 * 15 * 127 per pair, no saturation), the pairs
+    /// summed into eight 32-bit lanes, each lane one chunk of eight codes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4(row: &Row<'_>, a: &super::QActs, sums: &[f32]) -> f32 {
+        let units = row.words.len() / 8;
+        let groups = row.scales.len();
+        // (the loads below are unchecked)
+        assert!(row.bits == 4 && a.split.len() == 64 * units && a.lanes.len() == 8 * units);
+        assert!(groups * row.group == 64 * units && sums.len() == groups && row.biases.len() == groups);
+        assert!(row.group.is_power_of_two());
+        let (wp, xp, dp, sp) = (row.words.as_ptr() as *const u8, a.split.as_ptr(), a.lanes.as_ptr(), row.scales.as_ptr());
+        let (mask, ones) = (_mm256_set1_epi8(15), _mm256_set1_epi16(1));
+        let shift = row.group.trailing_zeros();
+        // one 64's lanes of integer sums (as f32) and the lanes' scale products
+        let unit = |u: usize| -> (__m256, __m256) {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH + 32 * u) as *const i8);
+            let v = _mm256_loadu_si256(wp.add(32 * u) as *const __m256i);
+            let lo = _mm256_and_si256(v, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            let xe = _mm256_loadu_si256(xp.add(64 * u) as *const __m256i);
+            let xo = _mm256_loadu_si256(xp.add(64 * u + 32) as *const __m256i);
+            let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+            let sc = if row.group >= 64 {
+                _mm256_set1_ps(*sp.add((64 * u) >> shift))
+            } else {
+                _mm256_setr_m128(_mm_set1_ps(*sp.add(2 * u)), _mm_set1_ps(*sp.add(2 * u + 1)))
+            };
+            (_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), _mm256_mul_ps(sc, _mm256_loadu_ps(dp.add(8 * u))))
+        };
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut u = 0;
+        while u + 1 < units {
+            let ((c0, f0), (c1, f1)) = (unit(u), unit(u + 1));
+            acc0 = _mm256_fmadd_ps(c0, f0, acc0);
+            acc1 = _mm256_fmadd_ps(c1, f1, acc1);
+            u += 2;
+        }
+        if u < units {
+            let (c, f) = unit(u);
+            acc0 = _mm256_fmadd_ps(c, f, acc0);
+        }
+        let mut acc_b = _mm256_setzero_ps();
+        let mut g = 0;
+        while g + 8 <= groups {
+            acc_b = _mm256_fmadd_ps(_mm256_loadu_ps(row.biases.as_ptr().add(g)), _mm256_loadu_ps(sums.as_ptr().add(g)), acc_b);
+            g += 8;
+        }
+        let mut bl = [0f32; 8];
+        _mm256_storeu_ps(bl.as_mut_ptr(), acc_b);
+        while g < groups {
+            bl[g % 8] = row.biases.get_unchecked(g).mul_add(*sums.get_unchecked(g), bl[g % 8]);
+            g += 1;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc0, acc1));
+        lanes.iter().fold(0f32, |a, &v| a + v) + bl.iter().fold(0f32, |a, &v| a + v)
+    }
 
     /// Bytes ahead of the current group whose codes are prefetched (rows are contiguous; the
     /// hardware prefetcher stops at 4 KiB page boundaries). A hint: it never changes a result.
@@ -383,10 +552,73 @@ mod tests {
         matrix_and_rows(rows, cols, bits, group, kind, seed).0
     }
 
+    /// The products on the float path.
     fn products(m: &AffineMatrix, xs: &[f32], run: &Runner<'_>) -> Vec<f32> {
+        products_on(m, xs, run, false)
+    }
+
+    fn products_on(m: &AffineMatrix, xs: &[f32], run: &Runner<'_>, int8: bool) -> Vec<f32> {
         let mut out = vec![0f32; xs.len() / m.cols * m.rows];
-        m.matvecs(xs, &mut out, run);
+        m.matvecs(xs, &mut out, run, int8);
         out
+    }
+
+    /// The activation quantization of the 4-bit path, written from its definition: per 32 values
+    /// `d = max|x| / 127`, codes `round(x / d)`, and the values `d * code` they stand for.
+    fn reference_q8(x: &[f32]) -> Vec<f32> {
+        x.chunks(32)
+            .flat_map(|c| {
+                let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                c.iter().map(move |&v| if amax == 0.0 { 0.0 } else { (v * (127.0 / amax)).round() * d })
+            })
+            .collect()
+    }
+
+    /// The most the activation rounding can move row `r`'s product with `x`: each value moves by
+    /// at most half its 32's step `d`, times `|scale * code|` (the bias terms use `x` itself).
+    fn rounding_bound(m: &AffineMatrix, r: usize, x: &[f32]) -> f64 {
+        let (mut w, b) = (vec![], bi_of(m, r));
+        m.widen_row(r, &mut w);
+        x.chunks(32)
+            .enumerate()
+            .map(|(k, c)| {
+                let d = c.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                (0..32).map(|j| ((w[32 * k + j] - b[(32 * k + j) / m.group]) as f64).abs() * d / 2.0).sum::<f64>()
+            })
+            .sum()
+    }
+
+    fn sc_of(m: &AffineMatrix, r: usize) -> Vec<f32> {
+        let mut v = vec![0f32; m.cols / m.group];
+        m.scales.row_into(r, &mut v);
+        v
+    }
+
+    fn bi_of(m: &AffineMatrix, r: usize) -> Vec<f32> {
+        let mut v = vec![0f32; m.cols / m.group];
+        m.biases.row_into(r, &mut v);
+        v
+    }
+
+    /// The quantized activations stand for the reference's values; a row with a NaN or an
+    /// infinity is not quantized (the float path carries it through: the product is not finite).
+    #[test]
+    fn activation_quantization_and_non_finite_rows() {
+        let mut x = lcg(21, 256);
+        x[40] = 0.0;
+        x[64..96].iter_mut().for_each(|v| *v = 0.0); // an all-zero 32
+        let q = QActs::new(&x).unwrap();
+        assert_eq!(q.dequantized(), reference_q8(&x));
+        assert!(q.q.iter().all(|&c| (-127..=127).contains(&c)) && q.q.iter().any(|&c| c.abs() == 127));
+        assert!(QActs::new(&x[..96]).is_none(), "not whole 64s");
+        let m = matrix(8, 256, 4, 64, FloatKind::Bf16, 3);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut y = x.clone();
+            y[100] = bad;
+            assert!(QActs::new(&y).is_none());
+            assert!(products_on(&m, &y, &serial, true).iter().all(|v| !v.is_finite()), "{bad}");
+        }
     }
 
     fn serial(tasks: usize, task: &(dyn Fn(usize) + Sync)) {
@@ -395,17 +627,19 @@ mod tests {
 
     /// Every bit width and group size, parameters in each float type: widened rows are MLX's
     /// dequantized rows exactly, and the products equal f64 dot products of them to float
-    /// rounding; on the pool and in reverse task order they are the same bits; several activation
-    /// rows at once give the bits of one at a time.
+    /// rounding (4-bit rows on the integer path: of them and the activations as quantized); on
+    /// the pool and in reverse task order they are the same bits; several activation rows at once
+    /// give the bits of one at a time.
     #[test]
     fn products_match_the_widened_weights() {
-        for &bits in &crate::mlx::affine::BITS {
+        for (bits, int8) in crate::mlx::affine::BITS.iter().map(|&b| (b, false)).chain([(4, true)]) {
             for &group in &crate::mlx::affine::GROUP_SIZES {
                 let kind = [FloatKind::Bf16, FloatKind::F16, FloatKind::F32][(bits as usize + group / 32) % 3];
                 let (rows, cols) = (70, 2 * group + 128);
                 let (m, widened) = matrix_and_rows(rows, cols, bits, group, kind, bits as u64 * 1000 + group as u64);
                 let n = 6;
                 let xs = lcg(7 + bits as u64, n * cols);
+                let products = |m: &AffineMatrix, xs: &[f32], run: &Runner<'_>| products_on(m, xs, run, int8);
                 let got = products(&m, &xs, &serial);
                 for r in 0..rows {
                     // the embedding's and prefill's widened rows are MLX's dequantized rows
@@ -414,10 +648,22 @@ mod tests {
                     assert_eq!(w, widened[r], "bits {bits} group {group} row {r}");
                     for i in 0..n {
                         let x = &xs[i * cols..(i + 1) * cols];
-                        let exact: f64 = w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        // 4-bit rows multiply the activations as quantized per 32 (the integer
+                        // path): against those, float rounding only; against the activations
+                        // themselves, the activation rounding (bounded loosely here)
+                        let q = int8.then(|| reference_q8(x));
+                        let xq = q.as_deref().unwrap_or(x);
+                        let b = &bi_of(&m, r);
+                        // the bias terms use the exact sums of x: w = s * c + b, so dot = sum s c x' + sum b x
+                        let exact: f64 = (0..cols)
+                            .map(|j| ((w[j] - b[j / group]) as f64) * xq[j] as f64 + b[j / group] as f64 * x[j] as f64)
+                            .sum();
                         let mag: f64 = w.iter().zip(x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
                         let err = (got[i * rows + r] as f64 - exact).abs();
                         assert!(err <= 1e-5 * mag + 1e-6, "bits {bits} group {group} row {r} act {i}: {} vs {exact}", got[i * rows + r]);
+                        let float: f64 = w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let bound = if int8 { rounding_bound(&m, r, x) } else { 0.0 };
+                        assert!((got[i * rows + r] as f64 - float).abs() <= bound + 1e-5 * mag + 1e-6, "bits {bits} group {group}: {} vs {float}", got[i * rows + r]);
                     }
                 }
                 let pool = products(&m, &xs, &|tasks, task| crate::model::linear::parallel(tasks, task));
@@ -455,6 +701,25 @@ mod tests {
                 let b = portable::dot(&row, &x, &s);
                 assert_eq!(a.to_bits(), b.to_bits(), "bits {bits}");
             }
+            crate::test_report::note("ran: avx2 MLX 4-bit integer row kernel equals the portable one bit for bit");
+            // 6 and 7 64s (the odd one goes to the first accumulator), 3 to 14 groups (bias tails)
+            for (&group, cols) in crate::mlx::affine::GROUP_SIZES.iter().flat_map(|g| [(g, 384), (g, 448)]) {
+                if cols % group != 0 {
+                    continue;
+                }
+                let m = matrix(5, cols, 4, group, FloatKind::F16, 9 + group as u64);
+                let x = lcg(4 + group as u64, cols);
+                let q = QActs::new(&x).unwrap();
+                let s: Vec<f32> = x.chunks_exact(group).map(|c| c.iter().sum()).collect();
+                let wpr = m.words_per_row();
+                for r in 0..5 {
+                    let (sc, bi) = (sc_of(&m, r), bi_of(&m, r));
+                    let row = Row { words: &m.words[r * wpr..(r + 1) * wpr], scales: &sc, biases: &bi, bits: 4, group };
+                    let a = unsafe { avx2::dot_q4(&row, &q, &s) };
+                    let b = portable::dot_q4(&row, &q, &s);
+                    assert_eq!(a.to_bits(), b.to_bits(), "group {group} row {r}");
+                }
+            }
         }
     }
 
@@ -469,9 +734,16 @@ mod tests {
         let xs = lcg(5, n * cols);
         let x = Tensor::from_vec(xs.clone(), (n, cols), &candle_core::Device::Cpu).unwrap();
         let batched = m.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // prefill multiplies the activations as they are, as decode does by default; decode on
+        // the integer path multiplies them as quantized per 32: off by the activation rounding
         let single = products(&m, &xs, &serial);
         for (i, (a, b)) in batched.iter().zip(&single).enumerate() {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{i}: {a} vs {b}");
+        }
+        let single = products_on(&m, &xs, &serial, true);
+        for (i, (a, b)) in batched.iter().zip(&single).enumerate() {
+            let bound = rounding_bound(&m, i % rows, &xs[i / rows * cols..(i / rows + 1) * cols]) as f32;
+            assert!((a - b).abs() <= bound + 1e-4 * (1.0 + b.abs()), "{i}: {a} vs {b} (bound {bound})");
         }
     }
 

@@ -72,6 +72,7 @@ impl Linear {
             Linear::Candle(_) => "candle",
             Linear::Float(_) => "float at stored width",
             Linear::Quant(m) => m.isa.label(),
+            Linear::Affine(m) if m.takes_int8() => "MLX affine 4-bit, int8 activations (OURO_QUANT_MLX_ACTS=int8)",
             Linear::Affine(_) => "MLX affine at stored width",
             Linear::Blocks(_) => "i-quant blocks decoded per product",
         }
