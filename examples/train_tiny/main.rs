@@ -157,6 +157,23 @@ fn parse_args() -> Args {
         Some("deep") => DEEP,
         Some(p) => panic!("--preset {p}: tiny or deep"),
     };
+    // shape and corpus overrides, for experiments (they enter a checkpoint's fingerprint)
+    let mut recipe = recipe;
+    for (k, field) in [
+        ("--hidden", &mut recipe.hidden),
+        ("--inter", &mut recipe.inter),
+        ("--layers", &mut recipe.layers),
+        ("--heads", &mut recipe.heads),
+        ("--kv-heads", &mut recipe.kv_heads),
+        ("--train-lines", &mut recipe.train_lines),
+    ] {
+        if let Some(v) = get(k) {
+            *field = v.parse().unwrap_or_else(|_| panic!("{k} {v}: a whole number"));
+        }
+    }
+    if let Some(v) = get("--chain-share") {
+        recipe.chain_share = Some(v.parse().expect("--chain-share: a percentage"));
+    }
     let r = recipe;
     Args {
         recipe,
