@@ -6,7 +6,7 @@
 //! tokenizer); resuming with anything else is refused, naming what differs.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use ouro_quant::stfile::{DType as StDType, SafetensorsFile, TensorSpec, Writer};
@@ -20,10 +20,11 @@ pub struct State {
     pub fingerprint: BTreeMap<String, String>,
 }
 
-/// Writes `tensors` and `state` to `path` through a temporary file beside it, renamed into place
-/// (the previous checkpoint stays whole until the new one is).
+/// Writes `tensors` and `state` to `path` through the output module (a temporary file beside it,
+/// renamed into place: the previous checkpoint stays whole until the new one is; links,
+/// directories and devices are refused).
 pub fn save(path: &Path, tensors: &[(String, Tensor)], state: &State) -> anyhow::Result<()> {
-    let tmp = partial(path);
+    let pending = ouro_quant::output::PendingOutput::managed_file(path)?;
     let mut meta: BTreeMap<String, String> = state.fingerprint.iter().map(|(k, v)| (format!("fp.{k}"), v.clone())).collect();
     meta.insert("step".into(), state.step.to_string());
     meta.insert("rng".into(), state.rng.to_string());
@@ -31,28 +32,14 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], state: &State) -> anyhow:
         .iter()
         .map(|(n, t)| TensorSpec { name: n.clone(), dtype: StDType::F32, shape: t.dims().to_vec() })
         .collect();
-    let written = (|| -> anyhow::Result<()> {
-        let mut w = Writer::new(&tmp, specs, &meta)?;
-        for (_, t) in tensors {
-            let v = t.flatten_all()?.to_vec1::<f32>()?;
-            w.write(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
-        }
-        w.finish()?;
-        Ok(())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("writing checkpoint {}", path.display())));
+    let mut w = Writer::new(pending.path(), specs, &meta)?;
+    for (_, t) in tensors {
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        w.write(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    w.finish()?;
+    pending.commit().map_err(|e| anyhow::anyhow!("writing checkpoint {}: {e}", path.display()))?;
     Ok(())
-}
-
-/// The temporary name a checkpoint is written under.
-pub fn partial(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
 }
 
 /// Reads a checkpoint: its tensors by name and its state. Refuses one whose fingerprint differs

@@ -234,19 +234,8 @@ impl Monitor {
         let enc = tok.encode(text, false).map_err(anyhow::Error::msg)?;
         let (ids, offsets) = (enc.get_ids(), enc.get_offsets());
         let kinds = corpus::token_kinds(text, offsets);
-        let mut starts = vec![];
-        let mut at = 0;
-        for l in text.split_inclusive('\n') {
-            starts.push((at, corpus::chain_steps(l.trim_end())));
-            at += l.len();
-        }
-        let group = |i: usize| -> Option<usize> {
-            if !kinds[i].1 {
-                return None;
-            }
-            let line = starts.partition_point(|&(s, _)| s <= offsets[i].0).saturating_sub(1);
-            Some(starts[line].1.unwrap_or(0))
-        };
+        let steps = corpus::token_chain_steps(text, offsets);
+        let group = |i: usize| -> Option<usize> { kinds[i].1.then(|| steps[i].unwrap_or(0)) };
         let windows = windows.min((ids.len() - 1) / seq);
         let (mut x, mut y, mut groups) = (vec![], vec![], vec![]);
         for w in 0..windows {
@@ -451,11 +440,7 @@ fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(args.shards >= 1 && args.batch % args.shards == 0, "--batch {} does not split into --shards {}", args.batch, args.shards);
     // Every location is checked before the long work starts.
-    anyhow::ensure!(
-        !args.out.exists() || std::fs::read_dir(&args.out).map(|mut d| d.next().is_none()).unwrap_or(false),
-        "{}: exists and is not an empty directory; give --out a new directory (nothing is overwritten)",
-        args.out.display()
-    );
+    ouro_quant::output::check_target(&args.out, false, true)?;
     if let Some(c) = &args.checkpoint {
         anyhow::ensure!(
             !c.exists() || args.resume.as_ref() == Some(c),
@@ -463,7 +448,7 @@ fn main() -> anyhow::Result<()> {
             c.display(),
             c.display()
         );
-        anyhow::ensure!(!checkpoint::partial(c).exists(), "{}: exists (another run writing?)", checkpoint::partial(c).display());
+        ouro_quant::output::check_managed(c)?;
     }
     let world = corpus::World::new(args.seed, r.people);
     let train_lines = r.lines(&world, args.seed.wrapping_add(1), r.train_lines);
@@ -667,9 +652,10 @@ fn main() -> anyhow::Result<()> {
     eprintln!("trainer vs ouro-quant runner on the same f32 weights: max |diff| of logits and gate logits {diff:.2e}");
     anyhow::ensure!(diff < 1e-3, "the trainer's forward pass differs from the runner's by {diff}");
 
-    // Write the checkpoint in the HF layout, bf16.
-    let out = &args.out;
-    std::fs::create_dir_all(out)?;
+    // Write the checkpoint in the HF layout, bf16, into a temporary directory beside --out that
+    // is renamed into place when whole.
+    let pending = ouro_quant::output::PendingOutput::dir(&args.out, false)?;
+    let out = pending.path();
     let named = model::named(&m);
     let specs: Vec<TensorSpec> = named
         .iter()
@@ -704,6 +690,7 @@ fn main() -> anyhow::Result<()> {
         std::fs::copy(tmp.path().join(f), out.join(f))?;
     }
     std::fs::write(out.join("validation.txt"), valid_lines.join("\n") + "\n")?;
+    let out = pending.commit()?;
     eprintln!("wrote {} in {:.0} s", out.display(), started.elapsed().as_secs_f64());
     Ok(())
 }
