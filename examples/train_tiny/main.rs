@@ -87,6 +87,27 @@ struct Recipe {
     beta: f64,
     beta_start: f64,
     gamma: f32,
+    /// How training rows are cut from the text.
+    packing: Packing,
+    /// Stage-1 steps over which the longest chain a batch may hold rises from 1 step to
+    /// `corpus::CHAIN_MAX_STEPS` (0: all from the start). Only with `Packing::Lines`.
+    curriculum: usize,
+    /// Stage-1 steps over which the loops trained rise from 1 to `LOOPS`, a quarter each
+    /// (0: all from the start). See `active_loops`.
+    loop_curriculum: usize,
+    /// Standard deviation of the initial token embeddings.
+    embed_std: f64,
+}
+
+/// How training rows (and the held-out monitor's windows) are cut from the text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Packing {
+    /// Random windows of the token stream (the first fixture's recipe): a row may start in the
+    /// middle of a line, so an answer may arrive without what it depends on.
+    Windows,
+    /// Whole lines drawn one by one and packed into the row, the last one cut at the row's end:
+    /// every answer comes with its line's links. Lets a curriculum choose which lines are drawn.
+    Lines,
 }
 
 const LOOPS: usize = 4;
@@ -113,6 +134,10 @@ const TINY: Recipe = Recipe {
     beta: 0.1,
     beta_start: 2.0,
     gamma: 0.005,
+    packing: Packing::Windows,
+    curriculum: 0,
+    loop_curriculum: 0,
+    embed_std: 0.02,
 };
 
 /// `fixtures/ouro-deep-trained`: two physical layers (so that a pointer step costs a good part of
@@ -138,6 +163,10 @@ const DEEP: Recipe = Recipe {
     beta: 0.1,
     beta_start: 2.0,
     gamma: 0.005,
+    packing: Packing::Lines,
+    curriculum: 3000,
+    loop_curriculum: 2000,
+    embed_std: 1.0,
 };
 
 impl Recipe {
@@ -166,6 +195,8 @@ fn parse_args() -> Args {
         ("--heads", &mut recipe.heads),
         ("--kv-heads", &mut recipe.kv_heads),
         ("--train-lines", &mut recipe.train_lines),
+        ("--curriculum", &mut recipe.curriculum),
+        ("--loop-curriculum", &mut recipe.loop_curriculum),
     ] {
         if let Some(v) = get(k) {
             *field = v.parse().unwrap_or_else(|_| panic!("{k} {v}: a whole number"));
@@ -173,6 +204,15 @@ fn parse_args() -> Args {
     }
     if let Some(v) = get("--chain-share") {
         recipe.chain_share = Some(v.parse().expect("--chain-share: a percentage"));
+    }
+    if let Some(v) = get("--embed-std") {
+        recipe.embed_std = v.parse().expect("--embed-std: a number");
+    }
+    match get("--packing").as_deref() {
+        None => {}
+        Some("windows") => recipe.packing = Packing::Windows,
+        Some("lines") => recipe.packing = Packing::Lines,
+        Some(p) => panic!("--packing {p}: windows or lines"),
     }
     let r = recipe;
     Args {
@@ -230,20 +270,49 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn new(tok: &tokenizers::Tokenizer, text: &str, windows: usize, seq: usize, dev: &Device) -> anyhow::Result<Monitor> {
-        let enc = tok.encode(text, false).map_err(anyhow::Error::msg)?;
-        let (ids, offsets) = (enc.get_ids(), enc.get_offsets());
-        let kinds = corpus::token_kinds(text, offsets);
-        let steps = corpus::token_chain_steps(text, offsets);
-        let group = |i: usize| -> Option<usize> { kinds[i].1.then(|| steps[i].unwrap_or(0)) };
-        let windows = windows.min((ids.len() - 1) / seq);
-        let (mut x, mut y, mut groups) = (vec![], vec![], vec![]);
-        for w in 0..windows {
-            x.extend_from_slice(&ids[w * seq..(w + 1) * seq]);
-            y.extend_from_slice(&ids[w * seq + 1..(w + 1) * seq + 1]);
-            groups.extend((w * seq + 1..(w + 1) * seq + 1).map(group));
+    fn new(tok: &tokenizers::Tokenizer, lines: &[String], packing: Packing, windows: usize, seq: usize, dev: &Device) -> anyhow::Result<Monitor> {
+        // per token of a text: its id and its group
+        let encode = |text: &str| -> anyhow::Result<(Vec<u32>, Vec<Option<usize>>)> {
+            let enc = tok.encode(text, false).map_err(anyhow::Error::msg)?;
+            let offsets = enc.get_offsets();
+            let kinds = corpus::token_kinds(text, offsets);
+            let steps = corpus::token_chain_steps(text, offsets);
+            let groups = (0..kinds.len()).map(|i| kinds[i].1.then(|| steps[i].unwrap_or(0))).collect();
+            Ok((enc.get_ids().to_vec(), groups))
+        };
+        // rows of seq + 1 tokens: x is the first seq, y (and its groups) the last seq
+        let mut rows: Vec<(Vec<u32>, Vec<Option<usize>>)> = vec![];
+        match packing {
+            Packing::Windows => {
+                let (ids, groups) = encode(&(lines.join("\n") + "\n"))?;
+                for w in 0..windows.min((ids.len() - 1) / seq) {
+                    rows.push((ids[w * seq..(w + 1) * seq + 1].to_vec(), groups[w * seq..(w + 1) * seq + 1].to_vec()));
+                }
+            }
+            Packing::Lines => {
+                // the held-out lines in order, each row starting at a line's start
+                let mut row: (Vec<u32>, Vec<Option<usize>>) = (vec![], vec![]);
+                for line in lines {
+                    if rows.len() == windows {
+                        break;
+                    }
+                    let (ids, groups) = encode(&format!("{line}\n"))?;
+                    row.0.extend(ids);
+                    row.1.extend(groups);
+                    if row.0.len() >= seq + 1 {
+                        row.0.truncate(seq + 1);
+                        row.1.truncate(seq + 1);
+                        rows.push(std::mem::take(&mut row));
+                    }
+                }
+            }
         }
-        Ok(Monitor { x: Tensor::from_vec(x, (windows, seq), dev)?, y: Tensor::from_vec(y, (windows, seq), dev)?, groups })
+        anyhow::ensure!(!rows.is_empty(), "the held-out text is shorter than one row of {seq} tokens");
+        let n = rows.len();
+        let x: Vec<u32> = rows.iter().flat_map(|r| r.0[..seq].to_vec()).collect();
+        let y: Vec<u32> = rows.iter().flat_map(|r| r.0[1..].to_vec()).collect();
+        let groups = rows.iter().flat_map(|r| r.1[1..].to_vec()).collect();
+        Ok(Monitor { x: Tensor::from_vec(x, (n, seq), dev)?, y: Tensor::from_vec(y, (n, seq), dev)?, groups })
     }
 
     /// Per group (0: other answers, 1..: chain answers by steps), the perplexity of each loop.
@@ -276,6 +345,64 @@ impl Monitor {
     }
 }
 
+/// The longest chain (in steps) a batch of stage-1 step `step` may hold: 1 at first, rising by one
+/// every `curriculum / CHAIN_MAX_STEPS` steps to `CHAIN_MAX_STEPS` (at once when `curriculum` is 0).
+fn chain_cap(curriculum: usize, step: usize) -> usize {
+    let max = corpus::CHAIN_MAX_STEPS;
+    if curriculum == 0 {
+        return max;
+    }
+    (1 + step.saturating_mul(max) / curriculum).min(max)
+}
+
+/// The training lines tokenized one by one (each with its newline), pooled by the steps of their
+/// chain (pool 0: the other lines), for `Packing::Lines`.
+struct LinePools {
+    lines: Vec<Vec<u32>>,
+    by_steps: Vec<Vec<usize>>,
+    /// Percent of lines drawn from the chain pools.
+    chain_share: usize,
+}
+
+impl LinePools {
+    fn new(tok: &tokenizers::Tokenizer, lines: &[String], chain_share: usize) -> anyhow::Result<LinePools> {
+        let texts: Vec<String> = lines.iter().map(|l| format!("{l}\n")).collect();
+        let enc = tok.encode_batch(texts, false).map_err(anyhow::Error::msg)?;
+        let mut by_steps = vec![vec![]; corpus::CHAIN_MAX_STEPS + 1];
+        for (i, l) in lines.iter().enumerate() {
+            by_steps[corpus::chain_steps(l).unwrap_or(0)].push(i);
+        }
+        for (steps, pool) in by_steps.iter().enumerate() {
+            let wanted = if steps == 0 { chain_share < 100 } else { chain_share > 0 };
+            anyhow::ensure!(!wanted || !pool.is_empty(), "no training line for pool {steps} (chain steps; 0: other lines)");
+        }
+        Ok(LinePools { lines: enc.iter().map(|e| e.get_ids().to_vec()).collect(), by_steps, chain_share })
+    }
+
+    /// One row of `len` tokens: whole lines drawn until it is full (the last one cut), a chain with
+    /// probability `chain_share` / 100 (its steps uniform in 1..=cap), else another line.
+    fn row(&self, rng: &mut corpus::Rng, len: usize, cap: usize) -> Vec<u32> {
+        let mut row = Vec::with_capacity(len + 64);
+        while row.len() < len {
+            let steps = if rng.below(100) < self.chain_share { 1 + rng.below(cap) } else { 0 };
+            let pool = &self.by_steps[steps];
+            row.extend_from_slice(&self.lines[pool[rng.below(pool.len())]]);
+        }
+        row.truncate(len);
+        row
+    }
+}
+
+/// The loops stage-1 step `step` runs (and trains): 1 at first, one more every
+/// `loop_curriculum / LOOPS` steps, all of them from `3 / 4` of `loop_curriculum` on (at once when
+/// it is 0).
+fn active_loops(loop_curriculum: usize, step: usize) -> usize {
+    if loop_curriculum == 0 {
+        return LOOPS;
+    }
+    (1 + step.saturating_mul(LOOPS) / loop_curriculum).min(LOOPS)
+}
+
 /// What a stage-1 step prints, for one shard of the batch.
 struct Stage1Stats {
     /// The shard's share of the loss (its loss over the number of shards).
@@ -287,10 +414,10 @@ struct Stage1Stats {
 
 /// Stage 1's objective on one shard of a batch, divided by the number of shards (so that the
 /// shards' gradients add up to the whole batch's): the expected cross-entropy under the exit
-/// distribution plus beta times KL(exit distribution || uniform).
-fn stage1_loss(m: &model::Model, x: &Tensor, y: &Tensor, aux: &model::Aux, beta: f64, shards: usize) -> anyhow::Result<(Tensor, Stage1Stats)> {
-    let log_t = (LOOPS as f64).ln();
-    let (states, gates) = m.forward(x, aux)?;
+/// distribution plus beta times KL(exit distribution || uniform), over the first `loops` loops.
+fn stage1_loss(m: &model::Model, x: &Tensor, y: &Tensor, aux: &model::Aux, beta: f64, shards: usize, loops: usize) -> anyhow::Result<(Tensor, Stage1Stats)> {
+    let log_t = (loops as f64).ln();
+    let (states, gates) = m.forward_loops(x, aux, loops)?;
     let pdf = model::exit_pdf(&gates)?;
     let mut expected = None;
     let mut neg_entropy = None;
@@ -477,20 +604,27 @@ fn main() -> anyhow::Result<()> {
         theta: 10000.0,
     };
     let vm = VarMap::new();
-    let m = model::Model::new(d, &vm, args.seed.wrapping_add(7))?;
+    let m = model::Model::new(d, &vm, args.seed.wrapping_add(7), r.embed_std)?;
     let n_params: usize = model::named(&m).iter().map(|(_, t)| t.elem_count()).sum();
     eprintln!("model: {n_params} parameters");
     let aux = model::aux(&d, args.seq, &dev)?;
     let vars: BTreeMap<String, Var> = vm.data().lock().expect("varmap").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
 
-    // Deterministic batches: random windows of the token stream.
-    let batch = |rng: &mut corpus::Rng| -> candle_core::Result<(Tensor, Tensor)> {
+    // Deterministic batches, cut as the recipe says (`Packing`).
+    let pools = (r.packing == Packing::Lines).then(|| LinePools::new(&tok, &train_lines, r.chain_share.unwrap_or(0))).transpose()?;
+    let batch = |rng: &mut corpus::Rng, step: usize| -> candle_core::Result<(Tensor, Tensor)> {
         let mut x = Vec::with_capacity(args.batch * args.seq);
         let mut y = Vec::with_capacity(args.batch * args.seq);
         for _ in 0..args.batch {
-            let s = rng.below(ids.len() - args.seq - 1);
-            x.extend_from_slice(&ids[s..s + args.seq]);
-            y.extend_from_slice(&ids[s + 1..s + args.seq + 1]);
+            let row: Vec<u32> = match &pools {
+                None => {
+                    let s = rng.below(ids.len() - args.seq - 1);
+                    ids[s..s + args.seq + 1].to_vec()
+                }
+                Some(p) => p.row(rng, args.seq + 1, chain_cap(r.curriculum, step)),
+            };
+            x.extend_from_slice(&row[..args.seq]);
+            y.extend_from_slice(&row[1..]);
         }
         Ok((Tensor::from_vec(x, (args.batch, args.seq), &dev)?, Tensor::from_vec(y, (args.batch, args.seq), &dev)?))
     };
@@ -498,7 +632,7 @@ fn main() -> anyhow::Result<()> {
     // Stage 1: everything, expected CE under the exit distribution + beta * KL(p || uniform).
     let mut opt = optim::AdamW::new(&vars, args.lr, 0.01)?;
     let fingerprint = args.fingerprint(tokenizer_sum);
-    let monitor = Monitor::new(&tok, &(valid_lines.join("\n") + "\n"), 64, args.seq, &dev)?;
+    let monitor = Monitor::new(&tok, &valid_lines, r.packing, 64, args.seq, &dev)?;
     let mut rng = corpus::Rng::new(args.seed.wrapping_add(3));
     let mut first_step = 0;
     let stage1_steps = if let Some(p) = &args.load_stage1 {
@@ -544,7 +678,7 @@ fn main() -> anyhow::Result<()> {
         };
         opt.lr = lr;
         let beta = args.beta_start + (args.beta - args.beta_start) * step as f64 / (args.steps.max(2) - 1) as f64;
-        let (x, y) = batch(&mut rng)?;
+        let (x, y) = batch(&mut rng, step)?;
         // The batch in `shards` equal parts, each forward and backward on its own thread, the
         // gradients summed in shard order (deterministic whatever the machine).
         let parts: Vec<(Tensor, Tensor)> = if args.shards == 1 {
@@ -557,7 +691,7 @@ fn main() -> anyhow::Result<()> {
             let handles: Vec<_> = parts
                 .iter()
                 .map(|(x, y)| sc.spawn(|| -> anyhow::Result<_> {
-                    let (loss, stats) = stage1_loss(&m, x, y, &aux, beta, args.shards)?;
+                    let (loss, stats) = stage1_loss(&m, x, y, &aux, beta, args.shards, active_loops(r.loop_curriculum, step))?;
                     Ok((loss.backward()?, stats))
                 }))
                 .collect();
@@ -587,8 +721,12 @@ fn main() -> anyhow::Result<()> {
                 let n = stats.len() as f32;
                 (0..f(&stats[0]).len()).map(|i| (stats.iter().map(|s| f(s)[i]).sum::<f32>() / n * 1000.0).round() / 1000.0).collect()
             };
+            let mut cap = if r.packing == Packing::Lines && r.curriculum > 0 { format!(" chains <= {}", chain_cap(r.curriculum, step)) } else { String::new() };
+            if r.loop_curriculum > 0 {
+                cap += &format!(" loops {}", active_loops(r.loop_curriculum, step));
+            }
             eprintln!(
-                "step {step:5} lr {lr:.2e} beta {beta:.2} loss {:.4} CE per loop {:?} mean p {:?} KL {:.3} ({:.0} s)",
+                "step {step:5}{cap} lr {lr:.2e} beta {beta:.2} loss {:.4} CE per loop {:?} mean p {:?} KL {:.3} ({:.0} s)",
                 stats.iter().map(|s| s.loss).sum::<f32>(),
                 avg(&|s| s.per_loop.clone()),
                 avg(&|s| s.mean_p.clone()),
@@ -621,7 +759,7 @@ fn main() -> anyhow::Result<()> {
     let mut rng = corpus::Rng::new(args.seed.wrapping_add(4));
     let mut gopt = optim::AdamW::new(&gate_vars, 1e-2, 0.0)?;
     for step in 0..args.gate_steps {
-        let (x, y) = batch(&mut rng)?;
+        let (x, y) = batch(&mut rng, usize::MAX)?;
         let (states, _) = m.forward(&x, &aux)?;
         let states: Vec<Tensor> = states.iter().map(|s| s.detach()).collect();
         let ce: Vec<Tensor> = states

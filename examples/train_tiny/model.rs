@@ -89,8 +89,11 @@ fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
 }
 
 impl Model {
-    /// Fresh parameters, drawn from `seed`, registered in `vm` under their HF names.
-    pub fn new(d: Dims, vm: &VarMap, seed: u64) -> Result<Model> {
+    /// Fresh parameters, drawn from `seed`, registered in `vm` under their HF names. The token
+    /// embeddings have standard deviation `embed_std`: every branch of a layer ends in an RMSNorm
+    /// (weight 1 at first), so with GPT-2's 0.02 the token itself is about 2% of the first loop's
+    /// state after one branch; the deep recipe starts it at 1.0, as large as a branch's output.
+    pub fn new(d: Dims, vm: &VarMap, seed: u64, embed_std: f64) -> Result<Model> {
         let hd = d.head_dim();
         let mut rng = Rng::new(seed);
         let put = |name: &str, t: Tensor| -> Result<Tensor> {
@@ -105,7 +108,7 @@ impl Model {
         let ones = |name: &str| put(name, Tensor::ones(d.hidden, DType::F32, &Device::Cpu)?);
         // GPT-2 style: residual outputs scaled down by the number of residual additions.
         let out_std = 0.02 / ((2 * d.layers * d.loops) as f64).sqrt();
-        let embed = w("model.embed_tokens.weight", (d.vocab, d.hidden), 0.02)?;
+        let embed = w("model.embed_tokens.weight", (d.vocab, d.hidden), embed_std)?;
         let mut layers = vec![];
         for i in 0..d.layers {
             let p = format!("model.layers.{i}");
@@ -231,12 +234,17 @@ fn attention(l: &Layer, d: &Dims, x: &Tensor, a: &Aux) -> Result<Tensor> {
 impl Model {
     /// Per-loop states `[T] x [b, s, hidden]` and gate logits `[T] x [b, s]`.
     pub fn forward(&self, tokens: &Tensor, a: &Aux) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        self.forward_loops(tokens, a, self.d.loops)
+    }
+
+    /// [`Model::forward`] with only the first `loops` loops.
+    pub fn forward_loops(&self, tokens: &Tensor, a: &Aux, loops: usize) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         let (b, s) = tokens.dims2()?;
         let d = &self.d;
         let mut h = self.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, s, d.hidden))?;
         let mut states = vec![];
         let mut gates = vec![];
-        for _ in 0..d.loops {
+        for _ in 0..loops {
             for l in &self.layers {
                 let att = attention(l, d, &rms_norm(&h, &l.n_in, d.eps)?, a)?;
                 h = (h + rms_norm(&att, &l.n_in2, d.eps)?)?;
