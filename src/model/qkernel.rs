@@ -333,8 +333,8 @@ impl QuantMatrix {
     fn activations(&self, x: &[f32]) -> Acts {
         match self.kind {
             QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => Acts::q8_0_for(x, self.isa),
-            QKind::Q4K | QKind::Q5K => Acts::q8k(x).in_nibble_order(),
-            QKind::Q6K | QKind::IQ4XS => Acts::q8k(x),
+            QKind::Q4K | QKind::Q5K => Acts::q8k_for(x, self.isa).in_nibble_order(),
+            QKind::Q6K | QKind::IQ4XS => Acts::q8k_for(x, self.isa),
         }
     }
 
@@ -404,10 +404,19 @@ impl Acts {
     /// As candle's `BlockQ8K::from_float`: the block's value of largest magnitude (the first one)
     /// maps to -127, codes rounded half away from zero and clamped to [-128, 127].
     pub fn q8k(x: &[f32]) -> Acts {
+        Self::q8k_for(x, Isa::ALL.into_iter().rev().find(|i| i.supported()).unwrap_or(Isa::Portable))
+    }
+
+    /// [`Self::q8k`] by the given build (one this CPU runs), the same codes, sums and scales
+    /// from each.
+    fn q8k_for(x: &[f32], isa: Isa) -> Acts {
+        assert!(isa.supported(), "{} build on a CPU without its features", isa.name());
         #[cfg(target_arch = "x86_64")]
-        if Isa::Avx512Vnni.supported() {
-            // Safety: the features were detected.
-            return unsafe { vnni::q8k(x) };
+        match isa {
+            // Safety (both): the build's features were checked above.
+            Isa::Avx512Vnni => return unsafe { vnni::q8k(x) },
+            Isa::Avx2 | Isa::AvxVnni => return unsafe { avx2::q8k_acts(x) },
+            Isa::Portable => {}
         }
         Self::q8k_portable(x)
     }
@@ -872,6 +881,59 @@ mod avx2 {
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words.0, words.1), order);
             _mm256_storeu_si256(q.qs.as_mut_ptr().add(32 * b) as *mut __m256i, bytes);
             q.d[b] = half::f16::from_f32(scale).to_f32();
+        }
+        q
+    }
+
+    /// [`Acts::q8k_portable`] in AVX2, value for value (the rounding of [`super::vnni::q8k`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8k_acts(x: &[f32]) -> Acts {
+        assert_eq!(x.len() % QK, 0);
+        let mut q = Acts::q8k_zeroed(x.len());
+        let sign = _mm256_set1_ps(-0.0);
+        let half = _mm256_set1_ps(0.5 - 1.0 / (1u32 << 25) as f32);
+        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for b in 0..x.len() / QK {
+            let xb = x.as_ptr().add(b * QK);
+            // NaN lanes leave the maximum as it was, as `f32::max` ignores NaN
+            let m = (0..QK / 8).fold(_mm256_setzero_ps(), |m, c| _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb.add(8 * c))), m));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+            if amax == 0.0 {
+                continue;
+            }
+            let am = _mm256_set1_ps(amax);
+            let first = (0..QK / 8)
+                .find_map(|c| {
+                    let v = _mm256_loadu_ps(xb.add(8 * c));
+                    let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v), am));
+                    (hit != 0).then(|| 8 * c + hit.trailing_zeros() as usize)
+                })
+                .expect("amax is one of the values");
+            let iscale = -127f32 / *xb.add(first);
+            let s = _mm256_set1_ps(iscale);
+            let qs = q.qs.as_mut_ptr().add(b * QK);
+            for c in 0..QK / 16 {
+                let codes: [__m256i; 2] = std::array::from_fn(|h| {
+                    let v = _mm256_mul_ps(s, _mm256_loadu_ps(xb.add(16 * c + 8 * h)));
+                    let r = _mm256_add_ps(v, _mm256_or_ps(half, _mm256_and_ps(v, sign)));
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(r);
+                    // clamped, and NaN to 0 as `as i8` takes it
+                    let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+                    _mm256_cvttps_epi32(_mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v)))
+                });
+                let words = _mm256_packs_epi32(codes[0], codes[1]);
+                let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words), order);
+                _mm_storeu_si128(qs.add(16 * c) as *mut __m128i, _mm256_castsi256_si128(bytes));
+                let sum = _mm256_add_epi32(codes[0], codes[1]);
+                let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+                let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+                let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum));
+                q.bsums[b * 16 + c] = _mm_cvtsi128_si32(sum) as i16;
+            }
+            q.d[b] = 1.0 / iscale;
         }
         q
     }
@@ -1883,15 +1945,12 @@ mod tests {
         }
     }
 
-    /// The AVX-512 activation quantization gives the portable one's codes, scales and sums bit for
-    /// bit: on values whose scaled value ends exactly on .5 or next to it (rounding half away from
-    /// zero), on ±127, on zero, NaN and infinite values, and on random blocks of many magnitudes.
+    /// Every build's activation quantization (AVX-512, AVX2) gives the portable one's codes,
+    /// scales and sums bit for bit: on values whose scaled value ends exactly on .5 or next to it
+    /// (rounding half away from zero), on ±127, on zero, NaN and infinite values, and on random
+    /// blocks of many magnitudes.
     #[test]
     fn q8k_vector_equals_portable() {
-        if !Isa::Avx512Vnni.supported() {
-            crate::test_report::note("NOT RUN here: avx512vnni activation quantization (Q8_K) against the portable one (this CPU lacks the features; the AVX2 build uses the portable one)");
-            return;
-        }
         // a block whose largest magnitude is -127 (scale exactly -1), so the codes are the values:
         // every half-integer in range, and its float neighbours
         let mut edge = vec![-127.0f32];
@@ -1918,12 +1977,15 @@ mod tests {
             }
             x.extend(b);
         }
-        let v = Acts::q8k(&x);
         let p = Acts::q8k_portable(&x);
-        assert_eq!(v.qs, p.qs);
-        assert_eq!(v.bsums, p.bsums);
         let bits = |d: &[f32]| d.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&v.d), bits(&p.d));
+        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+            let v = Acts::q8k_for(&x, isa);
+            assert_eq!(v.qs, p.qs, "{}", isa.name());
+            assert_eq!(v.bsums, p.bsums, "{}", isa.name());
+            assert_eq!(bits(&v.d), bits(&p.d), "{}", isa.name());
+            crate::test_report::note(&format!("ran: {} activation quantization (Q8_K) equals the portable one", isa.name()));
+        }
         // the edge block really holds ties: codes ±k.5 went away from zero
         assert_eq!(&p.qs[1..7], &[-127, -127, -126, -126, -126, -125]);
     }
