@@ -132,7 +132,7 @@ fn cpu_typed<T: Elem>(q: &Tensor, k: &Tensor, v: &Tensor, masked: &[bool], seria
     let kr = Rows { data: kc.as_slice::<T>()?, start: k0, head_stride: kstride };
     let vr = Rows { data: vc.as_slice::<T>()?, start: v0, head_stride: vstride };
     let mut out = vec![0f32; n * heads * d];
-    // task (h, j) writes only `out[j, h*d .. (h+1)*d]`
+    // a task (head h, its queries j) writes only `out[j, h*d .. (h+1)*d]` for those j
     let dst = &super::linear::SharedOut::new(&mut out);
     let rep = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -153,9 +153,9 @@ fn cpu_typed<T: Elem>(q: &Tensor, k: &Tensor, v: &Tensor, masked: &[bool], seria
         }
         WIDE.with_borrow_mut(|(kw, vw)| {
             let most = len - n + j1;
-            for (src, dst) in [(kr.head(h / rep, most, d), &mut *kw), (vr.head(h / rep, most, d), &mut *vw)] {
-                dst.resize(most * d, 0.0);
-                T::as_f32(src, dst);
+            for (src, wide) in [(kr.head(h / rep, most, d), &mut *kw), (vr.head(h / rep, most, d), &mut *vw)] {
+                wide.resize(most * d, 0.0);
+                T::as_f32(src, wide);
             }
             for j in j0..j1 {
                 let seen = len - n + j + 1;
