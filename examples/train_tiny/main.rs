@@ -93,7 +93,7 @@ struct Recipe {
     /// `corpus::CHAIN_MAX_STEPS` (0: all from the start). Only with `Packing::Lines`.
     curriculum: usize,
     /// Stage-1 steps over which the loops trained rise from 1 to `LOOPS`, a quarter each
-    /// (0: all from the start). See `active_loops`.
+    /// (0: all from the start). See `level`.
     loop_curriculum: usize,
     /// Standard deviation of the initial token embeddings.
     embed_std: f64,
@@ -345,14 +345,15 @@ impl Monitor {
     }
 }
 
-/// The longest chain (in steps) a batch of stage-1 step `step` may hold: 1 at first, rising by one
-/// every `curriculum / CHAIN_MAX_STEPS` steps to `CHAIN_MAX_STEPS` (at once when `curriculum` is 0).
-fn chain_cap(curriculum: usize, step: usize) -> usize {
-    let max = corpus::CHAIN_MAX_STEPS;
-    if curriculum == 0 {
-        return max;
+/// A curriculum's level at stage-1 step `step`: 1 at first, one more every `span / levels` steps,
+/// `levels` from there on (at once when `span` is 0). The longest chain a batch may hold is
+/// `level(r.curriculum, step, CHAIN_MAX_STEPS)`; the loops trained, `level(r.loop_curriculum,
+/// step, LOOPS)`.
+fn level(span: usize, step: usize, levels: usize) -> usize {
+    if span == 0 {
+        return levels;
     }
-    (1 + step.saturating_mul(max) / curriculum).min(max)
+    (1 + step.saturating_mul(levels) / span).min(levels)
 }
 
 /// The training lines tokenized one by one (each with its newline), pooled by the steps of their
@@ -391,16 +392,6 @@ impl LinePools {
         row.truncate(len);
         row
     }
-}
-
-/// The loops stage-1 step `step` runs (and trains): 1 at first, one more every
-/// `loop_curriculum / LOOPS` steps, all of them from `3 / 4` of `loop_curriculum` on (at once when
-/// it is 0).
-fn active_loops(loop_curriculum: usize, step: usize) -> usize {
-    if loop_curriculum == 0 {
-        return LOOPS;
-    }
-    (1 + step.saturating_mul(LOOPS) / loop_curriculum).min(LOOPS)
 }
 
 /// What a stage-1 step prints, for one shard of the batch.
@@ -621,7 +612,7 @@ fn main() -> anyhow::Result<()> {
                     let s = rng.below(ids.len() - args.seq - 1);
                     ids[s..s + args.seq + 1].to_vec()
                 }
-                Some(p) => p.row(rng, args.seq + 1, chain_cap(r.curriculum, step)),
+                Some(p) => p.row(rng, args.seq + 1, level(r.curriculum, step, corpus::CHAIN_MAX_STEPS)),
             };
             x.extend_from_slice(&row[..args.seq]);
             y.extend_from_slice(&row[1..]);
@@ -691,7 +682,7 @@ fn main() -> anyhow::Result<()> {
             let handles: Vec<_> = parts
                 .iter()
                 .map(|(x, y)| sc.spawn(|| -> anyhow::Result<_> {
-                    let (loss, stats) = stage1_loss(&m, x, y, &aux, beta, args.shards, active_loops(r.loop_curriculum, step))?;
+                    let (loss, stats) = stage1_loss(&m, x, y, &aux, beta, args.shards, level(r.loop_curriculum, step, LOOPS))?;
                     Ok((loss.backward()?, stats))
                 }))
                 .collect();
@@ -721,9 +712,9 @@ fn main() -> anyhow::Result<()> {
                 let n = stats.len() as f32;
                 (0..f(&stats[0]).len()).map(|i| (stats.iter().map(|s| f(s)[i]).sum::<f32>() / n * 1000.0).round() / 1000.0).collect()
             };
-            let mut cap = if r.packing == Packing::Lines && r.curriculum > 0 { format!(" chains <= {}", chain_cap(r.curriculum, step)) } else { String::new() };
+            let mut cap = if r.packing == Packing::Lines && r.curriculum > 0 { format!(" chains <= {}", level(r.curriculum, step, corpus::CHAIN_MAX_STEPS)) } else { String::new() };
             if r.loop_curriculum > 0 {
-                cap += &format!(" loops {}", active_loops(r.loop_curriculum, step));
+                cap += &format!(" loops {}", level(r.loop_curriculum, step, LOOPS));
             }
             eprintln!(
                 "step {step:5}{cap} lr {lr:.2e} beta {beta:.2} loss {:.4} CE per loop {:?} mean p {:?} KL {:.3} ({:.0} s)",

@@ -154,6 +154,11 @@ impl Isa {
         }
     }
 
+    /// The widest build this CPU runs (the portable one where it runs none).
+    fn widest() -> Isa {
+        Isa::ALL.into_iter().rev().find(|i| i.supported()).unwrap_or(Isa::Portable)
+    }
+
     /// Whether this CPU runs the build.
     pub fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -332,9 +337,9 @@ impl QuantMatrix {
     /// One activation row quantized and laid out for this matrix's kernel.
     fn activations(&self, x: &[f32]) -> Acts {
         match self.kind {
-            QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => Acts::q8_0_for(x, self.isa),
-            QKind::Q4K | QKind::Q5K => Acts::q8k_for(x, self.isa).in_nibble_order(),
-            QKind::Q6K | QKind::IQ4XS => Acts::q8k_for(x, self.isa),
+            QKind::Q8_0 | QKind::Q4_0 | QKind::IQ4NL => Acts::by_build(x, Scheme::Q8_0, self.isa),
+            QKind::Q4K | QKind::Q5K => Acts::by_build(x, Scheme::Q8K, self.isa).in_nibble_order(),
+            QKind::Q6K | QKind::IQ4XS => Acts::by_build(x, Scheme::Q8K, self.isa),
         }
     }
 
@@ -400,25 +405,39 @@ fn interleave_pair(pair: &[i8]) -> [u8; 64] {
     })
 }
 
+/// How activations are quantized: ggml's `Q8_K` (per 256, with sums of 16) or `Q8_0` (per 32).
+#[derive(Debug, Clone, Copy)]
+enum Scheme {
+    Q8K,
+    Q8_0,
+}
+
 impl Acts {
     /// As candle's `BlockQ8K::from_float`: the block's value of largest magnitude (the first one)
     /// maps to -127, codes rounded half away from zero and clamped to [-128, 127].
     pub fn q8k(x: &[f32]) -> Acts {
-        Self::q8k_for(x, Isa::ALL.into_iter().rev().find(|i| i.supported()).unwrap_or(Isa::Portable))
+        Self::by_build(x, Scheme::Q8K, Isa::widest())
     }
 
-    /// [`Self::q8k`] by the given build (one this CPU runs), the same codes, sums and scales
-    /// from each.
-    fn q8k_for(x: &[f32], isa: Isa) -> Acts {
+    /// `x` quantized by `scheme` with the given build's quantizer (one this CPU runs): every
+    /// build gives the portable definition's codes, sums and scales.
+    fn by_build(x: &[f32], scheme: Scheme, isa: Isa) -> Acts {
         assert!(isa.supported(), "{} build on a CPU without its features", isa.name());
         #[cfg(target_arch = "x86_64")]
-        match isa {
-            // Safety (both): the build's features were checked above.
-            Isa::Avx512Vnni => return unsafe { vnni::q8k(x) },
-            Isa::Avx2 | Isa::AvxVnni => return unsafe { avx2::q8k_acts(x) },
-            Isa::Portable => {}
+        // Safety: the build's features were checked above.
+        unsafe {
+            match (isa, scheme) {
+                (Isa::Avx512Vnni, Scheme::Q8K) => return vnni::q8k(x),
+                (Isa::Avx512Vnni, Scheme::Q8_0) => return vnni::q8_0_acts(x),
+                (Isa::Avx2 | Isa::AvxVnni, Scheme::Q8K) => return avx2::q8k_acts(x),
+                (Isa::Avx2 | Isa::AvxVnni, Scheme::Q8_0) => return avx2::q8_0_acts(x),
+                (Isa::Portable, _) => {}
+            }
         }
-        Self::q8k_portable(x)
+        match scheme {
+            Scheme::Q8K => Self::q8k_portable(x),
+            Scheme::Q8_0 => Self::q8_0_portable(x),
+        }
     }
 
     /// An all-zero `Q8_K` row of `len` values (a zero block stays so: scale 0, codes and sums 0).
@@ -462,20 +481,7 @@ impl Acts {
     /// As candle's `BlockQ8_0::from_float`: scale = largest magnitude / 127, rounded to f16 as
     /// ggml stores it; codes = value / unrounded scale, rounded half away from zero.
     pub fn q8_0(x: &[f32]) -> Acts {
-        Self::q8_0_for(x, Isa::ALL.into_iter().rev().find(|i| i.supported()).unwrap_or(Isa::Portable))
-    }
-
-    /// [`Self::q8_0`] by the given build (one this CPU runs), the same codes and scales from each.
-    fn q8_0_for(x: &[f32], isa: Isa) -> Acts {
-        assert!(isa.supported(), "{} build on a CPU without its features", isa.name());
-        #[cfg(target_arch = "x86_64")]
-        match isa {
-            // Safety (both): the build's features were checked above.
-            Isa::Avx512Vnni => return unsafe { vnni::q8_0_acts(x) },
-            Isa::Avx2 | Isa::AvxVnni => return unsafe { avx2::q8_0_acts(x) },
-            Isa::Portable => {}
-        }
-        Self::q8_0_portable(x)
+        Self::by_build(x, Scheme::Q8_0, Isa::widest())
     }
 
     /// [`Self::q8_0`] in plain Rust: the definition the AVX-512 version is tested against.
@@ -1984,7 +1990,7 @@ mod tests {
             crate::test_report::note("NOT RUN here: vector activation quantization (Q8_K) against the portable one (this CPU has no vector build)");
         }
         for isa in builds {
-            let v = Acts::q8k_for(&x, isa);
+            let v = Acts::by_build(&x, Scheme::Q8K, isa);
             assert_eq!(v.qs, p.qs, "{}", isa.name());
             assert_eq!(v.bsums, p.bsums, "{}", isa.name());
             assert_eq!(bits(&v.d), bits(&p.d), "{}", isa.name());
@@ -2030,7 +2036,7 @@ mod tests {
             crate::test_report::note("NOT RUN here: vector activation quantization (Q8_0) against the portable one (this CPU has no vector build)");
         }
         for isa in builds {
-            let v = Acts::q8_0_for(&x, isa);
+            let v = Acts::by_build(&x, Scheme::Q8_0, isa);
             assert_eq!(v.qs, p.qs, "{}", isa.name());
             assert_eq!(bits(&v.d), bits(&p.d), "{}", isa.name());
             crate::test_report::note(&format!("ran: {} activation quantization (Q8_0) equals the portable one", isa.name()));
