@@ -178,6 +178,41 @@ impl Recipe {
     }
 }
 
+/// Every option the trainer takes (each followed by a value). An option outside this list, or one
+/// without its value, stops the trainer before any work: a mistyped `--resume` or `--steps` in a
+/// run of hours must not be silently ignored.
+const OPTIONS: &[&str] = &[
+    "--preset", "--out", "--seed", "--steps", "--gate-steps", "--batch", "--seq", "--lr", "--beta", "--beta-start",
+    "--gamma", "--save-stage1", "--load-stage1", "--checkpoint", "--checkpoint-every", "--resume", "--minutes",
+    "--shards", "--monitor-every", "--hidden", "--inter", "--layers", "--heads", "--kv-heads", "--train-lines",
+    "--curriculum", "--loop-curriculum", "--chain-share", "--embed-std", "--packing", "--calibration", "--tasks",
+    "--report",
+];
+
+/// What the command line asks for: the usage (`--help`), or a run whose options are all known
+/// and valued; refused with the list of known options otherwise.
+#[derive(Debug, PartialEq)]
+enum Command {
+    Help,
+    Run,
+}
+
+fn check_args(a: &[String]) -> anyhow::Result<Command> {
+    if a.iter().any(|x| x == "--help" || x == "-h") {
+        return Ok(Command::Help);
+    }
+    for pair in a.chunks(2) {
+        anyhow::ensure!(
+            OPTIONS.contains(&pair[0].as_str()),
+            "`{}`: not an option of train_tiny (each takes a value): {}",
+            pair[0],
+            OPTIONS.join(" ")
+        );
+        anyhow::ensure!(pair.get(1).is_some_and(|v| !v.starts_with("--")), "`{}` needs a value", pair[0]);
+    }
+    Ok(Command::Run)
+}
+
 fn parse_args() -> Args {
     let a: Vec<String> = std::env::args().collect();
     let get = |k: &str| a.iter().position(|x| x == k).and_then(|i| a.get(i + 1)).cloned();
@@ -534,6 +569,11 @@ fn keep_freed_memory() {
 }
 
 fn main() -> anyhow::Result<()> {
+    if check_args(&std::env::args().skip(1).collect::<Vec<_>>())? == Command::Help {
+        println!("train_tiny: trains the project's trained Ouro fixtures (usage: examples/train_tiny/main.rs)");
+        println!("options, each with a value: {}", OPTIONS.join(" "));
+        return Ok(());
+    }
     if let Some(i) = std::env::args().position(|a| a == "--calibration") {
         let path = std::env::args().nth(i + 1).ok_or_else(|| anyhow::anyhow!("--calibration FILE"))?;
         return write_calibration(std::path::Path::new(&path), &parse_args());
@@ -822,4 +862,48 @@ fn main() -> anyhow::Result<()> {
     let out = pending.commit()?;
     eprintln!("wrote {} in {:.0} s", out.display(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_args, Command};
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_mistyped_or_valueless_option_stops_the_trainer() {
+        let ok = args("--preset deep --out d --checkpoint c.ckpt --resume c.ckpt --monitor-every 100");
+        assert_eq!(check_args(&ok).unwrap(), Command::Run);
+        assert_eq!(check_args(&[]).unwrap(), Command::Run);
+        assert_eq!(check_args(&args("--preset deep --help")).unwrap(), Command::Help);
+        let e = check_args(&args("--preset deep --resum c.ckpt")).unwrap_err().to_string();
+        assert!(e.starts_with("`--resum`: not an option") && e.contains("--resume"), "{e}");
+        let e = check_args(&args("--preset deep --steps")).unwrap_err().to_string();
+        assert_eq!(e, "`--steps` needs a value");
+        let e = check_args(&args("--steps --resume c.ckpt")).unwrap_err().to_string();
+        assert_eq!(e, "`--steps` needs a value");
+        // a value without its option
+        assert!(check_args(&args("deep")).unwrap_err().to_string().starts_with("`deep`: not an option"));
+    }
+
+    /// Every option the trainer reads (a quoted `--name` followed by `"` in this file, outside the
+    /// tests) is in `OPTIONS`: the list and the reading cannot drift apart.
+    #[test]
+    fn every_option_read_is_known() {
+        let src = include_str!("main.rs");
+        let src = &src[..src.find("#[cfg(test)]").unwrap()];
+        let mut read = vec![];
+        for (i, _) in src.match_indices("\"--") {
+            let name: String = src[i + 1..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+            if name.len() > 2 && src[i + 1 + name.len()..].starts_with('"') && name != "--help" {
+                read.push(name);
+            }
+        }
+        assert!(read.len() > 30, "{read:?}");
+        for name in &read {
+            assert!(super::OPTIONS.contains(&name.as_str()), "{name} is read but not in OPTIONS");
+        }
+    }
 }
