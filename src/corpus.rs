@@ -6,11 +6,13 @@
 //! Every line is one sample and says by its opening words what kind it is (see [`Kind`]), so that
 //! an evaluation can score the answers of recall and of manipulation lines separately.
 //!
-//! The second trained fixture (`fixtures/ouro-deep-trained`) adds pointer chains ([`chain_line`]):
-//! a path of numbers given in the line, its links shuffled, and a question that follows it a number
-//! of steps (1 to [`CHAIN_MAX_STEPS`]). Each step is one lookup that the previous one decides, so one
-//! pass of the stack cannot take many and more loops can: the item's step count is its difficulty
-//! ([`chain_steps`]), by which an evaluation reports how deep the exit gate lets each item go.
+//! The second trained fixture (`fixtures/ouro-deep-trained`) adds walks ([`chain_line`]): four
+//! moves, each a fixed permutation of twenty places, and questions that make 1 to
+//! [`CHAIN_MAX_STEPS`] of them from a start place. Each move depends on where the previous one
+//! led, so one pass of the stack cannot make many and more loops can: the item's move count is its
+//! difficulty ([`chain_steps`]), by which an evaluation reports how deep the exit gate lets each
+//! item go. (Until December 2026 these items were pointer chains, links given in the line and
+//! followed by look-ups; no model of this size learned the look-up: docs/training.md.)
 
 /// xorshift64*: deterministic and independent of any crate's version.
 pub struct Rng(u64);
@@ -170,49 +172,65 @@ pub fn line(w: &World, rng: &mut Rng) -> String {
     }
 }
 
-/// How a pointer-chain line opens.
-pub const CHAIN_OPENING: &str = "Links: ";
-/// Links listed in every pointer-chain line (a path through one more number than this).
-pub const CHAIN_LINKS: usize = 8;
-/// The most steps a pointer-chain question asks for.
-pub const CHAIN_MAX_STEPS: usize = 6;
-
-/// Questions asked about each pointer chain (distinct starts, the same number of steps).
+/// How a walk line opens.
+pub const CHAIN_OPENING: &str = "Walk: ";
+/// The places a walk moves between, named by the numbers 10 to `10 + WALK_PLACES - 1`.
+pub const WALK_PLACES: usize = 20;
+/// The moves, each a fixed permutation of the places ([`walk_moves`]).
+pub const WALK_MOVES: [&str; 4] = ["A", "B", "C", "D"];
+/// The most moves a walk question asks for.
+pub const CHAIN_MAX_STEPS: usize = 8;
+/// Questions asked in each walk line (each its own start and moves, all the same number of moves).
 pub const CHAIN_QUESTIONS: usize = 3;
 
-/// A pointer-chain item that asks for `steps` steps (1 to `CHAIN_LINKS + 1 - CHAIN_QUESTIONS`):
-/// a path through `CHAIN_LINKS + 1` distinct numbers from 10 to 99, its links `a b` ("a leads to
-/// b") in random order, then [`CHAIN_QUESTIONS`] questions from distinct starts, each with its
-/// answer after ` = `:
-/// `Links: 47 12, 85 33, 12 85, ... . 2 steps from 47 = 85. 2 steps from 12 = 33. ...`
-/// The start node comes last in a question, just before the answer, so that the positions after
-/// it cannot take the steps in its place. Several questions per line make the answers a larger
-/// share of the text than the links (which are random and cannot be predicted).
+/// What each move does: `walk_moves()[m][p]` is the place move `m` leads to from place `p`
+/// (0-based). Fixed for the whole corpus (drawn once from a constant seed), so the model stores the
+/// moves in its weights and each question only says where to start and which moves to make.
+/// Four random permutations of 20 places: no two commute, so the order of the moves matters and
+/// no count of them gives the answer.
+pub fn walk_moves() -> Vec<Vec<usize>> {
+    let mut rng = Rng::new(0x0a1c_5eed);
+    WALK_MOVES
+        .iter()
+        .map(|_| {
+            let mut p: Vec<usize> = (0..WALK_PLACES).collect();
+            for i in (1..WALK_PLACES).rev() {
+                p.swap(i, rng.below(i + 1));
+            }
+            p
+        })
+        .collect()
+}
+
+/// A walk item that asks for `steps` moves (1 to [`CHAIN_MAX_STEPS`]): [`CHAIN_QUESTIONS`]
+/// questions, each a start place, `steps` moves drawn at random and the place they lead to after
+/// ` = `:
+/// `Walk: 3 moves. 17 A C B = 23. 25 D A A = 11. 12 B B C = 28.`
+/// The place after each move depends on the place before it, so the answer needs `steps` moves
+/// in sequence: one pass of the stack can make a few (the model learns the four moves and pairs
+/// of them), more loops can make more. The step count, written after the opening, is the item's
+/// difficulty ([`chain_steps`]).
 pub fn chain_line(rng: &mut Rng, steps: usize) -> String {
-    assert!((1..=CHAIN_LINKS + 1 - CHAIN_QUESTIONS).contains(&steps), "steps {steps} outside 1..={}", CHAIN_LINKS + 1 - CHAIN_QUESTIONS);
-    let mut pool: Vec<usize> = (10..100).collect();
-    let path: Vec<usize> = (0..=CHAIN_LINKS).map(|_| pool.swap_remove(rng.below(pool.len()))).collect();
-    let shuffled = |rng: &mut Rng, n: usize| {
-        let mut order: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            order.swap(i, rng.below(i + 1));
+    assert!((1..=CHAIN_MAX_STEPS).contains(&steps), "steps {steps} outside 1..={CHAIN_MAX_STEPS}");
+    let moves = walk_moves();
+    let unit = if steps == 1 { "move" } else { "moves" };
+    let mut s = format!("{CHAIN_OPENING}{steps} {unit}.");
+    for _ in 0..CHAIN_QUESTIONS {
+        let mut at = rng.below(WALK_PLACES);
+        s.push_str(&format!(" {}", 10 + at));
+        for _ in 0..steps {
+            let m = rng.below(WALK_MOVES.len());
+            s.push_str(&format!(" {}", WALK_MOVES[m]));
+            at = moves[m][at];
         }
-        order
-    };
-    let links: Vec<String> = shuffled(rng, CHAIN_LINKS).iter().map(|&i| format!("{} {}", path[i], path[i + 1])).collect();
-    let unit = if steps == 1 { "step" } else { "steps" };
-    let mut s = format!("{CHAIN_OPENING}{}.", links.join(", "));
-    for &start in &shuffled(rng, CHAIN_LINKS - steps + 1)[..CHAIN_QUESTIONS] {
-        s.push_str(&format!(" {steps} {unit} from {} = {}.", path[start], path[start + steps]));
+        s.push_str(&format!(" = {}.", 10 + at));
     }
     s
 }
 
-/// The number of steps a pointer-chain line asks for (its difficulty); `None` for other lines.
+/// The number of moves a walk line asks for (its difficulty); `None` for other lines.
 pub fn chain_steps(line: &str) -> Option<usize> {
-    let rest = line.strip_prefix(CHAIN_OPENING)?;
-    let question = &rest[rest.find(". ")? + 2..];
-    question.split(' ').next()?.parse().ok()
+    line.strip_prefix(CHAIN_OPENING)?.split(' ').next()?.parse().ok()
 }
 
 /// A line of the second fixture's text: a pointer chain (steps drawn uniformly from 1 to
@@ -376,38 +394,59 @@ mod tests {
         }
     }
 
-    /// Follows a chain line's links by hand (independently of how it was built): checks every
-    /// answer, that every link's source is distinct (one answer), and returns the step count.
+    /// Makes the moves of one question (`17 A C B`) by hand, from its text: the place reached.
+    fn walk(q: &str) -> usize {
+        let moves = walk_moves();
+        let words: Vec<&str> = q.split(' ').collect();
+        let mut at = words[0].parse::<usize>().unwrap() - 10;
+        for w in &words[1..] {
+            at = moves[WALK_MOVES.iter().position(|m| m == w).unwrap()][at];
+        }
+        at + 10
+    }
+
+    /// Walks a line's questions by hand (independently of how it was built): checks every answer
+    /// and that all questions make as many moves as the opening says; returns that count.
     fn follow(l: &str) -> usize {
         let body = l.strip_prefix(CHAIN_OPENING).unwrap().trim_end_matches('.');
         let mut parts = body.split(". ");
-        let mut next = std::collections::BTreeMap::new();
-        for pair in parts.next().unwrap().split(", ") {
-            let (a, b) = pair.split_once(' ').unwrap();
-            assert!(next.insert(a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()).is_none(), "{l}");
-        }
-        assert_eq!(next.len(), CHAIN_LINKS, "{l}");
-        let (mut steps_seen, mut starts) = (vec![], std::collections::BTreeSet::new());
+        let head: Vec<&str> = parts.next().unwrap().split(' ').collect();
+        let steps: usize = head[0].parse().unwrap();
+        assert_eq!(head[1], if steps == 1 { "move" } else { "moves" }, "{l}");
+        let mut questions = 0;
         for question in parts {
             let (q, answer) = question.split_once(" = ").unwrap();
-            let words: Vec<&str> = q.split(' ').collect();
-            let (steps, mut at): (usize, usize) = (words[0].parse().unwrap(), words[3].parse().unwrap());
-            assert!(starts.insert(at), "{l}");
-            for _ in 0..steps {
-                at = next[&at];
-            }
-            assert_eq!(at, answer.parse::<usize>().unwrap(), "{l}");
-            steps_seen.push(steps);
+            assert_eq!(q.split(' ').count(), steps + 1, "{l}");
+            assert_eq!(walk(q), answer.parse::<usize>().unwrap(), "{l}");
+            questions += 1;
         }
-        assert_eq!(steps_seen.len(), CHAIN_QUESTIONS, "{l}");
-        assert!(steps_seen.iter().all(|&s| s == steps_seen[0]), "{l}");
-        steps_seen[0]
+        assert_eq!(questions, CHAIN_QUESTIONS, "{l}");
+        steps
+    }
+
+    #[test]
+    fn the_moves_are_permutations_that_do_not_commute() {
+        let m = walk_moves();
+        assert_eq!(m, walk_moves());
+        assert_eq!(m.len(), WALK_MOVES.len());
+        for p in &m {
+            let mut seen = p.clone();
+            seen.sort();
+            assert_eq!(seen, (0..WALK_PLACES).collect::<Vec<_>>());
+            assert!(p.iter().enumerate().any(|(i, &j)| i != j), "a move that stays put");
+        }
+        // the order of moves matters: no two commute, so only making them in turn gives the place
+        for a in 0..m.len() {
+            for b in a + 1..m.len() {
+                assert!((0..WALK_PLACES).any(|p| m[a][m[b][p]] != m[b][m[a][p]]), "moves {a} and {b} commute");
+            }
+        }
     }
 
     #[test]
     fn chain_lines_are_right_and_say_their_difficulty() {
         let mut rng = Rng::new(11);
-        for steps in 1..=CHAIN_LINKS + 1 - CHAIN_QUESTIONS {
+        for steps in 1..=CHAIN_MAX_STEPS {
             for _ in 0..50 {
                 let l = chain_line(&mut rng, steps);
                 assert_eq!(follow(&l), steps, "{l}");
@@ -421,41 +460,33 @@ mod tests {
             }
         }
         assert_eq!(chain_steps("Q: Where was Ba Ko born? A: Lima."), None);
-        // task items: the prompt ends at the first ` =`, the answer follows the links by hand
+        // task items: the prompt ends at the first ` =`, the answer is the walk made by hand
         let items = chain_task_items(4, 3);
         assert_eq!(items.len(), 3 * CHAIN_MAX_STEPS);
         for (prompt, answer, steps) in &items {
             assert!(prompt.ends_with(" =") && chain_steps(prompt) == Some(*steps), "{prompt}");
-            let body = prompt.strip_prefix(CHAIN_OPENING).unwrap();
-            let (links, q) = body.split_once(". ").unwrap();
-            let next: std::collections::BTreeMap<usize, usize> = links
-                .split(", ")
-                .map(|p| p.split_once(' ').map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap())).unwrap())
-                .collect();
-            let mut at: usize = q.trim_end_matches(" =").rsplit(' ').next().unwrap().parse().unwrap();
-            for _ in 0..*steps {
-                at = next[&at];
-            }
-            assert_eq!(at, *answer, "{prompt}");
+            let q = prompt.trim_end_matches(" =").rsplit(". ").next().unwrap();
+            assert_eq!(q.split(' ').count(), steps + 1, "{prompt}");
+            assert_eq!(walk(q), *answer, "{prompt}");
         }
-        assert_eq!(chain_steps("Links: 10 11, 11 12. 1 step from 10 = 11. 2 steps from 10 = 12."), Some(1));
-        // tokens: the answers of every question are answer tokens, the numbers in links are not
-        let text = "Links: 10 11, 11 12. 1 step from 10 = 11. 1 step from 11 = 12.\n";
+        assert_eq!(chain_steps("Walk: 2 moves. 10 A B = 11."), Some(2));
+        // tokens: the answers of every question are answer tokens, the start places are not
+        let text = "Walk: 1 move. 11 A = 12. 12 B = 13.\n";
         let at = |needle: &str, nth: usize| text.match_indices(needle).nth(nth).unwrap().0;
-        let spans = [(at(" 11", 0), at(" 11", 0) + 3), (at(" 11", 2), at(" 11", 2) + 3), (at(" 12", 1), at(" 12", 1) + 3)];
+        let spans = [(at(" 11", 0), at(" 11", 0) + 3), (at(" 12", 0), at(" 12", 0) + 3), (at(" 13", 0), at(" 13", 0) + 3)];
         assert_eq!(token_kinds(text, &spans), vec![(Kind::Manipulation, false), (Kind::Manipulation, true), (Kind::Manipulation, true)]);
         let two = format!("Q: Where was Ba Ko born? A: Lima.\n{text}");
         let shifted: Vec<(usize, usize)> = [(0, 2)].into_iter().chain(spans.iter().map(|&(a, b)| (a + 34, b + 34))).collect();
-        assert_eq!(&two[34..40], "Links:");
+        assert_eq!(&two[34..39], "Walk:");
         assert_eq!(token_chain_steps(&two, &shifted), vec![None, Some(1), Some(1), Some(1)]);
-        // the mix: about the asked share of chains, every difficulty present, deterministic
+        // the mix: about the asked share of walks, every difficulty present, deterministic
         let w = World::new(5, 10);
         let m = mixed_lines(&w, 9, 2000, 60);
         assert_eq!(m, mixed_lines(&w, 9, 2000, 60));
         let chains: Vec<usize> = m.iter().filter_map(|l| chain_steps(l)).collect();
         assert!((1100..1300).contains(&chains.len()), "{}", chains.len());
         for s in 1..=CHAIN_MAX_STEPS {
-            assert!(chains.iter().filter(|&&c| c == s).count() > 120, "steps {s}");
+            assert!(chains.iter().filter(|&&c| c == s).count() > 90, "steps {s}");
         }
     }
 }

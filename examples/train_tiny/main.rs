@@ -140,23 +140,23 @@ const TINY: Recipe = Recipe {
     embed_std: 0.02,
 };
 
-/// `fixtures/ouro-deep-trained`: two physical layers (so that a pointer step costs a good part of
-/// a loop and six steps need all four), wider, and 60% pointer-chain lines.
+/// `fixtures/ouro-deep-trained`: two physical layers (one pass makes about two moves of a walk, so
+/// that eight moves need all four loops), wider, and 60% walk lines (`corpus::chain_line`).
 const DEEP: Recipe = Recipe {
     name: "ouro-deep-trained",
-    hidden: 384,
-    inter: 1024,
+    hidden: 256,
+    inter: 768,
     layers: 2,
-    heads: 6,
+    heads: 4,
     kv_heads: 2,
     vocab_target: 2048,
     people: 40,
     train_lines: 200_000,
     valid_lines: 600,
     chain_share: Some(60),
-    steps: 6000,
+    steps: 5000,
     gate_steps: 300,
-    batch: 32,
+    batch: 16,
     seq: 128,
     shards: 2,
     lr: 2e-3,
@@ -164,8 +164,8 @@ const DEEP: Recipe = Recipe {
     beta_start: 2.0,
     gamma: 0.005,
     packing: Packing::Lines,
-    curriculum: 3000,
-    loop_curriculum: 2000,
+    curriculum: 2500,
+    loop_curriculum: 1000,
     embed_std: 1.0,
 };
 

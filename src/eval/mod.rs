@@ -196,11 +196,11 @@ pub struct CorpusReport {
     pub recall_answers: KindReport,
     /// Answer tokens of manipulation lines.
     pub manipulation_answers: KindReport,
-    /// Answer tokens of pointer chains (`corpus::chain_line`), by the steps they need (empty
+    /// Answer tokens of walks (`corpus::chain_line`), by the moves they need (empty
     /// when the text has none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub chain_answers: Vec<StepsReport>,
-    /// Answer tokens of pointer chains of two or more steps.
+    /// Answer tokens of walks of two or more moves.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multi_step_answers: Option<KindReport>,
     /// The CDF threshold (of 0.05, 0.10, ..., 0.95, 0.99) that runs the fewest loops while the
