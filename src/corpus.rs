@@ -233,7 +233,7 @@ pub fn chain_steps(line: &str) -> Option<usize> {
     line.strip_prefix(CHAIN_OPENING)?.split(' ').next()?.parse().ok()
 }
 
-/// A line of the second fixture's text: a pointer chain (steps drawn uniformly from 1 to
+/// A line of the second fixture's text: a walk (moves drawn uniformly from 1 to
 /// [`CHAIN_MAX_STEPS`]) with probability `chain_share` / 100, else a line of [`line`].
 pub fn mixed_line(w: &World, rng: &mut Rng, chain_share: usize) -> String {
     if rng.below(100) < chain_share {
@@ -291,7 +291,7 @@ pub fn task_items(w: &World, seed: u64, per_kind: usize) -> Vec<(String, String,
     out
 }
 
-/// The byte spans of a line's answers: a pointer chain's after each ` = ` up to its `.`, any other
+/// The byte spans of a line's answers: a walk's after each ` = ` up to its `.`, any other
 /// question's from [`classify`]'s offset to the end of the line; none for statements.
 pub fn answer_spans(line: &str) -> Vec<(usize, usize)> {
     if line.starts_with(CHAIN_OPENING) {
@@ -303,9 +303,9 @@ pub fn answer_spans(line: &str) -> Vec<(usize, usize)> {
     classify(line).1.map(|a| vec![(a, line.len())]).unwrap_or_default()
 }
 
-/// Pointer-chain items for answer-level validation: `per_steps` for each step count from 1 to
+/// Walk items for answer-level validation: `per_steps` for each step count from 1 to
 /// [`CHAIN_MAX_STEPS`], drawn from `seed`, as (prompt, answer, steps): the prompt is the line cut
-/// just before its first answer (`... 3 steps from 47 =`), the answer the number that follows.
+/// just before its first answer (`Walk: 3 moves. 17 A C B =`), the answer the number that follows.
 pub fn chain_task_items(seed: u64, per_steps: usize) -> Vec<(String, usize, usize)> {
     let mut rng = Rng::new(seed);
     let mut out = vec![];
@@ -344,7 +344,7 @@ pub fn token_kinds(text: &str, spans: &[(usize, usize)]) -> Vec<(Kind, bool)> {
         .collect()
 }
 
-/// For each token of `text` (given by its byte span), the step count of the pointer-chain line it
+/// For each token of `text` (given by its byte span), the step count of the walk line it
 /// lies in ([`chain_steps`]); `None` for tokens of other lines.
 pub fn token_chain_steps(text: &str, spans: &[(usize, usize)]) -> Vec<Option<usize>> {
     let mut starts = vec![];

@@ -1,6 +1,6 @@
 //! Trains the project's small trained Ouro fixtures (a development tool, not part of the CLI):
 //! `--preset tiny` (the default) makes `fixtures/ouro-tiny-trained`, `--preset deep` the second one,
-//! `fixtures/ouro-deep-trained`, whose text adds pointer chains of 1 to 6 steps (see
+//! `fixtures/ouro-deep-trained`, whose text adds walks of 1 to 8 moves (see
 //! `ouro_quant::corpus`) so that depth matters.
 //!
 //! cargo run --release --example train_tiny -- --out fixtures/ouro-tiny-trained
@@ -75,7 +75,7 @@ struct Recipe {
     people: usize,
     train_lines: usize,
     valid_lines: usize,
-    /// Percent of pointer-chain lines (`corpus::mixed_lines`); `None`: the first corpus only
+    /// Percent of walk lines (`corpus::mixed_lines`); `None`: the first corpus only
     /// (`corpus::lines`, whose draws differ).
     chain_share: Option<usize>,
     steps: usize,
@@ -296,7 +296,7 @@ impl Args {
 }
 
 /// Held-out monitor: windows of the validation text and, per token, the group its cross-entropy
-/// is reported in: the answers of pointer chains by their step count (1..), the other lines'
+/// is reported in: the answers of walks by their move count (1..), the other lines'
 /// answers (0); `None` for the rest.
 struct Monitor {
     x: Tensor,
@@ -523,8 +523,8 @@ fn check_against_runner(m: &model::Model, tokens: &[u32], dev: &Device) -> anyho
 
 /// `--tasks FILE [--seed S] [--preset P]`: the task file of answer-level validation (`validate
 /// --tasks`), drawn from seed S + 5 (training used S + 1, validation S + 2): 30 items of each
-/// question kind of the first corpus (tiny), or 20 of each and 20 pointer chains of each step
-/// count from 1 to 6 (deep; kind `chain-N`, the answer a regular expression for the number).
+/// question kind of the first corpus (tiny), or 20 of each and 20 walks of each move
+/// count from 1 to 8 (deep; kind `chain-N`, the answer a regular expression for the number).
 fn write_tasks(path: &std::path::Path, args: &Args) -> anyhow::Result<()> {
     use std::io::Write;
     let seed = args.seed;
