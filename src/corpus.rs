@@ -187,19 +187,22 @@ pub const CHAIN_QUESTIONS: usize = 3;
 /// (0-based). Fixed for the whole corpus (drawn once from a constant seed), so the model stores the
 /// moves in its weights and each question only says where to start and which moves to make.
 /// Four random permutations of 20 places: no two commute, so the order of the moves matters and
-/// no count of them gives the answer.
-pub fn walk_moves() -> Vec<Vec<usize>> {
-    let mut rng = Rng::new(0x0a1c_5eed);
-    WALK_MOVES
-        .iter()
-        .map(|_| {
-            let mut p: Vec<usize> = (0..WALK_PLACES).collect();
-            for i in (1..WALK_PLACES).rev() {
-                p.swap(i, rng.below(i + 1));
-            }
-            p
-        })
-        .collect()
+/// no count of them gives the answer. Drawn on first use, once.
+pub fn walk_moves() -> &'static [Vec<usize>] {
+    static MOVES: std::sync::OnceLock<Vec<Vec<usize>>> = std::sync::OnceLock::new();
+    MOVES.get_or_init(|| {
+        let mut rng = Rng::new(0x0a1c_5eed);
+        WALK_MOVES
+            .iter()
+            .map(|_| {
+                let mut p: Vec<usize> = (0..WALK_PLACES).collect();
+                for i in (1..WALK_PLACES).rev() {
+                    p.swap(i, rng.below(i + 1));
+                }
+                p
+            })
+            .collect()
+    })
 }
 
 /// A walk item that asks for `steps` moves (1 to [`CHAIN_MAX_STEPS`]): [`CHAIN_QUESTIONS`]
@@ -429,7 +432,7 @@ mod tests {
         let m = walk_moves();
         assert_eq!(m, walk_moves());
         assert_eq!(m.len(), WALK_MOVES.len());
-        for p in &m {
+        for p in m {
             let mut seen = p.clone();
             seen.sort();
             assert_eq!(seen, (0..WALK_PLACES).collect::<Vec<_>>());
