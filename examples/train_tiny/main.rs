@@ -140,8 +140,9 @@ const TINY: Recipe = Recipe {
     embed_std: 0.02,
 };
 
-/// `fixtures/ouro-deep-trained`: two physical layers (one pass makes about two moves of a walk, so
-/// that eight moves need all four loops), wider, and 60% walk lines (`corpus::chain_line`).
+/// `fixtures/ouro-deep-trained`: two physical layers (a loop makes about one move of a walk, so
+/// walks of one to four moves need one to four loops), wider, and 60% walk lines
+/// (`corpus::chain_line`); the longest walk in the batches rises by one move every 300 steps.
 const DEEP: Recipe = Recipe {
     name: "ouro-deep-trained",
     hidden: 256,
@@ -164,7 +165,7 @@ const DEEP: Recipe = Recipe {
     beta_start: 2.0,
     gamma: 0.005,
     packing: Packing::Lines,
-    curriculum: 2500,
+    curriculum: 1200,
     loop_curriculum: 1000,
     embed_std: 1.0,
 };
