@@ -1,6 +1,6 @@
 //! Trains the project's small trained Ouro fixtures (a development tool, not part of the CLI):
 //! `--preset tiny` (the default) makes `fixtures/ouro-tiny-trained`, `--preset deep` the second one,
-//! `fixtures/ouro-deep-trained`, whose text adds walks of 1 to 8 moves (see
+//! `fixtures/ouro-deep-trained`, whose text adds walks of 1 to 4 moves (see
 //! `ouro_quant::corpus`) so that depth matters.
 //!
 //! cargo run --release --example train_tiny -- --out fixtures/ouro-tiny-trained
@@ -525,7 +525,7 @@ fn check_against_runner(m: &model::Model, tokens: &[u32], dev: &Device) -> anyho
 /// `--tasks FILE [--seed S] [--preset P]`: the task file of answer-level validation (`validate
 /// --tasks`), drawn from seed S + 5 (training used S + 1, validation S + 2): 30 items of each
 /// question kind of the first corpus (tiny), or 20 of each and 20 walks of each move
-/// count from 1 to 8 (deep; kind `chain-N`, the answer a regular expression for the number).
+/// count from 1 to 4 (deep; kind `chain-N`, the answer a regular expression for the number).
 fn write_tasks(path: &std::path::Path, args: &Args) -> anyhow::Result<()> {
     use std::io::Write;
     let seed = args.seed;
