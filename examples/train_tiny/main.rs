@@ -140,14 +140,16 @@ const TINY: Recipe = Recipe {
     embed_std: 0.02,
 };
 
-/// `fixtures/ouro-deep-trained`: two physical layers (a loop makes about one move of a walk, so
-/// walks of one to four moves need one to four loops), wider, and 60% walk lines
-/// (`corpus::chain_line`); the longest walk in the batches rises by one move every 300 steps.
+/// `fixtures/ouro-deep-trained`: one physical layer looped four times (a loop can then make one
+/// move of a walk and no more, so walks of one to four moves need one to four loops; with two
+/// layers a pass made two moves at once and the loops added little: docs/training.md), wider, and
+/// 60% walk lines (`corpus::chain_line`); the longest walk in the batches rises by one move every
+/// 300 steps, just after the loop that makes it enters training.
 const DEEP: Recipe = Recipe {
     name: "ouro-deep-trained",
     hidden: 256,
-    inter: 768,
-    layers: 2,
+    inter: 1024,
+    layers: 1,
     heads: 4,
     kv_heads: 2,
     vocab_target: 2048,
