@@ -157,7 +157,7 @@ const DEEP: Recipe = Recipe {
     train_lines: 200_000,
     valid_lines: 600,
     chain_share: Some(60),
-    steps: 5000,
+    steps: 8000,
     gate_steps: 300,
     batch: 16,
     seq: 128,
