@@ -5,7 +5,9 @@
 # Prints a Markdown table (docs/calibration.md holds its output). Types that cannot be made without
 # an importance matrix (llama-quantize refuses them too) get no "none" row.
 #
-# usage: scripts/imatrix-table.sh [OURO_QUANT_BINARY [TYPE...]]
+# usage: [FIXTURE=DIR] scripts/imatrix-table.sh [OURO_QUANT_BINARY [TYPE...]]
+#   FIXTURE: a trained fixture with calibration.txt and validation.txt (fixtures/ouro-tiny-trained;
+#   fixtures/ouro-deep-trained for the deep one's table);
 #   TYPE: a GGUF file type (Q4_K_M, IQ2_M, ...), MLX-<bits>bit or MLX-<recipe> (MLX-mixed_2_6);
 #   the default list is the table of docs/calibration.md; docs/iquants.md lists the low-bit one.
 set -euo pipefail
@@ -15,7 +17,7 @@ shift || true
 types=("$@")
 [ ${#types[@]} -gt 0 ] || types=(Q4_K_M Q4_K_S IQ4_XS IQ4_NL Q3_K_M Q2_K MLX-4bit MLX-3bit)
 [ -x "$bin" ] || cargo build --release --locked
-fx=fixtures/ouro-tiny-trained
+fx=${FIXTURE:-fixtures/ouro-tiny-trained}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$bin" imatrix "$fx" --text "$fx/calibration.txt" --ctx 128 -o "$work/loops.gguf" --json >/dev/null
