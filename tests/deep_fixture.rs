@@ -70,7 +70,7 @@ fn convert(out: &Path, args: &[&str]) {
 }
 
 /// `validate` of `candidate` against the fixture on its whole validation text at `--ctx 128`,
-/// with its task file: (exit status, the report's JSON).
+/// with its task file: (exit status, the report's JSON, what it printed).
 fn validate(candidate: &Path, report: &Path) -> (Option<i32>, serde_json::Value, String) {
     let o = bin()
         .arg("validate").arg("--reference").arg(fixture()).arg("--candidate").arg(candidate)
