@@ -9,23 +9,15 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use common::*;
-use ouro_quant::eval::{corpus_report, CorpusReport};
-use ouro_quant::model::source;
+use ouro_quant::eval::CorpusReport;
 
 fn fixture() -> PathBuf {
     fixtures().join("ouro-deep-trained")
 }
 
 fn report(path: &Path) -> CorpusReport {
-    let loaded = source::load(path, &Device::Cpu).unwrap();
-    let tok = match loaded.tokenizer {
-        Some(t) => t,
-        None => tokenizers::Tokenizer::from_file(fixture().join("tokenizer.json")).unwrap(),
-    };
-    let text = std::fs::read_to_string(fixture().join("validation.txt")).unwrap();
-    corpus_report(&loaded.model, &tok, &text, 128).unwrap()
+    corpus_report_of(path, &fixture())
 }
 
 fn strictly_falling(v: &[f64]) -> bool {
@@ -72,15 +64,8 @@ fn convert(out: &Path, args: &[&str]) {
 /// `validate` of `candidate` against the fixture on its whole validation text at `--ctx 128`,
 /// with its task file: (exit status, the report's JSON, what it printed).
 fn validate(candidate: &Path, report: &Path) -> (Option<i32>, serde_json::Value, String) {
-    let o = bin()
-        .arg("validate").arg("--reference").arg(fixture()).arg("--candidate").arg(candidate)
-        .arg("--text").arg(fixture().join("validation.txt"))
-        .arg("--tasks").arg(fixture().join("tasks.jsonl"))
-        .args(["--ctx", "128", "--report"]).arg(report)
-        .output().unwrap();
-    let out = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
-    let v = std::fs::read(report).ok().map(|b| serde_json::from_slice(&b).unwrap()).unwrap_or(serde_json::Value::Null);
-    (o.status.code(), v, out)
+    let tasks = fixture().join("tasks.jsonl");
+    validate_on_fixture(&fixture(), candidate, report, &["--tasks", tasks.to_str().unwrap()])
 }
 
 /// What the tiny fixture cannot show: 4- and 3-bit copies of a model whose quality lies in its

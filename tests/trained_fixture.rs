@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use common::*;
-use ouro_quant::eval::{corpus_report, CorpusReport};
+use ouro_quant::eval::CorpusReport;
 use ouro_quant::model::source;
 
 fn fixture() -> PathBuf {
@@ -16,13 +16,7 @@ fn fixture() -> PathBuf {
 }
 
 fn report(path: &std::path::Path) -> CorpusReport {
-    let loaded = source::load(path, &Device::Cpu).unwrap();
-    let tok = match loaded.tokenizer {
-        Some(t) => t,
-        None => tokenizers::Tokenizer::from_file(fixture().join("tokenizer.json")).unwrap(),
-    };
-    let text = std::fs::read_to_string(fixture().join("validation.txt")).unwrap();
-    corpus_report(&loaded.model, &tok, &text, 128).unwrap()
+    corpus_report_of(path, &fixture())
 }
 
 #[test]

@@ -14,27 +14,13 @@ fn text() -> PathBuf {
     fixture().join("validation.txt")
 }
 
-/// Runs validate; returns (exit code, report JSON, stderr).
+/// Runs validate on the first 30 chunks of the fixture's validation text; returns (exit code, report
+/// JSON, what it printed).
 fn validate(candidate: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
     let d = tempfile::tempdir().unwrap();
-    let rep = d.path().join("r.json");
-    let o = bin()
-        .arg("validate")
-        .arg("--reference")
-        .arg(fixture())
-        .arg("--candidate")
-        .arg(candidate)
-        .arg("--text")
-        .arg(text())
-        .args(["--ctx", "128", "--chunks", "30", "--report"])
-        .arg(&rep)
-        .args(extra)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    let code = o.status.code().unwrap_or(-1);
-    let v = std::fs::read(&rep).ok().map(|b| serde_json::from_slice(&b).unwrap()).unwrap_or(serde_json::Value::Null);
-    (code, v, err + &String::from_utf8_lossy(&o.stdout))
+    let args: Vec<&str> = ["--chunks", "30"].into_iter().chain(extra.iter().copied()).collect();
+    let (code, v, out) = validate_on_fixture(&fixture(), candidate, &d.path().join("r.json"), &args);
+    (code.unwrap_or(-1), v, out)
 }
 
 /// A copy of the fixture with noise of +-0.05 on every weight of one bf16 matrix (layer 1's
@@ -322,12 +308,7 @@ fn the_verdicts_the_docs_list_hold_on_the_whole_text() {
         let c = d.path().join(name);
         bin().arg("convert").arg(fixture()).args(args).arg("-o").arg(&c).assert().success();
         let rep = d.path().join(format!("{name}.json"));
-        let o = bin()
-            .arg("validate").arg("--reference").arg(fixture()).arg("--candidate").arg(&c)
-            .arg("--text").arg(text()).args(["--ctx", "128", "--report"]).arg(&rep)
-            .output().unwrap();
-        let out = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+        let (code, v, out) = validate_on_fixture(&fixture(), &c, &rep, &[]);
         let r = &v["report"];
         let (ratio, kl, top) = (
             r["default_mode"]["ppl_ratio"].as_f64().unwrap(),
@@ -336,7 +317,7 @@ fn the_verdicts_the_docs_list_hold_on_the_whole_text() {
         );
         let agree: Vec<f64> = r["exits"].as_array().unwrap().iter().map(|e| e["exit_agreement_pct"].as_f64().unwrap()).collect();
         eprintln!("{name}: profile {}, ppl ratio {ratio:.4}, mean KL {kl:.5}, same top {top:.2}%, exit agreement {agree:.2?}", v["profile"]["name"]);
-        assert_eq!(o.status.code(), Some(0), "{name}: {out}");
+        assert_eq!(code, Some(0), "{name}: {out}");
         assert_eq!((v["profile"]["name"].as_str(), v["pass"].as_bool()), (Some(profile), Some(true)), "{name}");
         // measured (this fixture, ctx 128): 4-bit ppl ratios 0.9987 (Q4_K_M) to 1.0049 (MLX 4-bit,
         // group 64), exit agreement at q = 0.5 97.27% (Q4_0) to 98.71%; Q6_K 1.0004 and 99.45%

@@ -22,6 +22,41 @@ pub fn bin() -> assert_cmd::Command {
     cmd
 }
 
+/// The project's corpus report (`eval::corpus_report` at `--ctx 128`) of `model` (a checkpoint
+/// directory, GGUF file or MLX directory) on the validation text of the trained `fixture` it was
+/// made from, with the fixture's tokenizer where `model` carries none.
+pub fn corpus_report_of(model: &Path, fixture: &Path) -> ouro_quant::eval::CorpusReport {
+    let loaded = ouro_quant::model::source::load(model, &candle_core::Device::Cpu).unwrap();
+    let tok = match loaded.tokenizer {
+        Some(t) => t,
+        None => tokenizers::Tokenizer::from_file(fixture.join("tokenizer.json")).unwrap(),
+    };
+    let text = std::fs::read_to_string(fixture.join("validation.txt")).unwrap();
+    ouro_quant::eval::corpus_report(&loaded.model, &tok, &text, 128).unwrap()
+}
+
+/// `ouro-quant validate --reference fixture --candidate candidate` on the fixture's validation
+/// text at `--ctx 128`, writing its JSON report to `report`, with `extra` arguments after:
+/// (exit status, the report's JSON or Null where none was written, what it printed).
+pub fn validate_on_fixture(fixture: &Path, candidate: &Path, report: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let o = bin()
+        .arg("validate")
+        .arg("--reference")
+        .arg(fixture)
+        .arg("--candidate")
+        .arg(candidate)
+        .arg("--text")
+        .arg(fixture.join("validation.txt"))
+        .args(["--ctx", "128", "--report"])
+        .arg(report)
+        .args(extra)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
+    let v = std::fs::read(report).ok().map(|b| serde_json::from_slice(&b).unwrap()).unwrap_or(serde_json::Value::Null);
+    (o.status.code(), v, out)
+}
+
 /// Copies the files of a checkpoint directory (not recursive) into a new temp dir.
 pub fn copy_checkpoint(src: &Path) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
