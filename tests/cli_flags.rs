@@ -100,7 +100,7 @@ fn validate_limit_overrides_decide_the_verdict() {
     // each override tightened past what Q8_0 reaches fails exactly its own check
     for (flag, value, check) in [
         ("--max-ppl-ratio", "0.5", "ppl_ratio"),
-        ("--min-same-top", "100.1", "same_top_token_pct"),
+        ("--min-same-top", "100.1", "same_top_decided_pct"),
         ("--min-exit-agreement", "100.1", "exit_agreement_pct"),
     ] {
         let (code, v) = validate(&[flag, value]);

@@ -100,16 +100,8 @@ fn four_and_three_bit_copies_keep_what_depth_buys_and_pass_their_checks() {
         for ch in checks {
             eprintln!("{name}: {} {} (limit {}) {}", ch["name"], ch["value"], ch["limit"], ch["pass"]);
         }
-        if name == "mlx4" {
-            // Measured: same top token 63.3% (limit 90) with mean KL 0.0029 and ppl ratio 1.0006:
-            // half of a walk line's tokens (its starts and moves) are uniform draws, which the
-            // model predicts flat, and the 4-bit lm_head reorders near-equal logits (GGUF keeps
-            // the output matrix at Q6_K: 95.6%). Every other check passes, and must.
-            for ch in checks.iter().filter(|c| !c["name"].as_str().unwrap().starts_with("same_top")) {
-                assert_eq!(ch["pass"].as_bool(), Some(true), "{name}: {ch}");
-            }
-            continue;
-        }
+        // MLX 4-bit: same top token 63.3% of all tokens (half of a walk line's tokens are uniform
+        // draws predicted flat, whose order the 4-bit lm_head shuffles), 100% of the decided ones
         assert_eq!((code, v["pass"].as_bool()), (Some(0), Some(true)), "{name}: {out}");
     }
 }

@@ -56,6 +56,7 @@ fn the_reference_against_itself_is_perfect() {
         assert_eq!(m["kl_mean"], 0.0);
         assert_eq!(m["kl_max"], 0.0);
         assert_eq!(m["same_top_token_pct"], 100.0);
+        assert_eq!(m["same_top_decided_pct"], 100.0);
     }
     for e in r["exits"].as_array().unwrap() {
         assert_eq!(e["exit_agreement_pct"], 100.0);
@@ -95,6 +96,28 @@ fn eight_bit_outputs_pass_and_damaged_ones_fail_naming_the_metric() {
     for f in failed {
         assert!(out.contains(&format!("FAIL {f}")), "{f} not named in: {out}");
     }
+}
+
+/// The same-top check counts only the tokens the reference has decided (its top token at least
+/// twice as likely as the runner-up), so near ties reordered by quantization pass; an error on
+/// decided tokens still fails it by name. Here the output matrix's rows are rotated by one (the
+/// vocabulary off by one, as a converter that misorders tokens would leave it).
+#[test]
+fn misordered_output_rows_fail_same_top_on_the_decided_tokens() {
+    let bad = copy_checkpoint(&fixture());
+    edit_weights(bad.path(), |ts| {
+        let t = ts.iter_mut().find(|t| t.spec.name == "lm_head.weight").unwrap();
+        let row = t.spec.nbytes() / t.spec.shape[0];
+        t.bytes.rotate_left(row);
+    });
+    let (code, v, out) = validate(bad.path(), &["--profile", "4bit"]);
+    assert_eq!(code, 1, "{out}");
+    let d = &v["report"]["default_mode"];
+    let check = v["checks"].as_array().unwrap().iter().find(|c| c["name"] == "same_top_decided_pct (default mode)").unwrap().clone();
+    eprintln!("same top {} (decided {}%: {}%)", d["same_top_token_pct"], d["decided_tokens_pct"], d["same_top_decided_pct"]);
+    assert_eq!((check["pass"].as_bool(), check["value"].as_f64()), (Some(false), d["same_top_decided_pct"].as_f64()), "{check}");
+    assert!(check["value"].as_f64().unwrap() < 90.0, "{check}");
+    assert!(out.contains("FAIL same_top_decided_pct (default mode)"), "{out}");
 }
 
 #[test]

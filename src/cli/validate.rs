@@ -42,7 +42,8 @@ pub struct Args {
     /// Override the profile's minimum exit agreement at q = 0.5 (percent).
     #[arg(long)]
     pub min_exit_agreement: Option<f64>,
-    /// Override the profile's minimum same-top-token share (percent).
+    /// Override the profile's minimum same-top-token share (percent, of the tokens the reference
+    /// has decided: its top token at least twice as likely as the runner-up).
     #[arg(long)]
     pub min_same_top: Option<f64>,
     /// Also answer the prompts of a task file (JSON Lines: prompt, answer, chat, match,

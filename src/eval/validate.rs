@@ -117,8 +117,15 @@ pub struct LoopMetrics {
     pub kl_median: f64,
     pub kl_p99: f64,
     pub kl_max: f64,
-    /// Share of tokens whose most likely next token is the same, in percent.
+    /// Share of tokens whose most likely next token is the same, in percent (llama.cpp's "same
+    /// top p": near-ties of the reference count too, where any pick is as good as another).
     pub same_top_token_pct: f64,
+    /// Share of tokens on which the reference has decided: its most likely next token at least
+    /// [`DECIDED_RATIO`] times as likely as its runner-up, in percent.
+    pub decided_tokens_pct: f64,
+    /// Among the decided tokens, the share whose most likely next token is the same, in percent
+    /// (100 where the reference decided none). This is what the verdict checks.
+    pub same_top_decided_pct: f64,
     /// RMS of the change in the probability of the reference's top token.
     pub top_token_prob_change_rms: f64,
 }
@@ -170,6 +177,13 @@ pub struct ValidateReport {
     pub tasks: Option<super::tasks::TaskReport>,
 }
 
+/// How much more likely than its runner-up the reference's top token must be for the token to count
+/// as decided in `same_top_decided_pct`. Below it the reference's choice is a near tie (a uniform
+/// draw predicted flat, a synonym): reordering it costs the candidate almost nothing in perplexity
+/// or KL, yet the plain same-top share counts it as a miss. Twice as likely (a log-odds gap of
+/// ln 2 = 0.69) is far above what the f16 rounding of the log-probabilities (1e-3 near 0) moves.
+pub const DECIDED_RATIO: f64 = 2.0;
+
 /// Accumulates per-token comparisons of one readout (a loop or the default mode).
 #[derive(Default)]
 struct LoopAcc {
@@ -177,6 +191,8 @@ struct LoopAcc {
     nll_c: Vec<f64>,
     kl: Vec<f64>,
     same_top: usize,
+    decided: usize,
+    same_top_decided: usize,
     dp2: f64,
 }
 
@@ -186,10 +202,15 @@ impl LoopAcc {
         self.nll_c.push(-c[target].to_f64());
         let mut kl = 0.0;
         let (mut ar, mut ac) = (0usize, 0usize);
+        // the reference's runner-up log-probability (the first index wins ties, as for the top)
+        let mut second = f64::NEG_INFINITY;
         for i in 0..r.len() {
             let (lr, lc) = (r[i].to_f64(), c[i].to_f64());
             if lr > r[ar].to_f64() {
+                second = r[ar].to_f64();
                 ar = i;
+            } else if i != ar && lr > second {
+                second = lr;
             }
             if lc > c[ac].to_f64() {
                 ac = i;
@@ -201,6 +222,10 @@ impl LoopAcc {
         }
         self.kl.push(kl.max(0.0));
         self.same_top += usize::from(ar == ac);
+        if r[ar].to_f64() - second >= DECIDED_RATIO.ln() {
+            self.decided += 1;
+            self.same_top_decided += usize::from(ar == ac);
+        }
         self.dp2 += (r[ar].to_f64().exp() - c[ar].to_f64().exp()).powi(2);
     }
 
@@ -226,6 +251,8 @@ impl LoopAcc {
             kl_p99: q(0.99),
             kl_max: *self.kl.last().unwrap_or(&0.0),
             same_top_token_pct: 100.0 * self.same_top as f64 / n,
+            decided_tokens_pct: 100.0 * self.decided as f64 / n,
+            same_top_decided_pct: if self.decided == 0 { 100.0 } else { 100.0 * self.same_top_decided as f64 / self.decided as f64 },
             top_token_prob_change_rms: (self.dp2 / n).sqrt(),
         }
     }
@@ -579,12 +606,37 @@ mod tests {
     }
 
     #[test]
+    fn same_top_on_decided_tokens_leaves_out_the_references_near_ties() {
+        let mut acc = LoopAcc::default();
+        for (r, c) in [
+            ([0.8, 0.1, 0.1], [0.7, 0.2, 0.1]),     // decided (8x), same top
+            ([0.34, 0.33, 0.33], [0.33, 0.34, 0.33]), // a near tie, reordered
+            ([0.45, 0.4, 0.15], [0.4, 0.45, 0.15]),  // 1.125x: a near tie, reordered
+            ([0.1, 0.2, 0.7], [0.1, 0.2, 0.7]),      // decided (3.5x, runner-up before the top), same
+            ([0.05, 0.65, 0.3], [0.05, 0.3, 0.65]),  // decided (2.17x), reordered: a real miss
+        ] {
+            acc.add(&lp(&r), &lp(&c), 0);
+        }
+        let m = acc.finish(1);
+        assert!((m.same_top_token_pct - 40.0).abs() < 1e-9, "{}", m.same_top_token_pct);
+        assert!((m.decided_tokens_pct - 60.0).abs() < 1e-9, "{}", m.decided_tokens_pct);
+        assert!((m.same_top_decided_pct - 200.0 / 3.0).abs() < 1e-9, "{}", m.same_top_decided_pct);
+
+        // a top tied with a later token is not decided; with none decided the share is 100%
+        let mut acc = LoopAcc::default();
+        acc.add(&lp(&[0.4, 0.2, 0.4]), &lp(&[0.2, 0.4, 0.4]), 0);
+        let m = acc.finish(1);
+        assert_eq!((m.same_top_token_pct, m.decided_tokens_pct, m.same_top_decided_pct), (0.0, 0.0, 100.0));
+    }
+
+    #[test]
     fn identical_sides_give_ratio_one_and_zero_kl() {
         let mut acc = LoopAcc::default();
-        for p in [[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]] {
+        for p in [[0.4, 0.3, 0.3], [0.1, 0.1, 0.8]] {
             acc.add(&lp(&p), &lp(&p), 1);
         }
         let m = acc.finish(0);
-        assert_eq!((m.ppl_ratio, m.kl_mean, m.kl_max, m.same_top_token_pct), (1.0, 0.0, 0.0, 100.0));
+        assert_eq!((m.ppl_ratio, m.kl_mean, m.kl_max, m.same_top_token_pct, m.same_top_decided_pct), (1.0, 0.0, 0.0, 100.0, 100.0));
+        assert_eq!(m.decided_tokens_pct, 50.0);
     }
 }
