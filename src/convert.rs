@@ -223,7 +223,7 @@ fn metadata(ck: &Checkpoint, opts: &GgufOptions, source_hash: &str) -> Result<Ve
                 "--type {} {}{}",
                 opts.file_type.name(),
                 overrides.iter().map(|o| format!("--type-override {o} ")).collect::<String>(),
-                opts.imatrix.as_ref().map(|im| format!("--imatrix {}", im.path.display())).unwrap_or_default()
+                opts.imatrix.as_ref().map(|im| im.options()).unwrap_or_default()
             )
             .trim()
             .to_string(),

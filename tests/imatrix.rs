@@ -340,3 +340,58 @@ fn convert_follows_llama_quantize_rules_for_importance_data() {
     let e = err(conv("Q4_K_M", Some(&trained().join("validation.txt")), "x.gguf"));
     assert!(e.contains("validation.txt"), "{e}");
 }
+
+/// llama-quantize's `--exclude-weights` / `--include-weights`: the tensors a name leaves out are
+/// quantized exactly as without the matrix, the others exactly as with all of it; the output
+/// records the options and the entries used; a name that matches nothing, both flags together,
+/// or either without `--imatrix` is refused with status 2 before anything is written.
+#[test]
+fn exclude_and_include_weights_choose_which_tensors_use_the_matrix() {
+    use ouro_quant::gguf::file::GgufFile;
+    let d = tempfile::tempdir().unwrap();
+    let im = d.path().join("m.gguf");
+    imatrix(&im, &[]).success();
+    let conv = |out: &str, extra: &[&str]| {
+        let mut c = bin();
+        c.arg("convert").arg(trained()).args(["--type", "Q3_K_M", "-o"]).arg(d.path().join(out)).args(extra);
+        c.assert()
+    };
+    let imf = im.to_str().unwrap();
+    conv("none.gguf", &[]).success();
+    conv("all.gguf", &["--imatrix", imf]).success();
+    conv("ex.gguf", &["--imatrix", imf, "--exclude-weights", "attn_k", "--exclude-weights", "blk.1.ffn_up"]).success();
+    conv("in.gguf", &["--imatrix", imf, "--include-weights", "attn_k"]).success();
+    let open = |f: &str| GgufFile::open(d.path().join(f)).unwrap();
+    let (none, all, ex, inc) = (open("none.gguf"), open("all.gguf"), open("ex.gguf"), open("in.gguf"));
+    let bytes = |g: &GgufFile, name: &str| g.tensor_bytes(g.header.tensor(name).unwrap()).to_vec();
+    let mut left_out = 0;
+    for t in &all.header.tensors {
+        let name = t.name.as_str();
+        if !name.starts_with("blk.") || t.shape.len() < 2 {
+            continue;
+        }
+        let excluded = name.contains("attn_k") || name.starts_with("blk.1.ffn_up");
+        assert!(bytes(&none, name) != bytes(&all, name), "{name}: the matrix changed nothing, so the test could not tell");
+        let want = if excluded { bytes(&none, name) } else { bytes(&all, name) };
+        assert!(bytes(&ex, name) == want, "{name}: --exclude-weights");
+        let want = if name.contains("attn_k") { bytes(&all, name) } else { bytes(&none, name) };
+        assert!(bytes(&inc, name) == want, "{name}: --include-weights");
+        left_out += usize::from(excluded);
+    }
+    assert_eq!(left_out, 3, "blk.0/1.attn_k and blk.1.ffn_up");
+    let count = |g: &GgufFile| g.header.get("quantize.imatrix.entries_count").and_then(|v| v.as_u32());
+    assert_eq!((count(&all), count(&ex), count(&inc)), (Some(14), Some(11), Some(2)));
+    let opts = ex.header.get("ouro_quant.options").and_then(|v| v.as_str()).unwrap().to_string();
+    assert!(opts.ends_with(&format!("--imatrix {imf} --exclude-weights attn_k --exclude-weights blk.1.ffn_up")), "{opts}");
+
+    let err = |a: assert_cmd::assert::Assert| String::from_utf8(a.code(2).get_output().stderr.clone()).unwrap();
+    let e = err(conv("x1.gguf", &["--imatrix", imf, "--exclude-weights", "attn_kk"]));
+    assert!(e.contains("--exclude-weights `attn_kk`") && e.contains("m.gguf") && e.contains("no entry"), "{e}");
+    let e = err(conv("x2.gguf", &["--imatrix", imf, "--exclude-weights", "attn_k", "--include-weights", "ffn"]));
+    assert!(e.contains("--include-weights") && e.contains("--exclude-weights"), "{e}");
+    let e = err(conv("x3.gguf", &["--exclude-weights", "attn_k"]));
+    assert!(e.contains("--imatrix"), "{e}");
+    for x in ["x1.gguf", "x2.gguf", "x3.gguf"] {
+        assert!(!d.path().join(x).exists(), "{x}");
+    }
+}

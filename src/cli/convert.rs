@@ -53,6 +53,14 @@ pub struct Args {
     /// mlx, each group's scale and bias minimise the importance-weighted error.
     #[arg(long, value_name = "FILE")]
     pub imatrix: Option<PathBuf>,
+    /// Use the importance matrix only for the tensors whose GGUF name contains NAME (repeatable),
+    /// as llama-quantize --include-weights.
+    #[arg(long, value_name = "NAME", requires = "imatrix", conflicts_with = "exclude_weights")]
+    pub include_weights: Vec<String>,
+    /// Quantize the tensors whose GGUF name contains NAME without the importance matrix
+    /// (repeatable), as llama-quantize --exclude-weights; e.g. `attn_k` (docs/calibration.md).
+    #[arg(long, value_name = "NAME", requires = "imatrix")]
+    pub exclude_weights: Vec<String>,
     /// Give tensors whose GGUF name matches REGEX this ggml type (repeatable), e.g. `attn_v=Q8_0`.
     #[arg(long = "type-override", value_name = "REGEX=TYPE")]
     pub type_override: Vec<String>,
@@ -127,6 +135,21 @@ fn check_validation(a: &Args, gguf_out: Option<&Path>) -> anyhow::Result<()> {
 }
 
 /// Converts to GGUF; returns the path written (`None` for a dry run).
+/// `--imatrix`, with `--include-weights` / `--exclude-weights` applied to its entries.
+fn read_imatrix(a: &Args) -> anyhow::Result<Option<ouro_quant::imatrix::ImatrixInput>> {
+    use ouro_quant::imatrix::{EntryFilter, ImatrixInput};
+    let Some(p) = &a.imatrix else { return Ok(None) };
+    let mut im = ImatrixInput::read(p)?;
+    let filter = match (&a.include_weights[..], &a.exclude_weights[..]) {
+        ([], []) => EntryFilter::All,
+        (i, []) => EntryFilter::Include(i.to_vec()),
+        ([], e) => EntryFilter::Exclude(e.to_vec()),
+        _ => anyhow::bail!("--include-weights and --exclude-weights cannot be used together (as in llama-quantize)"),
+    };
+    im.apply(&filter)?;
+    Ok(Some(im))
+}
+
 fn convert_gguf(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
     use ouro_quant::convert::{self, GgufOptions};
     use ouro_quant::gguf::mix::{FileType, TypeOverride};
@@ -148,7 +171,7 @@ fn convert_gguf(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
             Ok(TypeOverride { pattern, ty })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let imatrix = a.imatrix.as_deref().map(ouro_quant::imatrix::ImatrixInput::read).transpose()?;
+    let imatrix = read_imatrix(a)?;
     let opts = GgufOptions { file_type: ft, overrides, force: a.force, imatrix };
     let json = a.json;
     if a.dry_run {
@@ -209,9 +232,9 @@ fn convert_mlx(ck: &Checkpoint, a: &Args) -> anyhow::Result<Option<PathBuf>> {
     if let Some(b) = a.shard_bytes {
         opts.shard_bytes = b;
     }
-    if let Some(p) = &a.imatrix {
+    if a.imatrix.is_some() {
         anyhow::ensure!(bits.is_some(), "--imatrix with --bits 16: nothing is quantized, so an importance matrix has nothing to weight");
-        opts.imatrix = Some(ouro_quant::imatrix::ImatrixInput::read(p)?);
+        opts.imatrix = read_imatrix(a)?;
     }
     let json = a.json;
     if a.dry_run {
