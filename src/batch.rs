@@ -100,6 +100,34 @@ pub struct Target {
     pub validate: bool,
     /// `none`, `loops` or `exit:q`: this target's importance weighting (needs `[calibration]`).
     pub imatrix: Option<String>,
+    /// Tensors (GGUF names containing one of these) quantized without the importance matrix, as
+    /// `convert --exclude-weights`.
+    #[serde(default)]
+    pub exclude_weights: Vec<String>,
+    /// Only these tensors (GGUF names containing one of these) use the importance matrix, as
+    /// `convert --include-weights`.
+    #[serde(default)]
+    pub include_weights: Vec<String>,
+}
+
+impl Target {
+    /// The target's `exclude_weights` / `include_weights` as a filter (checked when the manifest
+    /// is read: not both).
+    fn entry_filter(&self) -> crate::imatrix::EntryFilter {
+        use crate::imatrix::EntryFilter;
+        match (self.include_weights.is_empty(), self.exclude_weights.is_empty()) {
+            (false, _) => EntryFilter::Include(self.include_weights.clone()),
+            (true, false) => EntryFilter::Exclude(self.exclude_weights.clone()),
+            (true, true) => EntryFilter::All,
+        }
+    }
+}
+
+/// Whether `name` can match an importance matrix entry of an Ouro model (a part of a decoder
+/// weight's GGUF name, `blk.N.attn_k.weight` and the like).
+fn names_a_weight(name: &str) -> bool {
+    const WEIGHTS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+    !name.is_empty() && (0..256).any(|i| WEIGHTS.iter().any(|w| format!("blk.{i}.{w}.weight").contains(name)))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,6 +199,21 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
                 Weighting::parse(w).map_err(|e| Error::config(path, format!("targets[{i}].imatrix"), e))?;
             }
         }
+        for (key, names) in [("exclude_weights", &t.exclude_weights), ("include_weights", &t.include_weights)] {
+            if names.is_empty() {
+                continue;
+            }
+            let key = format!("targets[{i}].{key}");
+            if !t.exclude_weights.is_empty() && !t.include_weights.is_empty() {
+                return Err(Error::config(path, key, "exclude_weights and include_weights cannot be used together (as in llama-quantize)"));
+            }
+            if weighting_for(&m, t, &kind).is_none() {
+                return Err(Error::config(path, key, "this target is quantized without an importance matrix (it needs a [calibration] table, a weighting other than \"none\", and a type whose quantizer uses one)"));
+            }
+            if let Some(n) = names.iter().find(|n| !names_a_weight(n)) {
+                return Err(Error::config(path, key, format!("`{n}` is in no decoder weight's GGUF name (blk.N.attn_q/attn_k/attn_v/attn_output/ffn_gate/ffn_up/ffn_down.weight)")));
+            }
+        }
         if let TargetKind::Gguf(ft) = kind {
             if ft.needs_importance() && weighting_for(&m, t, &kind).is_none() {
                 return Err(Error::config(
@@ -219,6 +262,9 @@ pub struct Job {
     /// The importance weighting this job quantizes with, if any.
     #[serde(serialize_with = "ser_weighting")]
     pub imatrix: Option<Weighting>,
+    /// Which of the matrix's entries this job uses.
+    #[serde(skip)]
+    pub imatrix_filter: crate::imatrix::EntryFilter,
     #[serde(skip)]
     pub target: TargetKind,
 }
@@ -313,6 +359,12 @@ pub fn jobs(m: &Manifest) -> Vec<Job> {
             let imatrix = weighting_for(m, t, &kind);
             if let (Some(w), Some(c)) = (imatrix, &m.calibration) {
                 options.push_str(&format!(" --imatrix {}", imatrix_options(c, w)));
+                for n in &t.exclude_weights {
+                    options.push_str(&format!(" --exclude-weights {n}"));
+                }
+                for n in &t.include_weights {
+                    options.push_str(&format!(" --include-weights {n}"));
+                }
             }
             let output = t
                 .name
@@ -326,6 +378,7 @@ pub fn jobs(m: &Manifest) -> Vec<Job> {
                 options,
                 validate: t.validate,
                 imatrix,
+                imatrix_filter: t.entry_filter(),
                 target: kind,
             });
         }
@@ -624,7 +677,11 @@ fn run_job(
         }
     }
     let imatrix = match job.imatrix {
-        Some(w) => Some(ensure_imatrix(m, i, job, w, &source_hash, state, imatrices, progress)?),
+        Some(w) => {
+            let mut im = ensure_imatrix(m, i, job, w, &source_hash, state, imatrices, progress)?;
+            im.apply(&job.imatrix_filter)?;
+            Some(im)
+        }
         None => None,
     };
     let cb = |d: u64, t: u64, w: &str| progress(i, d, t, w);

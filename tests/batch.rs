@@ -158,6 +158,11 @@ fn bad_manifests_are_named() {
         ("output_dir = \"o\"\n[calibration]\ntext = \"m.toml\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\nimatrix = \"exit:2\"\n", "exit:2"),
         ("output_dir = \"o\"\n[calibration]\ntext = \"m.toml\"\nweighting = \"all\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\n", "calibration.weighting"),
         ("output_dir = \"o\"\n[calibration]\ntext = \"nowhere.txt\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\n", "nowhere.txt"),
+        // which tensors use the matrix: not without one, not both ways, only names of weights
+        ("output_dir = \"o\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q3_K_M\"\nexclude_weights = [\"attn_k\"]\n", "targets[0].exclude_weights"),
+        ("output_dir = \"o\"\n[calibration]\ntext = \"m.toml\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q8_0\"\ninclude_weights = [\"attn_k\"]\n", "targets[0].include_weights"),
+        ("output_dir = \"o\"\n[calibration]\ntext = \"m.toml\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q3_K_M\"\nexclude_weights = [\"attn_k\"]\ninclude_weights = [\"ffn\"]\n", "cannot be used together"),
+        ("output_dir = \"o\"\n[calibration]\ntext = \"m.toml\"\n[[sources]]\nname = \"a\"\npath = \"x\"\n[[targets]]\nformat = \"gguf\"\ntype = \"Q3_K_M\"\nexclude_weights = [\"k_proj\"]\n", "`k_proj` is in no decoder weight's GGUF name"),
     ];
     for (text, want) in cases {
         let m = d.path().join("m.toml");
@@ -298,4 +303,48 @@ fn the_release_script_calibrates_with_a_text() {
     }
     let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
     assert!(sums.contains("  .imatrix-trained-exit_0.5.gguf\n"), "{sums}");
+}
+
+/// A target's `exclude_weights` is `convert --exclude-weights`: the output is byte for byte what
+/// `convert --imatrix M --exclude-weights attn_k` makes with the batch's matrix, its attn_k
+/// tensors differ from those of the full matrix, and the recorded options name the key (so a
+/// batch run without it does not trust the output on resume).
+#[test]
+fn a_target_can_leave_tensors_out_of_the_importance_matrix() {
+    use ouro_quant::gguf::file::GgufFile;
+    let d = tempfile::tempdir().unwrap();
+    let trained = fixtures().join("ouro-tiny-trained");
+    let cal = trained.join("calibration.txt");
+    let m = d.path().join("m.toml");
+    let manifest = |extra: &str| {
+        format!(
+            "output_dir = \"o\"\n[calibration]\ntext = \"{}\"\nctx = 64\nchunks = 3\n[[sources]]\nname = \"t\"\npath = \"{}\"\n\
+             [[targets]]\nformat = \"gguf\"\ntype = \"Q3_K_M\"\n{extra}",
+            cal.display(),
+            trained.display()
+        )
+    };
+    std::fs::write(&m, manifest("exclude_weights = [\"attn_k\"]\n")).unwrap();
+    let o = bin().arg("batch").arg(&m).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = d.path().join("o");
+    let im = out.join(".imatrix-t-exit_0.5.gguf");
+    let hand = |extra: &[&str], name: &str| {
+        let p = d.path().join(name);
+        bin().arg("convert").arg(&trained).args(["--type", "Q3_K_M", "--imatrix"]).arg(&im).args(extra).arg("-o").arg(&p).assert().success();
+        p
+    };
+    let got = out.join("t-Q3_K_M.gguf");
+    let want = hand(&["--exclude-weights", "attn_k"], "h.gguf");
+    assert!(std::fs::read(&got).unwrap() == std::fs::read(&want).unwrap(), "not what convert --exclude-weights attn_k writes");
+    let all = GgufFile::open(hand(&[], "all.gguf")).unwrap();
+    let g = GgufFile::open(&got).unwrap();
+    let k = |f: &GgufFile| f.tensor_bytes(f.header.tensor("blk.0.attn_k.weight").unwrap()).to_vec();
+    assert!(k(&g) != k(&all), "attn_k quantized with its importance although excluded");
+    let opts = outcomes(&out)[0]["options"].as_str().unwrap().to_string();
+    assert!(opts.ends_with("--exclude-weights attn_k"), "{opts}");
+    // without the key the job's options differ: the existing output is not trusted
+    std::fs::write(&m, manifest("")).unwrap();
+    let o = bin().arg("batch").arg(&m).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
 }
