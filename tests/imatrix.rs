@@ -384,6 +384,23 @@ fn exclude_and_include_weights_choose_which_tensors_use_the_matrix() {
     let opts = ex.header.get("ouro_quant.options").and_then(|v| v.as_str()).unwrap().to_string();
     assert!(opts.ends_with(&format!("--imatrix {imf} --exclude-weights attn_k --exclude-weights blk.1.ffn_up")), "{opts}");
 
+    // MLX: the same entries left out (GGUF names; the weights are HF-named there)
+    let mlx = |out: &str, extra: &[&str]| {
+        let p = d.path().join(out);
+        bin().arg("convert").arg(trained()).args(["--format", "mlx", "--bits", "3", "-o"]).arg(&p).args(extra).assert().success();
+        ouro_quant::stfile::SafetensorsFile::open(&p.join("model.safetensors")).unwrap()
+    };
+    let (mn, ma, me) = (mlx("mn", &[]), mlx("ma", &["--imatrix", imf]), mlx("me", &["--imatrix", imf, "--exclude-weights", "attn_k"]));
+    for t in mn.tensors() {
+        let name = t.name.as_str();
+        if !name.contains(".layers.") || name.contains("norm") {
+            continue;
+        }
+        let b = |f: &ouro_quant::stfile::SafetensorsFile| f.bytes(name).unwrap().to_vec();
+        let want = if name.contains("k_proj") { b(&mn) } else { b(&ma) };
+        assert!(b(&me) == want, "MLX {name}: --exclude-weights attn_k");
+    }
+
     let err = |a: assert_cmd::assert::Assert| String::from_utf8(a.code(2).get_output().stderr.clone()).unwrap();
     let e = err(conv("x1.gguf", &["--imatrix", imf, "--exclude-weights", "attn_kk"]));
     assert!(e.contains("--exclude-weights `attn_kk`") && e.contains("m.gguf") && e.contains("no entry"), "{e}");
