@@ -135,7 +135,9 @@ pub struct KvArgs {
     #[arg(long, value_enum, default_value = "full")]
     pub kv: KvPolicy,
     /// With an exit threshold and the full cache: what the slots of loops a token skipped hold
-    /// (its exit loop's K/V, or nothing; `ouro-quant perplexity` measures both).
+    /// (copy: its exit loop's K/V; mask: nothing; compute: nothing until a later token runs that
+    /// loop, which first runs it for the token: exact, at the cost of those loops;
+    /// `ouro-quant perplexity` measures each).
     #[arg(long, value_enum, default_value = "copy")]
     pub kv_fill: SkipFill,
     /// Storage of the KV cache: f16 (the default everywhere, as in llama.cpp and mlx-lm: half the

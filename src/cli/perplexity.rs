@@ -121,10 +121,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         spans.len(),
         base.scored_tokens
     );
-    println!("{:<10} {:>16} {:>9} {:>12} {:>12} {:>9}", "exit", "perplexity", "change", "loops/token", "decode tok/s", "speed-up");
+    let compute = kv_fill == ouro_quant::model::SkipFill::Compute;
+    if compute {
+        println!("{:<10} {:>16} {:>9} {:>12} {:>12} {:>12} {:>9}", "exit", "perplexity", "change", "loops/token", "+ run late", "decode tok/s", "speed-up");
+    } else {
+        println!("{:<10} {:>16} {:>9} {:>12} {:>12} {:>9}", "exit", "perplexity", "change", "loops/token", "decode tok/s", "speed-up");
+    }
     for r in &runs {
+        let late = if compute { format!(" {:>12.2}", r.mean_caught_up_loops_per_token) } else { String::new() };
         println!(
-            "{:<10} {:>9.4} ± {:<5.4} {:>+8.2}% {:>12.2} {:>12.1} {:>8.2}x",
+            "{:<10} {:>9.4} ± {:<5.4} {:>+8.2}% {:>12.2}{late} {:>12.1} {:>8.2}x",
             r.exit_threshold.map_or("all loops".to_string(), |q| format!("q = {q}")),
             r.ppl,
             r.ppl_se,

@@ -132,12 +132,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         print_json("ouro-quant-run-1", &serde_json::json!({"model": loaded.description, "text": text, "tokens": g.tokens, "stats": s}))?;
     } else {
         eprintln!(
-            "prefill {} tokens at {:.1} tok/s; decode {} tokens at {:.1} tok/s; {:.2} loops/token; weights {}; KV {} ({:?}, {:?}); stopped by {}; projections: {}",
+            "prefill {} tokens at {:.1} tok/s; decode {} tokens at {:.1} tok/s; {:.2} loops/token{}; weights {}; KV {} ({:?}, {:?}); stopped by {}; projections: {}",
             s.prompt_tokens,
             s.prefill_tokens_per_s,
             s.generated_tokens,
             s.decode_tokens_per_s,
             s.mean_loops_per_token,
+            if a.kv.kv_fill == ouro_quant::model::SkipFill::Compute { format!(" (+{:.2} run late for earlier tokens)", s.mean_caught_up_loops_per_token) } else { String::new() },
             inspect::human_bytes(s.weight_bytes),
             inspect::human_bytes(s.kv_bytes),
             a.kv.kv,

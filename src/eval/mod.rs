@@ -344,6 +344,7 @@ mod tests {
             ppl: 1.0,
             ppl_se: 0.0,
             mean_loops_per_token: 4.0,
+            mean_caught_up_loops_per_token: 0.0,
             loops_histogram: vec![],
             decode_tokens_per_s: 0.0,
             step_seconds: secs,
@@ -374,6 +375,10 @@ pub struct DecodeEval {
     pub ppl: f64,
     pub ppl_se: f64,
     pub mean_loops_per_token: f64,
+    /// Under `--kv-fill compute`: loops run for earlier decoded tokens because a later one needed
+    /// them, per scored token (0 under the other fills). The loops computed per token are this
+    /// plus `mean_loops_per_token`.
+    pub mean_caught_up_loops_per_token: f64,
     /// Tokens exiting after each loop (index 0 = loop 1).
     pub loops_histogram: Vec<usize>,
     /// Decode steps per second (the prefill of each chunk's first half excluded): the median over
@@ -421,6 +426,7 @@ pub fn decode_evals(
     struct Acc {
         nll: Vec<f32>,
         hist: Vec<usize>,
+        caught_up: usize,
         seconds: Vec<f64>,
     }
     let mut accs: Vec<Acc> = exit_thresholds
@@ -428,6 +434,7 @@ pub fn decode_evals(
         .map(|_| Acc {
             nll: vec![],
             hist: vec![0; model.dims.loops],
+            caught_up: 0,
             seconds: vec![],
         })
         .collect();
@@ -447,6 +454,7 @@ pub fn decode_evals(
                 acc.hist[loops - 1] += 1;
             }
             acc.seconds.push(t0.elapsed().as_secs_f64().max(1e-9) / (len - 1 - half) as f64);
+            acc.caught_up += cache.caught_up_loops();
         }
     }
     Ok(accs
@@ -466,6 +474,7 @@ pub fn decode_evals(
                 ppl,
                 ppl_se,
                 mean_loops_per_token: loops as f64 / n.max(1) as f64,
+                mean_caught_up_loops_per_token: acc.caught_up as f64 / n.max(1) as f64,
                 loops_histogram: acc.hist,
                 decode_tokens_per_s: median(rates),
                 step_seconds: acc.seconds,

@@ -45,6 +45,9 @@ pub struct GenerateStats {
     pub decode_tokens_per_s: f64,
     /// Mean loops run per decoded token (T when no exit threshold is set).
     pub mean_loops_per_token: f64,
+    /// Under `--kv-fill compute`: loops run later for earlier decoded tokens, per decoded token
+    /// (0 under the other fills).
+    pub mean_caught_up_loops_per_token: f64,
     pub weight_bytes: u64,
     pub kv_bytes: u64,
     pub stopped_by: String,
@@ -232,6 +235,7 @@ pub fn generate(
             } else {
                 loops_total as f64 / steps as f64
             },
+            mean_caught_up_loops_per_token: cache.caught_up_loops() as f64 / steps.max(1) as f64,
             weight_bytes: model.weight_bytes,
             kernels: model.kernels(),
             kv_bytes: cache.bytes(),

@@ -230,6 +230,20 @@ pub enum SkipFill {
     Copy,
     /// Nothing: later tokens' attention in that loop does not see the token.
     Mask,
+    /// Nothing until a later token runs that loop: then the token's skipped loops are run first
+    /// (its state at exit is kept), so every token reads out exactly what the full pass gives at
+    /// its exit loop, and a loop no later token reaches is never run. The loops run late are
+    /// counted ([`KvCache::caught_up_loops`]).
+    Compute,
+}
+
+/// A token that exited early under [`SkipFill::Compute`]: its position, the loops it has run and
+/// its state after the last of them (the next loop's input).
+#[derive(Clone)]
+struct Deferred {
+    pos: usize,
+    loops_done: usize,
+    h: Tensor,
 }
 
 /// One slot's keys and values: buffers `[kv_heads, capacity, head_dim]` written in place, of which
@@ -253,8 +267,13 @@ pub struct KvCache {
     slots: Vec<Option<KvSlot>>,
     /// Tokens a slot's buffers are first made for.
     reserve: usize,
-    /// Per slot, the positions whose entry is masked (`SkipFill::Mask`); empty if none is.
+    /// Per slot, the positions whose entry is masked (`SkipFill::Mask`, and `Compute` until the
+    /// entry is computed); empty if none is.
     masked: Vec<Vec<bool>>,
+    /// `SkipFill::Compute`: the tokens whose deeper loops have not run yet, by position.
+    deferred: Vec<Deferred>,
+    /// `SkipFill::Compute`: loops run for earlier tokens when a later one needed them.
+    caught_up: usize,
     /// Tokens held.
     pub len: usize,
 }
@@ -272,8 +291,16 @@ impl KvCache {
             slots: vec![None; n],
             reserve: 64,
             masked: vec![vec![]; n],
+            deferred: vec![],
+            caught_up: 0,
             len: 0,
         }
+    }
+
+    /// Under [`SkipFill::Compute`]: the loops run for earlier tokens because a later token needed
+    /// their keys and values (0 under the other fills).
+    pub fn caught_up_loops(&self) -> usize {
+        self.caught_up
     }
 
     /// Sets what skipped slots of the full cache hold (default: [`SkipFill::Copy`]).
@@ -326,6 +353,20 @@ impl KvCache {
         let s = self.slots[slot].as_ref().expect("written in the first loop");
         s.k.slice_set(&k, 1, s.len - n)?;
         s.v.slice_set(&v, 1, s.len - n)?;
+        Ok(())
+    }
+
+    /// Writes the keys and values `[kv_heads, 1, head_dim]` of the held position `pos` (a deferred
+    /// token's, computed late) and unmasks it.
+    fn write_at(&mut self, slot: usize, pos: usize, k: &Tensor, v: &Tensor) -> CResult<()> {
+        let (k, v) = (k.to_dtype(self.dtype)?.contiguous()?, v.to_dtype(self.dtype)?.contiguous()?);
+        let s = self.slots[slot].as_ref().expect("filled when the token exited");
+        assert!(pos < s.len, "position {pos} not held");
+        s.k.slice_set(&k, 1, pos)?;
+        s.v.slice_set(&v, 1, pos)?;
+        if let Some(m) = self.masked[slot].get_mut(pos) {
+            *m = false;
+        }
         Ok(())
     }
 
@@ -563,24 +604,10 @@ impl OuroModel {
         };
         let mut gates_seen: Vec<f32> = vec![];
         for t in 0..dims.loops {
+            // earlier tokens that exited before this loop, under SkipFill::Compute: run it for them first
+            self.catch_up(cache, t)?;
             for (i, layer) in self.layers.iter().enumerate() {
-                let x = rms_norm(&h, &layer.n_in, dims.eps)?;
-                if let Some(o) = observer.as_deref_mut() {
-                    o.input(t, i, Site::AttnIn, &x)?;
-                }
-                // (the slot receives this call's K/V inside `attention`)
-                let attn = self.attention(layer, &x, &cos, &sin, mask.as_ref(), cache, t, i, observer.as_deref_mut())?;
-                h = (h + rms_norm(&attn, &layer.n_in2, dims.eps)?)?;
-                let x = rms_norm(&h, &layer.n_post, dims.eps)?;
-                if let Some(o) = observer.as_deref_mut() {
-                    o.input(t, i, Site::MlpIn, &x)?;
-                }
-                let act = (layer.gate.forward(&x)?.silu()? * layer.up.forward(&x)?)?;
-                if let Some(o) = observer.as_deref_mut() {
-                    o.input(t, i, Site::MlpDown, &act)?;
-                }
-                let m = layer.down.forward(&act)?;
-                h = (h + rms_norm(&m, &layer.n_post2, dims.eps)?)?;
+                h = self.layer_step(layer, i, t, h, (&cos, &sin, mask.as_ref()), cache, None, observer.as_deref_mut())?;
             }
             h = rms_norm(&h, &self.norm, dims.eps)?;
             // a product and a row sum rather than candle's matmul, which on the CPU reads
@@ -595,7 +622,7 @@ impl OuroModel {
                 if n == 1 && t + 1 < dims.loops {
                     gates_seen.push(g.to_vec1::<f32>()?[0]);
                     if exit::may_stop(&gates_seen, dims.loops, q) {
-                        self.fill_skipped(cache, t)?;
+                        self.fill_skipped(cache, t, &h)?;
                         break;
                     }
                 }
@@ -605,11 +632,81 @@ impl OuroModel {
         Ok(out)
     }
 
-    /// After an early exit at loop `t`, gives the deeper (loop, layer) slots of the full cache the
-    /// K/V of loop `t`, so that later tokens find an entry for this token in every slot.
-    fn fill_skipped(&self, cache: &mut KvCache, t: usize) -> CResult<()> {
+    /// Layer `i` of loop `t` for the rows `h`: the new tokens (positions from `cache.len`), or with
+    /// `at` the one deferred token at that held position. `rope`: the rows' rotary tables and, for
+    /// several new rows off the CPU, their causal mask.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_step(
+        &self,
+        layer: &Layer,
+        i: usize,
+        t: usize,
+        h: Tensor,
+        rope: (&Tensor, &Tensor, Option<&Tensor>),
+        cache: &mut KvCache,
+        at: Option<usize>,
+        mut observer: Option<&mut (dyn Observer + '_)>,
+    ) -> CResult<Tensor> {
+        let eps = self.dims.eps;
+        let x = rms_norm(&h, &layer.n_in, eps)?;
+        if let Some(o) = observer.as_deref_mut() {
+            o.input(t, i, Site::AttnIn, &x)?;
+        }
+        // (the slot receives this call's K/V inside `attention`)
+        let attn = self.attention(layer, &x, rope, cache, t, i, at, observer.as_deref_mut())?;
+        let h = (h + rms_norm(&attn, &layer.n_in2, eps)?)?;
+        let x = rms_norm(&h, &layer.n_post, eps)?;
+        if let Some(o) = observer.as_deref_mut() {
+            o.input(t, i, Site::MlpIn, &x)?;
+        }
+        let act = (layer.gate.forward(&x)?.silu()? * layer.up.forward(&x)?)?;
+        if let Some(o) = observer.as_deref_mut() {
+            o.input(t, i, Site::MlpDown, &act)?;
+        }
+        let m = layer.down.forward(&act)?;
+        h + rms_norm(&m, &layer.n_post2, eps)?
+    }
+
+    /// Under [`SkipFill::Compute`], before the new tokens run loop `t`: every deferred token that
+    /// has not run loop `t` runs its missing loops up to `t`, in position order, each attending to
+    /// the positions up to its own (whose loops are complete by then: earlier deferred tokens went
+    /// first), so that its keys and values in loop `t` are those of the full pass.
+    fn catch_up(&self, cache: &mut KvCache, t: usize) -> CResult<()> {
+        if cache.deferred.iter().all(|d| d.loops_done > t) {
+            return Ok(());
+        }
+        let mut deferred = std::mem::take(&mut cache.deferred);
+        for d in deferred.iter_mut() {
+            if d.loops_done > t {
+                continue;
+            }
+            let (cos, sin) = self.rope_tables(d.pos, 1)?;
+            while d.loops_done <= t {
+                let l = d.loops_done;
+                let mut h = d.h.clone();
+                for (i, layer) in self.layers.iter().enumerate() {
+                    h = self.layer_step(layer, i, l, h, (&cos, &sin, None), cache, Some(d.pos), None)?;
+                }
+                d.h = rms_norm(&h, &self.norm, self.dims.eps)?;
+                d.loops_done += 1;
+                cache.caught_up += 1;
+            }
+        }
+        deferred.retain(|d| d.loops_done < self.dims.loops);
+        cache.deferred = deferred;
+        Ok(())
+    }
+
+    /// After an early exit at loop `t` with state `h` (the next loop's input), gives the deeper
+    /// (loop, layer) slots of the full cache an entry for this token, so that later tokens find
+    /// one in every slot: loop `t`'s K/V copied, or a masked one (which `Compute` fills in when a
+    /// later token needs it, keeping `h` until then).
+    fn fill_skipped(&self, cache: &mut KvCache, t: usize, h: &Tensor) -> CResult<()> {
         if cache.policy != KvPolicy::Full {
             return Ok(());
+        }
+        if cache.fill == SkipFill::Compute {
+            cache.deferred.push(Deferred { pos: cache.len, loops_done: t + 1, h: h.clone() });
         }
         let l = self.dims.layers;
         for i in 0..l {
@@ -620,11 +717,11 @@ impl OuroModel {
             // made contiguous once for all the deeper slots (each append would copy a view)
             let (k_new, v_new) = match cache.fill {
                 SkipFill::Copy => (k_new.contiguous()?, v_new.contiguous()?),
-                SkipFill::Mask => (k_new.zeros_like()?, v_new.zeros_like()?),
+                SkipFill::Mask | SkipFill::Compute => (k_new.zeros_like()?, v_new.zeros_like()?),
             };
             for t2 in t + 1..self.dims.loops {
                 let slot = t2 * l + i;
-                if cache.fill == SkipFill::Mask {
+                if cache.fill != SkipFill::Copy {
                     let m = &mut cache.masked[slot];
                     m.resize(len - 1, false);
                     m.push(true);
@@ -644,12 +741,11 @@ impl OuroModel {
         &self,
         layer: &Layer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
+        (cos, sin, mask): (&Tensor, &Tensor, Option<&Tensor>),
         cache: &mut KvCache,
         t: usize,
         i: usize,
+        at: Option<usize>,
         observer: Option<&mut (dyn Observer + '_)>,
     ) -> CResult<Tensor> {
         let d = &self.dims;
@@ -662,13 +758,25 @@ impl OuroModel {
             KvPolicy::Full => t * d.layers + i,
             KvPolicy::SharedLast => i,
         };
-        if cache.policy == KvPolicy::SharedLast && t > 0 {
+        if let Some(pos) = at {
+            cache.write_at(slot, pos, &k, &v)?;
+        } else if cache.policy == KvPolicy::SharedLast && t > 0 {
             cache.overwrite_last(slot, &k, &v)?;
         } else {
             cache.append(slot, &k, &v)?;
         }
         let (k_all, v_all) = cache.get(slot)?.expect("just written");
-        let o = attend::attend(&q, &k_all, &v_all, &cache.masked[slot], mask)?;
+        let o = match at {
+            None => attend::attend(&q, &k_all, &v_all, &cache.masked[slot], mask)?,
+            Some(pos) => {
+                // a deferred token sees the positions up to its own
+                let len = k_all.dim(1)?;
+                let mut m = cache.masked[slot].clone();
+                m.resize(len, false);
+                m[pos + 1..].iter_mut().for_each(|x| *x = true);
+                attend::attend(&q, &k_all, &v_all, &m, None)?
+            }
+        };
         if let Some(obs) = observer {
             obs.input(t, i, Site::AttnOut, &o)?;
         }
