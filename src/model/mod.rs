@@ -660,7 +660,7 @@ impl OuroModel {
             o.input(t, i, Site::MlpIn, &x)?;
         }
         let act = (layer.gate.forward(&x)?.silu()? * layer.up.forward(&x)?)?;
-        if let Some(o) = observer.as_deref_mut() {
+        if let Some(o) = observer {
             o.input(t, i, Site::MlpDown, &act)?;
         }
         let m = layer.down.forward(&act)?;
