@@ -62,9 +62,13 @@ fn kv_fill_changes_only_adaptive_exit() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     };
-    let (copy, mask) = (ppl("copy"), ppl("mask"));
+    let (copy, mask, compute) = (ppl("copy"), ppl("mask"), ppl("compute"));
     assert_eq!(copy["kv_fill"], "copy");
     assert_eq!(mask["kv_fill"], "mask");
+    assert_eq!(compute["kv_fill"], "compute");
+    assert_eq!(copy["runs"][0]["ppl"], compute["runs"][0]["ppl"]);
+    let late = |v: &serde_json::Value| v["runs"][1]["mean_caught_up_loops_per_token"].as_f64().unwrap();
+    assert!(late(&compute) > 0.0 && late(&copy) == 0.0 && late(&mask) == 0.0);
     // all loops fill every slot themselves: the same numbers; with exit at 0.5 the skipped slots
     // hold the exit loop's K/V or nothing, and the perplexity moves
     assert_eq!(copy["runs"][0]["ppl"], mask["runs"][0]["ppl"]);

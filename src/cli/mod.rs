@@ -135,10 +135,10 @@ pub struct KvArgs {
     #[arg(long, value_enum, default_value = "full")]
     pub kv: KvPolicy,
     /// With an exit threshold and the full cache: what the slots of loops a token skipped hold
-    /// (copy: its exit loop's K/V; mask: nothing; compute: nothing until a later token runs that
-    /// loop, which first runs it for the token: exact, at the cost of those loops;
-    /// `ouro-quant perplexity` measures each).
-    #[arg(long, value_enum, default_value = "copy")]
+    /// (compute: nothing until a later token runs that loop, which first runs it for the token,
+    /// so every token reads out what a full pass gives at its exit loop; copy: its exit loop's
+    /// K/V, fewer loops but approximate; mask: nothing; `ouro-quant perplexity` measures each).
+    #[arg(long, value_enum, default_value = "compute")]
     pub kv_fill: SkipFill,
     /// Storage of the KV cache: f16 (the default everywhere, as in llama.cpp and mlx-lm: half the
     /// memory of f32, the same perplexity within 0.1%) or f32 (exact). `plan` also sizes q8_0,

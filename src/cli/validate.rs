@@ -177,8 +177,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if let (Some(items), Some(reference)) = (&tasks, reference.as_mut()) {
         use ouro_quant::eval::tasks;
         let modes = tasks::modes(candidate.model.dims.loops, &opts.thresholds);
-        // the runner's defaults (run, perplexity): full cache, skipped slots copied, f16 storage
-        let kv = tasks::KvSettings { kv: ouro_quant::model::KvPolicy::Full, fill: ouro_quant::model::SkipFill::Copy, dtype: candle_core::DType::F16 };
+        // the runner's defaults (run, perplexity): full cache, skipped loops run when needed, f16 storage
+        let kv = tasks::KvSettings { kv: ouro_quant::model::KvPolicy::Full, fill: ouro_quant::model::SkipFill::Compute, dtype: candle_core::DType::F16 };
         let bar = Progress::new("tasks", Unit::Items("answer"), a.json);
         let progress = |done: usize, total: usize| bar.update(done as u64, total as u64, "");
         let r_tok = reference.tokenizer.clone().unwrap_or_else(|| tok.clone());

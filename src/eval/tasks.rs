@@ -138,7 +138,7 @@ pub fn modes(loops: usize, thresholds: &[f32]) -> Vec<Mode> {
 #[derive(Debug, Clone)]
 pub struct Answers {
     pub texts: Vec<String>,
-    /// Mean loops per decoded token, per item.
+    /// Mean loops computed per decoded token (those run late for earlier tokens included), per item.
     pub loops: Vec<f64>,
 }
 
@@ -189,7 +189,8 @@ pub fn answer_all(
                 };
                 let g = generate::generate(model, p, &opts, &mut |_| {})?;
                 a.texts.push(tok.decode(&g.tokens, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?);
-                a.loops.push(g.stats.mean_loops_per_token);
+                // the loops run late for earlier tokens (`--kv-fill compute`) are loops computed too
+                a.loops.push(g.stats.mean_loops_per_token + g.stats.mean_caught_up_loops_per_token);
                 done += 1;
                 progress(done, total);
             }
