@@ -139,6 +139,43 @@ fn adaptive_exit_at_q_1_equals_full_and_lower_q_skips_loops() {
     assert_eq!(early_cache.bytes(), full_cache.bytes());
 }
 
+/// `SkipFill::Compute`: tokens decoded with adaptive exit, then several tokens fed at once with all
+/// loops (a second prompt after a reply). Every step's logits at its exit loop, and the last
+/// chunk's at every loop, are those of one full pass over the whole sequence: the skipped loops
+/// were run when later tokens needed them, before single tokens and before a batch alike. (With
+/// `SkipFill::Mask` instead the third decoded token already exits elsewhere.)
+#[test]
+fn computed_skips_give_the_full_pass_for_single_tokens_and_batches() {
+    use ouro_quant::model::SkipFill;
+    let m = model("gqa_bf16");
+    let toks = golden_tokens();
+    assert!(toks.len() >= 12, "{} tokens", toks.len());
+    let n = toks.len();
+    let full = LoopOutputs::new(&m, &m.forward_full(&toks, KvPolicy::Full).unwrap()).unwrap();
+    let v = m.dims.vocab;
+    let mut cache = KvCache::new(&m.dims, KvPolicy::Full).with_skip_fill(SkipFill::Compute);
+    m.forward(&toks[..3], &mut cache, LoopControl::All).unwrap();
+    let (mut worst, mut skipped) = (0f32, 0);
+    for j in 3..n - 4 {
+        let o = m.forward(&toks[j..j + 1], &mut cache, LoopControl::AdaptiveExit(0.6)).unwrap();
+        let t = o.loops_run() - 1;
+        skipped += m.dims.loops - 1 - t;
+        assert_eq!(t, exit::threshold_exit(&full.pdf[j], 0.6), "token {j}: exit loop");
+        let got = m.logits(o.hidden.last().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        worst = worst.max(max_diff(&got, &full.step_logits[t][j * v..(j + 1) * v]));
+    }
+    assert!(skipped > 0, "no token exited early at q = 0.6: the test could not tell");
+    let o = m.forward(&toks[n - 4..], &mut cache, LoopControl::All).unwrap();
+    for (t, h) in o.hidden.iter().enumerate() {
+        let got = m.logits(h).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        worst = worst.max(max_diff(&got, &full.step_logits[t][(n - 4) * v..n * v]));
+    }
+    assert!(cache.caught_up_loops() > 0);
+    // the full pass and the cache sum the same products in other orders (the decode path is
+    // within 4e-5 of upstream's logits, which reach |8|)
+    assert!(worst < 1e-4, "largest logit difference {worst}");
+}
+
 #[test]
 fn shared_last_cache_is_a_quarter_and_exact_within_one_pass() {
     let m = model("gqa_bf16");
