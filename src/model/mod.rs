@@ -286,7 +286,7 @@ impl KvCache {
         };
         KvCache {
             policy,
-            fill: SkipFill::Copy,
+            fill: SkipFill::Compute,
             dtype: DType::F32,
             slots: vec![None; n],
             reserve: 64,
@@ -303,7 +303,7 @@ impl KvCache {
         self.caught_up
     }
 
-    /// Sets what skipped slots of the full cache hold (default: [`SkipFill::Copy`]).
+    /// Sets what skipped slots of the full cache hold (default: [`SkipFill::Compute`], as `run`'s).
     pub fn with_skip_fill(mut self, fill: SkipFill) -> Self {
         self.fill = fill;
         self
