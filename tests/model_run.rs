@@ -143,7 +143,7 @@ fn adaptive_exit_at_q_1_equals_full_and_lower_q_skips_loops() {
 /// loops (a second prompt after a reply). Every step's logits at its exit loop, and the last
 /// chunk's at every loop, are those of one full pass over the whole sequence: the skipped loops
 /// were run when later tokens needed them, before single tokens and before a batch alike. (With
-/// `SkipFill::Mask` instead the third decoded token already exits elsewhere.)
+/// `SkipFill::Mask` instead the sixth decoded token already exits at another loop.)
 #[test]
 fn computed_skips_give_the_full_pass_for_single_tokens_and_batches() {
     use ouro_quant::model::SkipFill;
