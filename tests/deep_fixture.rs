@@ -116,13 +116,11 @@ fn four_and_three_bit_copies_keep_what_depth_buys_and_pass_their_checks() {
 /// tokens before them, which exit at loop 1.
 #[test]
 fn adaptive_exit_while_decoding_saves_loops_for_under_one_percent() {
-    use candle_core::{DType, Device};
+    use candle_core::DType;
     use ouro_quant::eval::{decode_eval, evaluate, perplexity};
-    use ouro_quant::model::{source, KvPolicy, SkipFill};
-    let loaded = source::load(&fixture(), &Device::Cpu).unwrap();
+    use ouro_quant::model::{KvPolicy, SkipFill};
+    let (loaded, ids) = common::load_with_validation_ids(&fixture());
     let m = &loaded.model;
-    let text = std::fs::read_to_string(fixture().join("validation.txt")).unwrap();
-    let ids = loaded.tokenizer.as_ref().unwrap().encode(text.as_str(), false).unwrap().get_ids().to_vec();
     let chunks = Some(40);
     let full = evaluate(m, &ids, 128, chunks, &mut |_, _| {}).unwrap();
     let all = decode_eval(m, &ids, 128, chunks, None, KvPolicy::Full, SkipFill::Compute, DType::F32).unwrap();

@@ -6,10 +6,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use common::*;
 use ouro_quant::eval::CorpusReport;
-use ouro_quant::model::source;
 
 fn fixture() -> PathBuf {
     fixtures().join("ouro-tiny-trained")
@@ -94,10 +92,8 @@ fn the_fixture_converts_to_gguf_and_mlx_and_runs_like_the_original() {
 fn adaptive_exit_while_decoding_keeps_quality_at_high_q() {
     use ouro_quant::eval::{decode_eval, evaluate, perplexity};
     use ouro_quant::model::{KvPolicy, SkipFill};
-    let loaded = source::load(&fixture(), &Device::Cpu).unwrap();
+    let (loaded, ids) = common::load_with_validation_ids(&fixture());
     let m = &loaded.model;
-    let text = std::fs::read_to_string(fixture().join("validation.txt")).unwrap();
-    let ids = loaded.tokenizer.as_ref().unwrap().encode(text.as_str(), false).unwrap().get_ids().to_vec();
     let chunks = Some(8);
     let full = evaluate(m, &ids, 128, chunks, &mut |_, _| {}).unwrap();
     let ppl_last = perplexity(&full.nll_loop(3, None)).0;

@@ -35,6 +35,14 @@ pub fn corpus_report_of(model: &Path, fixture: &Path) -> ouro_quant::eval::Corpu
     ouro_quant::eval::corpus_report(&loaded.model, &tok, &text, 128).unwrap()
 }
 
+/// A trained `fixture` loaded on the CPU, with its validation text's token ids (its own tokenizer).
+pub fn load_with_validation_ids(fixture: &Path) -> (ouro_quant::model::source::LoadedModel, Vec<u32>) {
+    let loaded = ouro_quant::model::source::load(fixture, &candle_core::Device::Cpu).unwrap();
+    let text = std::fs::read_to_string(fixture.join("validation.txt")).unwrap();
+    let ids = loaded.tokenizer.as_ref().unwrap().encode(text.as_str(), false).unwrap().get_ids().to_vec();
+    (loaded, ids)
+}
+
 /// `ouro-quant validate --reference fixture --candidate candidate` on the fixture's validation
 /// text at `--ctx 128`, writing its JSON report to `report`, with `extra` arguments after:
 /// (exit status, the report's JSON or Null where none was written, what it printed).
