@@ -1523,7 +1523,7 @@ mod vnni {
         q
     }
 
-    /// Activation rows per call of the Q8_0 and IQ4_NL kernels ([`int8_pairs_many`]).
+    /// Activation rows per call of the Q8_0 and IQ4_NL kernels ([`int8_quads_many`]).
     const MANY: usize = 8;
 
     /// The eight-row kernels read the offset codes without bounds checks.
