@@ -1564,7 +1564,13 @@ mod vnni {
     #[inline]
     unsafe fn quad_scales(p: *const u8, block: usize) -> __m512 {
         let h = |i: usize| std::ptr::read_unaligned(p.add(block * i) as *const u16) as i64;
-        let d = _mm_cvtph_ps(_mm_cvtsi64_si128(h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48));
+        spread4(_mm_cvtph_ps(_mm_cvtsi64_si128(h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48)))
+    }
+
+    /// Four scales, each over four lanes (a quad's lane order).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn spread4(d: __m128) -> __m512 {
         _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), _mm512_castps128_ps512(d))
     }
 
@@ -1616,7 +1622,6 @@ mod vnni {
         weights: impl Fn(*const u8) -> (__m512i, __m512i),
     ) -> [f32; A] {
         let c128 = _mm512_set1_epi8(-128);
-        let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         let zero = _mm512_setzero_si512();
         let mut acc = [_mm512_setzero_ps(); A];
         for (q, chunk) in w.chunks_exact(4 * block).enumerate() {
@@ -1631,8 +1636,7 @@ mod vnni {
                 let x0 = _mm512_loadu_si512(x as *const _);
                 let x1 = _mm512_loadu_si512(x.add(64) as *const _);
                 let dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(off, x0, w0), x1, w1);
-                let dx = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(a[k].d.as_ptr().add(4 * q))));
-                let s = _mm512_mul_ps(dw, dx);
+                let s = _mm512_mul_ps(dw, spread4(_mm_loadu_ps(a[k].d.as_ptr().add(4 * q))));
                 acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[k]);
             }
         }
